@@ -1,0 +1,42 @@
+"""offloadkit: run models whose weights do not fit on the device by streaming blocks.
+
+Weights live in a home tier (pinned host RAM, pageable host RAM or a safetensors file) and
+move to the device one whole block at a time, overlapped with compute. *Where* blocks go is a
+strategy; strategies are pluggy plugins found through the ``offloadkit`` entry-point group.
+"""
+
+from __future__ import annotations
+
+from offloadkit.api import apply, offloaded
+from offloadkit.budget import parse_budget
+from offloadkit.errors import (
+    BudgetError,
+    OffloadError,
+    PluginError,
+    UnknownStrategyError,
+)
+from offloadkit.handle import OffloadHandle
+from offloadkit.ledger import OffloadStats
+from offloadkit.probe import DeviceMemory, probe
+from offloadkit.registry import get_strategy, list_strategies
+from offloadkit.strategy import ModelProfile, Plan, Strategy
+
+__all__ = [
+    "BudgetError",
+    "DeviceMemory",
+    "ModelProfile",
+    "OffloadError",
+    "OffloadHandle",
+    "OffloadStats",
+    "Plan",
+    "PluginError",
+    "Strategy",
+    "UnknownStrategyError",
+    "apply",
+    "get_strategy",
+    "list_strategies",
+    "offloaded",
+    "parse_budget",
+    "probe",
+]
+__version__ = "0.1.0"

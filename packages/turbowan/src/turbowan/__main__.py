@@ -1,0 +1,5 @@
+import sys
+
+from turbowan.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The `turbowan` command line: one module per subcommand."""

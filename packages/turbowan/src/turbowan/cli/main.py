@@ -1,0 +1,47 @@
+"""Dispatcher for `turbowan <command>`.
+
+Each subcommand lives in its own module exposing ``add_parser(subparsers)`` and
+``run(args) -> int``; modules are imported only when their command runs, except for
+building the parser, which needs only argparse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command name -> module holding add_parser() and run()
+COMMANDS = {
+    "generate": "turbowan.cli.generate",
+    "decode": "turbowan.cli.decode",
+    "manifest": "turbowan.cli.manifest",
+    "check": "turbowan.cli.check",
+    "quantize": "turbowan.cli.quantize",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="turbowan",
+        description="TurboDiffusion Wan2.2 image-to-video with offloadkit placement.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(COMMANDS[args.command])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
