@@ -49,6 +49,8 @@ def bench(session: nox.Session) -> None:
         "no:cacheprovider",
         "-o",
         "addopts=",
+        "-o",
+        "python_files=bench_*.py",
         "--benchmark-only",
         "--benchmark-autosave",
         *session.posargs,
