@@ -1,0 +1,234 @@
+"""Which strategies exist: every plugin in the ``offloadkit`` entry-point group, built-ins too.
+
+The built-in strategies are found through offloadkit's own entry points, the same path a
+third-party plugin takes, so the plugin machinery is exercised on every run. Plugins load
+lazily, once, on the first question (``list_strategies``, ``get_strategy``...).
+
+Environment:
+
+- ``OFFLOADKIT_DISABLE_PLUGINS=1`` loads only offloadkit's own entry points.
+- ``OFFLOADKIT_STRICT_PLUGINS=1`` turns a plugin that fails to load into an error instead of a
+  warning (for plugin authors and CI).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import pluggy
+
+from offloadkit import hookspecs
+from offloadkit._plugins import PluginFailure, PluginLoadWarning, load_entry_point_plugins
+from offloadkit.errors import PluginError, UnknownStrategyError
+
+if TYPE_CHECKING:
+    from offloadkit.strategy import Strategy
+
+__all__ = [
+    "PluginFailure",
+    "PluginLoadWarning",
+    "StrategyRecord",
+    "get_plugin_manager",
+    "get_strategy",
+    "list_strategies",
+    "plugin_failures",
+    "reset_registry",
+    "strategy_records",
+]
+
+DISABLE_ENV = "OFFLOADKIT_DISABLE_PLUGINS"
+STRICT_ENV = "OFFLOADKIT_STRICT_PLUGINS"
+ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
+OWN_DISTRIBUTION = "offloadkit"
+
+
+@dataclass(frozen=True)
+class StrategyRecord:
+    """One strategy and where it came from (the plugin's entry-point name and distribution)."""
+
+    name: str
+    plugin: str
+    distribution: str
+    description: str
+    cls: type[Strategy]
+
+    @property
+    def builtin(self) -> bool:
+        return self.distribution == OWN_DISTRIBUTION
+
+
+class _Registry:
+    """A loaded plugin manager plus the strategy records its plugins contributed."""
+
+    def __init__(self, *, third_party: bool, strict: bool) -> None:
+        self.third_party = third_party
+        self.plugin_manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self.plugin_manager.add_hookspecs(hookspecs)
+        loaded = load_entry_point_plugins(
+            self.plugin_manager,
+            group=ENTRY_POINT_GROUP,
+            allow=lambda dist: third_party or _normalise(dist) == OWN_DISTRIBUTION,
+            strict=strict,
+        )
+        self.plugins = loaded.plugins  # pluggy plugin name -> (entry-point name, distribution)
+        self.failures = loaded.failures
+        self.records = self._collect_records(strict)
+
+    def _collect_records(self, strict: bool) -> dict[str, StrategyRecord]:
+        records: dict[str, StrategyRecord] = {}
+        hook = self.plugin_manager.hook.offloadkit_register_strategies
+        for impl in hook.get_hookimpls():  # registration order
+            if impl.hookwrapper or impl.wrapper:
+                continue  # wrappers contribute no strategies of their own
+            plugin, dist = self.plugins[impl.plugin_name]
+            try:
+                classes = _validated_classes(impl.function(), plugin)
+            except Exception as exc:  # a plugin bug must not hide every other strategy
+                failure = PluginFailure(plugin, dist, exc)
+                if strict:
+                    raise PluginError(failure.message()) from exc
+                self.failures.append(failure)
+                warnings.warn(failure.message(), PluginLoadWarning, stacklevel=4)
+                continue
+            for cls in classes:
+                record = StrategyRecord(cls.name, plugin, dist, _one_line(cls), cls)
+                clash = records.get(record.name)
+                if clash is not None and clash.cls is not cls:
+                    raise PluginError(
+                        f"two plugins offer the strategy {record.name!r}: "
+                        f"{_origin(clash)} and {_origin(record)}. Uninstall one of them "
+                        f"(pip uninstall <distribution>), or set {DISABLE_ENV}=1 to load only "
+                        "offloadkit's built-in strategies."
+                    )
+                records[record.name] = record
+        return records
+
+
+_lock = threading.Lock()
+_registry: _Registry | None = None
+
+
+def _get() -> _Registry:
+    global _registry
+    with _lock:
+        if _registry is None:
+            _registry = _Registry(
+                third_party=not _env_flag(DISABLE_ENV), strict=_env_flag(STRICT_ENV)
+            )
+        return _registry
+
+
+def reset_registry() -> None:
+    """Forget the loaded plugins; the next question reloads them (tests, after pip install)."""
+    global _registry
+    with _lock:
+        _registry = None
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The loaded pluggy manager, e.g. to call ``hook.offloadkit_find_blocks(model=...)``."""
+    return _get().plugin_manager
+
+
+def strategy_records() -> list[StrategyRecord]:
+    """Every installed strategy with its plugin and distribution, sorted by name."""
+    records = _get().records
+    return [records[name] for name in sorted(records)]
+
+
+def list_strategies() -> list[str]:
+    """Sorted names of every installed strategy, built-in and third-party."""
+    return sorted(_get().records)
+
+
+def plugin_failures() -> list[PluginFailure]:
+    """Plugins that were found but skipped because they failed to load."""
+    return list(_get().failures)
+
+
+def get_strategy(name: str) -> type[Strategy]:
+    """The strategy class called ``name``; an unknown name lists the installed ones."""
+    if not isinstance(name, str):
+        raise TypeError(f"strategy name must be a str, not {type(name).__name__}")
+    registry = _get()
+    record = registry.records.get(name)
+    if record is not None:
+        return record.cls
+    raise UnknownStrategyError(_unknown_message(name, registry))
+
+
+def _unknown_message(name: str, registry: _Registry) -> str:
+    known = sorted(registry.records)
+    parts = [f"unknown strategy {name!r}."]
+    close = difflib.get_close_matches(name, known, n=1) or [
+        k for k in known if k.lower() == name.lower()
+    ]
+    if close:
+        parts.append(f"Did you mean {close[0]!r}?")
+    if known:
+        parts.append(f"Installed strategies: {', '.join(known)}.")
+    else:
+        parts.append(
+            "No strategies are installed at all: offloadkit's own entry points are missing. "
+            "Install the package (pip install offloadkit, or pip install -e packages/offloadkit "
+            "in a checkout) instead of putting its source on sys.path."
+        )
+    for failure in registry.failures:
+        parts.append(
+            f"Plugin {failure.plugin!r} ({failure.distribution}) failed to load: "
+            f"{type(failure.error).__name__}: {failure.error}."
+        )
+    if not registry.third_party:
+        parts.append(f"{DISABLE_ENV} is set, so third-party plugins were not loaded.")
+    parts.append(
+        "A strategy from a plugin needs that plugin pip-installed; "
+        "`offloadkit list` shows what is installed."
+    )
+    return " ".join(parts)
+
+
+def _validated_classes(result: object, plugin: str) -> list[type[Strategy]]:
+    from offloadkit.strategy import Strategy  # deferred: strategy.py imports engine code
+
+    if result is None:
+        return []
+    if not isinstance(result, list | tuple):
+        raise TypeError(
+            f"offloadkit_register_strategies() of plugin {plugin!r} returned "
+            f"{type(result).__name__}; it must return a list of Strategy subclasses"
+        )
+    for cls in result:
+        if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+            raise TypeError(
+                f"plugin {plugin!r} registered {cls!r}, which is not a subclass of "
+                "offloadkit.Strategy"
+            )
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not name.strip():
+            raise TypeError(
+                f"strategy class {cls.__qualname__} of plugin {plugin!r} has no `name`; "
+                "set the class attribute name = '<what users pass as strategy=>'"
+            )
+    return list(result)
+
+
+def _one_line(cls: type) -> str:
+    text = getattr(cls, "description", "") or (cls.__doc__ or "")
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def _origin(record: StrategyRecord) -> str:
+    return f"plugin {record.plugin!r} from distribution {record.distribution!r}"
+
+
+def _normalise(distribution: str) -> str:
+    return distribution.lower().replace("_", "-").replace(".", "-")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
