@@ -1,0 +1,105 @@
+"""``load_vae``: read a Wan2.1 VAE checkpoint (upstream .pth or ComfyUI .safetensors).
+
+The file is read memory-mapped with ``weights_only=True`` (or as safetensors), the model is
+built on ``meta`` from the shapes found, and the tensors are assigned in place: there is never
+a second full copy of the weights in RAM.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+
+from turbowan.checkpoint import load_state_dict
+from turbowan.vae.config import VAECheckpointError, config_from_state_dict
+from turbowan.vae.frames import FrameCountError, check_frame_count, check_spatial_size
+from turbowan.vae.model import WanVAE
+
+__all__ = [
+    "FrameCountError",
+    "VAECheckpointError",
+    "WanVAE",
+    "check_frame_count",
+    "check_spatial_size",
+    "load_vae",
+    "strip_prefix",
+]
+
+# Wrappers that store the VAE inside a bigger state dict (ComfyUI checkpoints, other tools).
+KNOWN_PREFIXES = ("first_stage_model.", "vae.")
+
+_DTYPE_NAMES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+def strip_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop a leading wrapper prefix when every VAE key carries it."""
+    for prefix in KNOWN_PREFIXES:
+        if "encoder.conv1.weight" not in state and f"{prefix}encoder.conv1.weight" in state:
+            return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return dict(state)
+
+
+def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    else:
+        resolved = _DTYPE_NAMES.get(str(dtype).lower())
+        if resolved is None:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPE_NAMES)}")
+    if not resolved.is_floating_point:
+        raise ValueError(f"the VAE computes in a float dtype, got {resolved}; use bf16 or fp32")
+    return resolved
+
+
+def _compare_keys(path: str, model: WanVAE, state: Mapping[str, torch.Tensor]) -> None:
+    """Fail with a readable report before assigning anything."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(
+        f"{k} {tuple(state[k].shape)} (expected {expected[k]})"
+        for k in set(expected) & set(state)
+        if tuple(state[k].shape) != expected[k]
+    )
+    if missing or unexpected or wrong:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if items:
+                parts.append(f"{len(items)} {label}: {', '.join(items[:10])}")
+        raise VAECheckpointError(
+            f"{path}: does not match the Wan2.1 VAE layout ({'; '.join(parts)}). "
+            "Use the original Wan2.1_VAE.pth or ComfyUI's wan_2.1_vae.safetensors; "
+            "`turbowan check FILE --preset wan2.1-vae` prints the full comparison."
+        )
+
+
+def load_vae(
+    path: str | os.PathLike[str],
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+) -> WanVAE:
+    """Load ``Wan2.1_VAE.pth`` / ``wan_2.1_vae.safetensors`` (or a tiny file of that layout).
+
+    ``dtype`` is the compute dtype (upstream runs the VAE in bf16 on the GPU); latents and
+    decoded video are returned in float32 regardless.
+    """
+    dtype = _resolve_dtype(dtype)
+    device = torch.device(device)
+    state = strip_prefix(load_state_dict(path))
+    config = config_from_state_dict(state)
+    with torch.device("meta"):
+        model = WanVAE(config)
+    _compare_keys(str(path), model, state)
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)

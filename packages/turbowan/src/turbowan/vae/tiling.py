@@ -1,0 +1,94 @@
+"""Spatially tiled decoding for cards that cannot hold a full 720p decoder activation.
+
+The latent grid is cut into overlapping tiles; each tile is decoded with its own causal cache
+(so time still streams one latent frame at a time) and the pixel tiles are blended with linear
+ramps across the overlaps. The decoder's middle attention sees one tile instead of the whole
+frame and convolutions near a seam see a different border, so the result is close to, not
+equal to, the untiled decode; wider overlaps make it closer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from turbowan.vae.cache import CausalCache
+from turbowan.vae.frames import SPATIAL_FACTOR
+
+
+def _check_tiling(tile: int, overlap: int) -> tuple[int, int]:
+    """Pixel tile/overlap -> latent units, with errors that name a valid setting."""
+    if tile % SPATIAL_FACTOR or overlap % SPATIAL_FACTOR or tile < 2 * SPATIAL_FACTOR:
+        raise ValueError(
+            f"tile ({tile}) and overlap ({overlap}) must be multiples of {SPATIAL_FACTOR} pixels "
+            f"and tile at least {2 * SPATIAL_FACTOR}; e.g. tile=256, overlap=64"
+        )
+    if not 0 <= overlap < tile:
+        raise ValueError(
+            f"overlap ({overlap}) must be at least 0 and smaller than tile ({tile}); "
+            "e.g. tile=256, overlap=64"
+        )
+    return tile // SPATIAL_FACTOR, overlap // SPATIAL_FACTOR
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of size ``tile`` covering ``length`` with at least ``overlap``."""
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, length - tile, stride))
+    starts.append(length - tile)  # the last tile ends exactly at the border
+    return starts
+
+
+def _ramp_weights(size: int, start: int, length: int, tile: int, ramp: int) -> torch.Tensor:
+    """1-D blend weight of one tile: rises over ``ramp`` pixels at each interior edge."""
+    weight = torch.ones(size, dtype=torch.float32)
+    if ramp <= 0:
+        return weight
+    rise = (torch.arange(ramp, dtype=torch.float32) + 0.5) / ramp
+    if start > 0:
+        weight[:ramp] = rise
+    if start + tile < length:
+        weight[-ramp:] = torch.minimum(weight[-ramp:], rise.flip(0))
+    return weight
+
+
+def decode_tiles_stream(
+    decoder: nn.Module, z: torch.Tensor, *, tile: int, overlap: int
+) -> Iterator[torch.Tensor]:
+    """Decode ``z`` (after ``conv2``) tile by tile, yielding blended float32 frame chunks."""
+    tile_lat, overlap_lat = _check_tiling(tile, overlap)
+    _, _, frames, height, width = z.shape
+    rows = tile_starts(height, tile_lat, overlap_lat)
+    cols = tile_starts(width, tile_lat, overlap_lat)
+    ramp = overlap_lat * SPATIAL_FACTOR
+    tiles = []
+    weight_sum = torch.zeros(height * SPATIAL_FACTOR, width * SPATIAL_FACTOR)
+    for r in rows:
+        th = min(tile_lat, height)
+        wy = _ramp_weights(th * SPATIAL_FACTOR, r, height, tile_lat, ramp)
+        for c in cols:
+            tw = min(tile_lat, width)
+            wx = _ramp_weights(tw * SPATIAL_FACTOR, c, width, tile_lat, ramp)
+            weight = wy[:, None] * wx[None, :]
+            y0, x0 = r * SPATIAL_FACTOR, c * SPATIAL_FACTOR
+            weight_sum[y0 : y0 + weight.shape[0], x0 : x0 + weight.shape[1]] += weight
+            tiles.append(((r, c, th, tw), weight, CausalCache()))
+    device = z.device
+    weight_sum = weight_sum.to(device)
+    for t in range(frames):
+        out: torch.Tensor | None = None
+        for (r, c, th, tw), weight, cache in tiles:
+            cache.start_chunk()
+            piece = decoder(z[:, :, t : t + 1, r : r + th, c : c + tw], cache).float()
+            if out is None:
+                b, ch, f = piece.shape[:3]
+                out = piece.new_zeros(b, ch, f, height * SPATIAL_FACTOR, width * SPATIAL_FACTOR)
+            y0, x0 = r * SPATIAL_FACTOR, c * SPATIAL_FACTOR
+            region = out[..., y0 : y0 + piece.shape[-2], x0 : x0 + piece.shape[-1]]
+            region += piece * weight.to(device)
+        assert out is not None
+        yield out / weight_sum
