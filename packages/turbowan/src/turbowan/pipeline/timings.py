@@ -1,0 +1,68 @@
+"""Where a run's time and memory went, printed at the end of every run."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Stage:
+    """One stage: wall seconds and the peak device bytes offloadkit measured for it."""
+
+    name: str
+    seconds: float = 0.0
+    peak_device_bytes: int | None = None
+    note: str = ""
+
+
+@dataclass
+class Timings:
+    """Ordered stages of one run."""
+
+    stages: list[Stage] = field(default_factory=list)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[Stage]:
+        record = Stage(name)
+        start = time.perf_counter()
+        try:
+            yield record
+        finally:
+            record.seconds = time.perf_counter() - start
+            self.stages.append(record)
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(s.seconds for s in self.stages)
+
+    def get(self, name: str) -> Stage | None:
+        return next((s for s in self.stages if s.name == name), None)
+
+    def as_dict(self) -> dict[str, dict[str, object]]:
+        return {
+            s.name: {"seconds": round(s.seconds, 4), "peak_device_bytes": s.peak_device_bytes, "note": s.note}
+            for s in self.stages
+        }
+
+    def summary(self, device: str = "") -> str:
+        width = max([len(s.name) for s in self.stages] + [5])
+        where = f" on {device}" if device else ""
+        lines = [f"time and peak weight memory per stage{where} (peak from offloadkit's ledger):"]
+        for s in self.stages:
+            mem = _format_bytes(s.peak_device_bytes) if s.peak_device_bytes is not None else "-"
+            note = f"  {s.note}" if s.note else ""
+            lines.append(f"  {s.name:<{width}}  {s.seconds:8.2f} s  {mem:>10}{note}")
+        lines.append(f"  {'total':<{width}}  {self.total_seconds:8.2f} s")
+        return "\n".join(lines)
+
+
+def _format_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1024
+    return f"{value:.1f} GiB"
