@@ -135,7 +135,7 @@ def _probe_torch_cuda(index: int) -> DeviceMemory:
 
 def _probe_os() -> DeviceMemory:
     total, free = _os_memory()
-    limit = _cgroup_limit()
+    limit = _cgroup_limit(_CGROUP_V2)
     if limit is not None and limit[0] < total:
         cg_total, cg_used = limit
         total, free = cg_total, max(0, min(free, cg_total - cg_used))
@@ -162,7 +162,7 @@ def _proc_meminfo() -> tuple[int, int]:
     return fields["MemTotal"], fields.get("MemAvailable", fields.get("MemFree", 0))
 
 
-def _cgroup_limit(root: Path = _CGROUP_V2) -> tuple[int, int] | None:
+def _cgroup_limit(root: Path) -> tuple[int, int] | None:
     """(limit, usage) of this process's cgroup v2 memory controller, or None if unlimited."""
     try:
         limit_text = (root / "memory.max").read_text().strip()
