@@ -1,0 +1,104 @@
+"""Where each tensor of a block sits inside the block's one flat byte buffer.
+
+Profile and packing share this one function, so the bytes a strategy plans with are exactly
+the bytes the engine moves. Tensors of different dtypes (int8 weights, fp32 scales, bf16
+bias) share the buffer; each starts on an ALIGN-byte boundary so ``.view(dtype)`` is legal
+and vectorised kernels see aligned pointers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ALIGN = 256  # bytes; cudaMalloc itself aligns to 256, so slot views keep that guarantee
+
+
+def align_up(n: int, align: int = ALIGN) -> int:
+    return (n + align - 1) // align * align
+
+
+def tensor_nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """One parameter or buffer slot of a module: where to re-point it."""
+
+    module: torch.nn.Module
+    attr: str
+    kind: str  # "param" or "buffer"
+    qualname: str  # dotted name inside the whole model
+
+    def get(self) -> torch.Tensor:
+        table = self.module._parameters if self.kind == "param" else self.module._buffers
+        return table[self.attr]
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """A tensor's place in its block buffer plus what restoring it needs."""
+
+    ref: TensorRef
+    offset: int
+    nbytes: int
+    shape: torch.Size
+    dtype: torch.dtype
+    requires_grad: bool
+    original_device: torch.device
+    contiguous: bool
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    index: int
+    name: str
+    entries: tuple[TensorEntry, ...]
+    nbytes: int  # aligned total: the size of the block's buffer
+
+
+def module_tensor_refs(root: torch.nn.Module, prefix: str) -> list[TensorRef]:
+    """Every parameter/buffer slot under ``root`` in a fixed order, shared slots included."""
+    refs: list[TensorRef] = []
+    for mod_name, module in root.named_modules(remove_duplicate=False):
+        full = f"{prefix}.{mod_name}" if prefix and mod_name else (prefix or mod_name)
+        for attr, tensor in module._parameters.items():
+            if tensor is not None:
+                refs.append(TensorRef(module, attr, "param", f"{full}.{attr}" if full else attr))
+        for attr, tensor in module._buffers.items():
+            if tensor is not None:
+                refs.append(TensorRef(module, attr, "buffer", f"{full}.{attr}" if full else attr))
+    return refs
+
+
+def build_layout(index: int, name: str, refs: list[TensorRef]) -> BlockLayout:
+    """Lay the tensors of ``refs`` out back to back on aligned offsets."""
+    entries: list[TensorEntry] = []
+    offset = 0
+    for ref in refs:
+        t = ref.get()
+        n = tensor_nbytes(t)
+        entries.append(
+            TensorEntry(
+                ref=ref,
+                offset=offset,
+                nbytes=n,
+                shape=t.shape,
+                dtype=t.dtype,
+                requires_grad=bool(t.requires_grad),
+                original_device=t.device,
+                contiguous=t.is_contiguous(),
+            )
+        )
+        offset = align_up(offset + n)
+    return BlockLayout(index, name, tuple(entries), offset)
+
+
+def view_in(buffer: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
+    """The tensor ``entry`` describes, as a view of the flat uint8 ``buffer``."""
+    raw = buffer[entry.offset : entry.offset + entry.nbytes]
+    if entry.dtype == torch.bool:
+        return raw.view(torch.bool).view(entry.shape)
+    return raw.view(entry.dtype).view(entry.shape)

@@ -1,0 +1,103 @@
+"""The object ``offloadkit.apply`` returns: stats, trace, re-plan, and the way back."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from offloadkit.ledger import OffloadStats, TraceEvent
+    from offloadkit.strategy import Plan
+
+
+class Placement(Protocol):
+    """What a handle drives: the engine, or a strategy's own mechanism (cpu_only, comfy)."""
+
+    plan: Plan
+
+    def stats(self) -> OffloadStats: ...
+    def trace_events(self) -> list[TraceEvent]: ...
+    def replan(self) -> Plan | None: ...
+    def remove(self) -> None: ...
+
+
+class OffloadHandle:
+    """Controls one offloaded model. ``remove()`` puts the model back exactly as it was."""
+
+    def __init__(self, placement: Placement) -> None:
+        self._placement = placement
+        self._removed = False
+        self._finalizers: list[Callable[[], None]] = []
+
+    @property
+    def plan(self) -> Plan:
+        """The placement now in force (it changes after a re-plan or OOM recovery)."""
+        return self._placement.plan
+
+    @property
+    def removed(self) -> bool:
+        return self._removed
+
+    def stats(self) -> OffloadStats:
+        """Measured counters so far (peak device bytes, bytes moved, stall seconds, ...)."""
+        return self._placement.stats()
+
+    def replan(self) -> Plan | None:
+        """Ask the strategy for a better plan from the measured stats; apply it if any."""
+        self._check_live("replan")
+        return self._placement.replan()
+
+    def export_trace(self, path: str | Path) -> Path:
+        """Write the per-block timeline as Chrome-trace JSON (open in chrome://tracing or
+        ui.perfetto.dev) and return the path."""
+        tracks = {"compute": 1, "transfer": 2, "stall": 3}
+        events: list[dict[str, Any]] = [
+            {"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": track}}
+            for track, tid in tracks.items()
+        ]
+        for ev in self._placement.trace_events():
+            events.append(
+                {
+                    "name": ev.name,
+                    "cat": ev.track,
+                    "ph": "X",
+                    "pid": 1,
+                    "tid": tracks.get(ev.track, 4),
+                    "ts": round(ev.start_s * 1e6, 3),
+                    "dur": round(ev.duration_s * 1e6, 3),
+                    "args": ev.args,
+                }
+            )
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+        return out
+
+    def remove(self) -> None:
+        """Undo the offload: weights back where they were, hooks gone. Idempotent."""
+        if self._removed:
+            return
+        self._placement.remove()
+        self._removed = True
+        for finalize in reversed(self._finalizers):
+            finalize()
+
+    def add_finalizer(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` after the placement is removed (the API uses it to untag the model)."""
+        self._finalizers.append(fn)
+
+    def _check_live(self, what: str) -> None:
+        if self._removed:
+            raise RuntimeError(f"cannot {what}(): this offload was removed; call apply() again")
+
+    def __enter__(self) -> OffloadHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self._removed else f"plan={self.plan}"
+        return f"OffloadHandle({state})"
