@@ -1,0 +1,1 @@
+"""The Wan2.2 I2V DiT (one expert): configuration, model, checkpoint loading."""

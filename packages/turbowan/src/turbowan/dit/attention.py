@@ -1,0 +1,97 @@
+"""Self-attention operators of the DiT, keyed like the TurboWan checkpoints.
+
+``WanSelfAttention.attn_op.local_attn`` is either ``DenseAttention`` (no parameters: the
+`original` backend) or ``SparseLinearAttention`` (`sla` / `sagesla`), which owns ``proj_l``
+(Linear 128->128, shared across heads) at ``...attn_op.local_attn.proj_l.{weight,bias}``.
+The maths lives in ``turbowan.ops``; these modules only hold weights and choose the op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def sdpa_blhd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Full softmax attention on (B, L, H, D) tensors, scale 1/sqrt(D)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+class DenseAttention(nn.Module):
+    """`original` backend: PyTorch SDPA, no parameters."""
+
+    kind = "original"
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return sdpa_blhd(q, k, v)
+
+
+class SparseLinearAttention(nn.Module):
+    """`sla` / `sagesla` backend: block-sparse softmax + linear branch through ``proj_l``."""
+
+    def __init__(
+        self,
+        head_dim: int = 128,
+        *,
+        topk: float = 0.1,
+        kind: str = "sla",
+        block_q: int = 128,
+        block_k: int = 64,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if kind not in ("sla", "sagesla"):
+            raise ValueError(f"SparseLinearAttention kind must be 'sla' or 'sagesla', got {kind!r}")
+        if not 0.0 < topk <= 1.0:
+            raise ValueError(
+                f"sla_topk must be in (0, 1] (fraction of key blocks kept), got {topk}"
+            )
+        self.kind = kind
+        self.topk = topk
+        self.block_q = block_q
+        self.block_k = block_k
+        self.proj_l = nn.Linear(head_dim, head_dim, dtype=dtype)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        from turbowan import ops  # imported lazily: the SLA kernels are optional for `original`
+
+        if self.kind == "sagesla":
+            return ops.sagesla_attention(
+                q, k, v, topk=self.topk, proj_weight=self.proj_l.weight, proj_bias=self.proj_l.bias
+            )
+        return ops.sparse_linear_attention(
+            q,
+            k,
+            v,
+            topk=self.topk,
+            block_q=self.block_q,
+            block_k=self.block_k,
+            proj_weight=self.proj_l.weight,
+            proj_bias=self.proj_l.bias,
+        )
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, topk={self.topk}, block_q={self.block_q}, block_k={self.block_k}"
+
+
+class AttentionOp(nn.Module):
+    """Holder that gives ``local_attn`` the checkpoint's key path (``attn_op.local_attn``)."""
+
+    def __init__(self, local_attn: nn.Module) -> None:
+        super().__init__()
+        self.local_attn = local_attn
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.local_attn(q, k, v)
+
+
+def make_attention_op(
+    attention: str, *, head_dim: int, topk: float, dtype: torch.dtype | None
+) -> AttentionOp:
+    if attention == "original":
+        return AttentionOp(DenseAttention())
+    if attention in ("sla", "sagesla"):
+        return AttentionOp(SparseLinearAttention(head_dim, topk=topk, kind=attention, dtype=dtype))
+    raise ValueError(f"attention must be one of sla, original, sagesla; got {attention!r}")
