@@ -1,0 +1,332 @@
+"""Measure strategies x budgets (and peers) on one model in one process.
+
+Why one process, with all-resident timings taken between the runs: on a shared or
+thermally throttled machine the speed drifts over minutes, and a slowdown ratio is only
+meaningful against a baseline measured under the same conditions.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from turbowan.bench import machine
+from turbowan.bench.models import BenchInputs, bench_inputs, build_bench_model
+from turbowan.bench.report import RUN_KEYS
+from turbowan.bench.workload import Workload
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class SweepSpec:
+    """Everything a sweep needs, resolved from the command line."""
+
+    preset: str
+    workload: Workload
+    device: str = "cpu"
+    quant: str = "int8"
+    attention: str = "sla"
+    dtype: torch.dtype = torch.float32
+    steps: int = 3
+    warmup: int = 1
+    seed: int = 0
+    runs: list[tuple[str, str]] = field(default_factory=list)  # (strategy, budget label)
+    homes: list[str] = field(default_factory=lambda: ["host"])
+    peers: list[str] = field(default_factory=list)
+    resident_between: bool = True
+    strategy_options: dict[str, dict] = field(default_factory=dict)
+
+
+def empty_run(**values) -> dict:
+    record = dict.fromkeys(RUN_KEYS)
+    record.update(values)
+    return record
+
+
+def resolve_budget(label: str, model_bytes: int, device: str) -> int:
+    """Bytes for a budget label. ``N%`` is a share of *this model's weights* (not of the
+    device): the bench asks what keeping that share on the device costs."""
+    from offloadkit import BudgetError, parse_budget
+
+    text = label.strip()
+    if text.endswith("%"):
+        try:
+            share = float(text[:-1])
+        except ValueError:
+            raise BudgetError(f"budget {label!r}: use a number before %, e.g. 50%") from None
+        if not 0 < share <= 100:
+            raise BudgetError(f"budget {label!r}: a share must be above 0% and at most 100%")
+        return math.floor(model_bytes * share / 100)
+    return parse_budget(text, device)
+
+
+def time_steps(model, inputs: BenchInputs, *, steps: int, warmup: int, device: str,
+               after_warmup: Callable[[], None] | None = None) -> list[float]:
+    """Seconds of each timed DiT call, after ``warmup`` untimed ones."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(inputs.x, inputs.t, inputs.context, inputs.y)
+        machine.synchronize(device)
+        if after_warmup is not None:
+            after_warmup()
+        seconds = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            model(inputs.x, inputs.t, inputs.context, inputs.y)
+            machine.synchronize(device)
+            seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _reset_cuda_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
+
+
+def _cuda_peak(device: str) -> int | None:
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated(torch.device(device)))
+    return None
+
+
+def _rss_split() -> dict:
+    out = {}
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(("RssAnon:", "RssFile:")):
+                    key = "rss_anon_bytes" if line.startswith("RssAnon") else "rss_file_bytes"
+                    out[key] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+class Sweep:
+    """Runs one :class:`SweepSpec`; ``run()`` returns the JSON-ready result document."""
+
+    def __init__(self, spec: SweepSpec, log: Log = print) -> None:
+        self.spec = spec
+        self.log = log
+        self.runs: list[dict] = []
+        self.skipped: list[dict] = []
+        self.resident: list[float] = []  # medians of the all-resident measurements, in order
+
+    # ---------------------------------------------------------------- building
+    def _build(self):
+        s = self.spec
+        start = time.perf_counter()
+        model = build_bench_model(s.preset, quant=s.quant, attention=s.attention, dtype=s.dtype,
+                                  seed=s.seed)  # fmt: skip
+        self.log(f"built {s.preset} ({s.quant}, {s.attention}) with random weights "
+                 f"in {time.perf_counter() - start:.1f} s")  # fmt: skip
+        return model
+
+    # ---------------------------------------------------------------- measurements
+    def measure_resident(self, model, inputs: BenchInputs) -> dict:
+        """All weights on the device, no hooks: the baseline every ratio divides by."""
+        s = self.spec
+        machine.release_freed_memory()
+        machine.reset_peak_rss()
+        _reset_cuda_peak(s.device)
+        moved = s.device != "cpu"
+        if moved:
+            model.to(s.device)
+        seconds = time_steps(model, inputs, steps=s.steps, warmup=s.warmup, device=s.device)
+        record = empty_run(
+            kind="baseline", strategy="resident", budget="-",
+            peak_device_bytes=self.model_bytes,
+            cuda_max_memory_allocated_bytes=_cuda_peak(s.device),
+            peak_rss_bytes=machine.peak_rss_bytes(),
+            seconds_per_step=statistics.median(seconds), step_seconds=seconds,
+            bytes_transferred=0, bytes_per_step=0, stall_seconds=0.0, oom_recoveries=0,
+            resident_blocks=self.num_blocks, streamed_blocks=0,
+        )  # fmt: skip
+        if moved:
+            model.to("cpu")
+            torch.cuda.synchronize()
+        self.resident.append(record["seconds_per_step"])
+        record["resident_index"] = len(self.resident) - 1
+        self.log(f"resident: {record['seconds_per_step']:.3f} s/step")
+        return record
+
+    def measure_offloadkit(self, model, inputs: BenchInputs, strategy: str, budget: str,
+                           budget_bytes: int, home: str) -> dict:  # fmt: skip
+        import offloadkit
+
+        s = self.spec
+        machine.release_freed_memory()
+        rss_before = machine.current_rss_bytes()
+        machine.reset_peak_rss()
+        _reset_cuda_peak(s.device)
+        start = time.perf_counter()
+        options = dict(s.strategy_options.get(strategy, {}))
+        handle = offloadkit.apply(model, strategy=strategy, device=s.device, budget=budget_bytes,
+                                  home=home, **options)  # fmt: skip
+        try:
+            setup = time.perf_counter() - start
+            before: dict = {}
+
+            def snapshot() -> None:
+                before["stats"] = handle.stats()
+                before["rss"] = machine.peak_rss_bytes()
+                machine.reset_peak_rss()
+
+            seconds = time_steps(model, inputs, steps=s.steps, warmup=s.warmup, device=s.device,
+                                 after_warmup=snapshot)  # fmt: skip
+            steady_rss = machine.peak_rss_bytes()
+            rss_split = _rss_split()
+            stats = handle.stats()
+            plan = getattr(handle, "plan", None)
+        finally:
+            handle.remove()
+        first = before["stats"]
+        moved = stats.bytes_transferred - first.bytes_transferred
+        transfer_s = stats.transfer_seconds - first.transfer_seconds
+        record = empty_run(
+            kind="offloadkit", strategy=strategy, home=home, budget=budget,
+            budget_bytes=budget_bytes,
+            peak_device_bytes=stats.peak_device_bytes,
+            cuda_max_memory_allocated_bytes=_cuda_peak(s.device),
+            host_pinned_bytes=stats.host_pinned_bytes,
+            host_pageable_bytes=stats.host_pageable_bytes,
+            disk_bytes=stats.disk_bytes,
+            peak_rss_bytes=max(before["rss"] or 0, steady_rss or 0) or None,
+            setup_seconds=setup,
+            seconds_per_step=statistics.median(seconds), step_seconds=seconds,
+            bytes_transferred=moved, bytes_per_step=moved // max(1, s.steps),
+            transfer_seconds=transfer_s,
+            achieved_gbps=(moved / transfer_s / 1e9) if transfer_s > 0 else None,
+            stall_seconds=stats.stall_seconds - first.stall_seconds,
+            oom_recoveries=stats.oom_recoveries,
+            resident_blocks=stats.resident_blocks, streamed_blocks=stats.streamed_blocks,
+            predicted_peak_device_bytes=getattr(plan, "predicted_peak_device_bytes", None),
+            within_budget=stats.peak_device_bytes <= budget_bytes,
+        )  # fmt: skip
+        record["steady_rss_bytes"] = steady_rss
+        record["rss_before_bytes"] = rss_before
+        record.update(rss_split)
+        record["group_size"] = stats.group_size
+        record["prefetch_depth"] = stats.prefetch_depth
+        record["num_slots"] = stats.num_slots
+        record["replans"] = stats.replans
+        return record
+
+    # ---------------------------------------------------------------- the sweep
+    def run(self) -> dict:
+        from offloadkit.engine.profile import profile_model
+
+        s = self.spec
+        model = self._build()
+        config = model.config if hasattr(model, "config") else None
+        if config is None:
+            from turbowan.dit.config import get_preset
+
+            config = get_preset(s.preset)
+        inputs = bench_inputs(config, s.workload, dtype=s.dtype, seed=s.seed).to(s.device)
+        profile = profile_model(model, device=s.device)
+        self.model_bytes = profile.total_bytes
+        self.num_blocks = profile.num_blocks
+        self.log(f"model: {self.model_bytes / 2**30:.3f} GiB of weights in {self.num_blocks} blocks "
+                 f"(+{profile.non_block_bytes / 2**20:.1f} MiB outside blocks); "
+                 f"workload: {s.workload.description}, {s.workload.tokens} tokens")  # fmt: skip
+
+        self.runs.append(self.measure_resident(model, inputs))
+        for strategy, budget in s.runs:
+            for home in s.homes:
+                self._one_offloadkit_run(model, inputs, profile, strategy, budget, home)
+        if len(self.resident) < 2 or not s.resident_between:
+            self.runs.append(self.measure_resident(model, inputs))
+
+        if s.peers:
+            del model
+            machine.release_freed_memory()
+            from turbowan.bench.peers import run_peers
+
+            peer_runs, peer_skips = run_peers(self, s.peers, inputs)
+            self.runs.extend(peer_runs)
+            self.skipped.extend(peer_skips)
+        self._ratios()
+        return {
+            "preset": s.preset, "quant": s.quant, "attention": s.attention,
+            "dtype": str(s.dtype).removeprefix("torch."), "device": s.device,
+            "workload": s.workload.as_dict(), "steps": s.steps, "warmup": s.warmup,
+            "model_bytes": self.model_bytes, "num_blocks": self.num_blocks,
+            "block_bytes": [b.nbytes for b in profile.blocks],
+            "non_block_bytes": profile.non_block_bytes,
+            "resident_seconds_per_step": list(self.resident),
+            "runs": self.runs, "skipped": self.skipped,
+        }  # fmt: skip
+
+    def _one_offloadkit_run(self, model, inputs, profile, strategy: str, budget: str,
+                            home: str) -> None:  # fmt: skip
+        import offloadkit
+
+        s = self.spec
+        label = f"{strategy} @ {budget} ({home})"
+        try:
+            budget_bytes = resolve_budget(budget, self.model_bytes, s.device)
+            cls = offloadkit.get_strategy(strategy)
+            instance = cls(**s.strategy_options.get(strategy, {}))
+            need = instance.min_device_bytes(profile)
+        except Exception as exc:
+            self._skip(strategy, budget, home, exc)
+            return
+        if budget_bytes < need:
+            self._skip(strategy, budget, home,
+                       f"budget {budget_bytes / 2**20:.1f} MiB is below the "
+                       f"{need / 2**20:.1f} MiB this strategy needs")  # fmt: skip
+            return
+        try:
+            record = self.measure_offloadkit(model, inputs, strategy, budget, budget_bytes, home)
+        except Exception as exc:  # a strategy that cannot run here is reported, not fatal
+            self._skip(strategy, budget, home, exc)
+            return
+        record["resident_index"] = len(self.resident) - 1
+        self.runs.append(record)
+        self.log(f"{label}: {record['seconds_per_step']:.3f} s/step, peak "
+                 f"{record['peak_device_bytes'] / 2**20:.1f} MiB of {budget_bytes / 2**20:.1f} MiB")  # fmt: skip
+        if s.resident_between:
+            self.runs.append(self.measure_resident(model, inputs))
+
+    def _skip(self, strategy: str, budget: str, home: str | None, reason) -> None:
+        text = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
+        self.skipped.append({"strategy": strategy, "budget": budget, "home": home, "reason": text})
+        self.log(f"skipped {strategy} @ {budget} ({home}): {text}")
+
+    def _ratios(self) -> None:
+        """Each run divided by the mean of the resident timings taken just before and after."""
+        pooled = statistics.median(self.resident)
+        for record in self.runs:
+            index = record.pop("resident_index", None)
+            if record["kind"] == "baseline":
+                baseline = record["seconds_per_step"]
+                record["resident_seconds_per_step"] = baseline
+                record["ratio_to_resident"] = 1.0
+                continue
+            if index is None or index < 0:
+                baseline = pooled
+            else:
+                neighbours = self.resident[index : index + 2]
+                baseline = statistics.fmean(neighbours)
+            record["resident_seconds_per_step"] = baseline
+            if record.get("seconds_per_step") is not None and baseline > 0:
+                record["ratio_to_resident"] = record["seconds_per_step"] / baseline
+
+
+def strategy_budget_pairs(strategies: Sequence[str], budgets: Sequence[str]) -> list[tuple[str, str]]:
+    """``name`` crosses with every budget; ``name@budget`` runs at that budget only."""
+    pairs = []
+    for item in strategies:
+        if "@" in item:
+            name, budget = item.split("@", 1)
+            pairs.append((name.strip(), budget.strip()))
+        else:
+            pairs.extend((item, b) for b in budgets)
+    return pairs
