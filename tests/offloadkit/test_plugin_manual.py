@@ -1,0 +1,107 @@
+"""The example plugin `offloadkit-manual`: exactly the listed blocks stay resident.
+
+It is imported the way offloadkit imports it, through the registry (the plugin is
+pip-installed by `nox -s tests`), never from the source tree.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import offloadkit
+from offloadkit import registry
+from offloadkit.errors import BudgetError
+from offloadkit.strategy import BlockProfile, ModelProfile, Strategy
+
+
+@pytest.fixture(autouse=True)
+def fresh_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.delenv(registry.DISABLE_ENV, raising=False)
+    registry.reset_registry()
+    yield
+    registry.reset_registry()
+
+
+@pytest.fixture
+def manual() -> type[Strategy]:
+    return offloadkit.get_strategy("manual")
+
+
+def profile_of(num_blocks: int, block_bytes: int = 100, non_block_bytes: int = 50) -> ModelProfile:
+    blocks = tuple(BlockProfile(i, f"blocks.{i}", block_bytes, 4) for i in range(num_blocks))
+    return ModelProfile(blocks=blocks, non_block_bytes=non_block_bytes, device="cpu")
+
+
+def test_plan_keeps_exactly_the_listed_blocks(manual: type[Strategy]) -> None:
+    strategy = manual(resident=[7, 0, 3])
+    profile = profile_of(10)
+    plan = strategy.plan(profile, budget_bytes=10_000)
+    assert plan.resident == (0, 3, 7)
+    assert plan.streamed == (1, 2, 4, 5, 6, 8, 9)
+    plan.validate(profile)
+    # non-block 50 + three resident blocks 300 + two slots of one block (prefetch 1) 200
+    assert plan.predicted_peak_device_bytes == 550
+    assert strategy.min_device_bytes(profile) == 550
+
+
+def test_all_or_nothing_resident(manual: type[Strategy]) -> None:
+    profile = profile_of(4)
+    everything = manual(resident=[0, 1, 2, 3]).plan(profile, 10_000)
+    assert (everything.streamed, everything.predicted_peak_device_bytes) == ((), 450)
+    nothing = manual(resident=[]).plan(profile, 10_000)
+    assert nothing.resident == () and nothing.streamed == (0, 1, 2, 3)
+
+
+def test_resident_file_accepts_a_list_or_an_object(manual: type[Strategy], tmp_path: Path) -> None:
+    as_list = tmp_path / "list.json"
+    as_list.write_text(json.dumps([5, 1]))
+    as_object = tmp_path / "object.json"
+    as_object.write_text(json.dumps({"resident": [2]}))
+    profile = profile_of(6)
+    assert manual(resident_file=str(as_list)).plan(profile, 10_000).resident == (1, 5)
+    assert manual(resident_file=as_object).plan(profile, 10_000).resident == (2,)
+
+
+def test_budget_too_small_for_the_listed_blocks_states_the_need(manual: type[Strategy]) -> None:
+    with pytest.raises(BudgetError) as info:
+        manual(resident=[0, 3, 7]).plan(profile_of(10), budget_bytes=549)
+    message = str(info.value)
+    assert "[0, 3, 7]" in message
+    assert "need 550 bytes" in message and "budget is 549 bytes" in message
+    assert "List fewer blocks or raise the budget" in message
+
+
+@pytest.mark.parametrize("index", [10, -1])
+def test_out_of_range_index_names_the_valid_range(manual: type[Strategy], index: int) -> None:
+    with pytest.raises(ValueError, match=rf"\[{index}\] out of range.*10 blocks, numbered 0 to 9"):
+        manual(resident=[0, index]).plan(profile_of(10), budget_bytes=10_000)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "hint"),
+    [
+        ({}, ValueError, "exactly one of resident="),
+        ({"resident": [1], "resident_file": "x.json"}, ValueError, "exactly one of"),
+        ({"resident": [1, 1]}, ValueError, "lists a block twice"),
+        ({"resident": "0,3"}, TypeError, "list of block indices"),
+        ({"resident": [0, True]}, TypeError, "list of block indices"),
+        ({"resident_file": "/nonexistent/blocks.json"}, FileNotFoundError, "does not exist"),
+        ({"resident": [1], "chunk_size": 2}, TypeError, "unknown option"),
+    ],
+)
+def test_bad_options_fail_before_planning(
+    manual: type[Strategy], options: dict, error: type[Exception], hint: str
+) -> None:
+    with pytest.raises(error, match=hint):
+        manual(**options)
+
+
+def test_malformed_resident_file(manual: type[Strategy], tmp_path: Path) -> None:
+    path = tmp_path / "blocks.json"
+    path.write_text("[0, 3,")
+    with pytest.raises(ValueError, match=r"not valid JSON.*\[0, 3, 7\]"):
+        manual(resident_file=path)
