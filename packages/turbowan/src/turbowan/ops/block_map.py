@@ -1,0 +1,92 @@
+"""SLA block selection: which key blocks each query block attends to exactly.
+
+Selection follows upstream SLA: keys are smoothed (the mean over tokens is subtracted, so a
+shared offset does not dominate every score), q and the smoothed k are mean-pooled per block
+(a partial last block is averaged over its real token count), the pooled scores are ranked and
+the top ``kk`` key blocks are kept per query block. Unlike upstream, ``kk`` is never 0: upstream
+keeps ``int(topk * Nb)`` blocks, which is 0 on short inputs and turns the sparse softmax into 0/0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def num_blocks(length: int, block: int) -> int:
+    """Blocks needed to cover ``length`` tokens; the last one may be partial."""
+    return -(-length // block)
+
+
+def kept_key_blocks(topk: float, n_key_blocks: int) -> int:
+    """kk = max(1, min(Nb, floor(topk * Nb))): upstream's count, but never zero."""
+    # int() of the float product, exactly as upstream rounds (0.1 * 30 -> 3).
+    return max(1, min(n_key_blocks, int(topk * n_key_blocks)))
+
+
+def mean_pool_blocks(x: Tensor, block: int) -> Tensor:
+    """Mean over consecutive ``block`` tokens of (B, H, L, D) -> (B, H, nb, D), in float32.
+
+    The last block is averaged over the tokens it really holds, not over ``block``.
+    """
+    batch, heads, length, dim = x.shape
+    n = num_blocks(length, block)
+    padded = torch.zeros(batch, heads, n * block, dim, dtype=torch.float32, device=x.device)
+    padded[:, :, :length] = x
+    sums = padded.view(batch, heads, n, block, dim).sum(dim=3)
+    counts = torch.full((n,), float(block), dtype=torch.float32, device=x.device)
+    counts[-1] = length - (n - 1) * block
+    return sums / counts.view(1, 1, n, 1)
+
+
+@dataclass(frozen=True)
+class BlockSelection:
+    """The selected key blocks per query block.
+
+    ``lut`` (B, H, Mb, kk) int64 holds key-block indices sorted ascending (upstream leaves the
+    order unspecified; sorted order makes gathers walk memory forwards).
+    """
+
+    lut: Tensor
+    n_key_blocks: int
+    block_q: int
+    block_k: int
+
+    @property
+    def kk(self) -> int:
+        return self.lut.shape[-1]
+
+    @property
+    def sparse_map(self) -> Tensor:
+        """(B, H, Mb, Nb) int8, 1 where a key block is selected (upstream's ``sparse_map``)."""
+        *lead, _ = self.lut.shape
+        dense = torch.zeros(*lead, self.n_key_blocks, dtype=torch.int8, device=self.lut.device)
+        return dense.scatter_(-1, self.lut, 1)
+
+
+def select_blocks(
+    q: Tensor, k: Tensor, *, topk: float, block_q: int = 128, block_k: int = 64
+) -> BlockSelection:
+    """Rank key blocks for every query block of (B, H, L, D) q and k and keep the top kk.
+
+    Scores are pooled(q) . pooled(k - mean_tokens(k)), unscaled, computed in float32.
+    """
+    if not (isinstance(topk, (int, float)) and math.isfinite(topk) and 0.0 < topk <= 1.0):
+        raise ValueError(
+            f"topk must be a ratio in (0, 1] (fraction of key blocks kept), got {topk!r}; "
+            "use e.g. topk=0.1 (upstream default) or 0.15"
+        )
+    length = k.shape[2]
+    n_key_blocks = num_blocks(length, block_k)
+    k32 = k.float()
+    k_smooth = k32 - k32.mean(dim=2, keepdim=True)
+    pooled_q = mean_pool_blocks(q, block_q)
+    pooled_k = mean_pool_blocks(k_smooth, block_k)
+    scores = pooled_q @ pooled_k.transpose(-1, -2)
+    kk = kept_key_blocks(topk, n_key_blocks)
+    lut = torch.topk(scores, kk, dim=-1, sorted=False).indices
+    lut = lut.sort(dim=-1).values.contiguous()
+    return BlockSelection(lut=lut, n_key_blocks=n_key_blocks, block_q=block_q, block_k=block_k)
