@@ -251,8 +251,10 @@ def test_hook_offloadkit_register_strategies(make_plugin: MakePlugin) -> None:
     assert offloadkit.get_strategy("pair_b") is records["pair_b"].cls
 
 
-def test_hook_offloadkit_find_blocks(make_plugin: MakePlugin) -> None:
-    """A plugin teaches offloadkit where a model's blocks are; the first answer wins."""
+def test_hook_offloadkit_find_blocks(
+    make_plugin: MakePlugin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plugin teaches offloadkit where a model's blocks are, overriding the generic search."""
     source = """
         import torch
         from offloadkit.hookspecs import hookimpl
@@ -261,13 +263,21 @@ def test_hook_offloadkit_find_blocks(make_plugin: MakePlugin) -> None:
             def __init__(self):
                 super().__init__()
                 self.floors = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+                # larger, so the generic search (largest repeated ModuleList) would pick it
+                self.decoys = torch.nn.ModuleList(torch.nn.Linear(64, 64) for _ in range(2))
 
         @hookimpl
         def offloadkit_find_blocks(model):
             return model.floors if isinstance(model, Tower) else None
     """
+    from offloadkit.engine import find_blocks
+
     module = make_plugin("offloadkit-tower", source)
-    offloadkit.list_strategies()
+    hook = registry.get_plugin_manager().hook.offloadkit_find_blocks  # loads the plugins
     tower = sys.modules[module].Tower()
-    hook = registry.get_plugin_manager().hook.offloadkit_find_blocks
     assert hook(model=tower) is tower.floors
+    assert [name for name, _ in find_blocks(tower)] == ["floors.0", "floors.1", "floors.2"]
+
+    monkeypatch.setenv(registry.DISABLE_ENV, "1")  # plugin out: the generic search answers
+    registry.reset_registry()
+    assert [name for name, _ in find_blocks(tower)] == ["decoys.0", "decoys.1"]
