@@ -281,3 +281,12 @@ def test_hook_offloadkit_find_blocks(
     monkeypatch.setenv(registry.DISABLE_ENV, "1")  # plugin out: the generic search answers
     registry.reset_registry()
     assert [name for name, _ in find_blocks(tower)] == ["decoys.0", "decoys.1"]
+
+
+def test_plugin_querying_the_registry_at_import_is_skipped_not_hung(
+    make_plugin: MakePlugin,
+) -> None:
+    make_plugin("offloadkit-eager", "import offloadkit\noffloadkit.list_strategies()\n")
+    with pytest.warns(PluginLoadWarning, match="'offloadkit-eager'.*while plugins were still"):
+        names = offloadkit.list_strategies()
+    assert set(BUILTINS) <= set(names)

@@ -109,17 +109,28 @@ class _Registry:
         return records
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant, so a plugin calling back in gets an error, not a hang
 _registry: _Registry | None = None
+_loading = False
 
 
 def _get() -> _Registry:
-    global _registry
+    global _registry, _loading
     with _lock:
         if _registry is None:
-            _registry = _Registry(
-                third_party=not _env_flag(DISABLE_ENV), strict=_env_flag(STRICT_ENV)
-            )
+            if _loading:
+                raise PluginError(
+                    "a plugin asked the strategy registry a question while plugins were still "
+                    "loading (e.g. offloadkit.list_strategies() at import time). Move that call "
+                    "into a function that runs later."
+                )
+            _loading = True
+            try:
+                _registry = _Registry(
+                    third_party=not _env_flag(DISABLE_ENV), strict=_env_flag(STRICT_ENV)
+                )
+            finally:
+                _loading = False
         return _registry
 
 
