@@ -42,7 +42,9 @@ def apply(
     if home not in HOME_TIERS:
         raise ValueError(f"home={home!r} is not a home tier; use one of: {', '.join(HOME_TIERS)}")
     strategy_obj, engine_options = _make_strategy(strategy, options)
-    target = resolve_device(device)
+    # cpu_only computes on the CPU whatever device is named
+    target = resolve_device(device) if getattr(strategy_obj, "uses_device", True) \
+        else torch.device("cpu")
     budget_bytes = parse_budget(budget, target) if _needs_budget(strategy_obj) else 0
     memory = _memory_or_none(target)
     layout = layout_model(model, blocks)

@@ -1,0 +1,510 @@
+"""The engine: carries a plan out on a real model and keeps it running.
+
+Lifecycle: non-block tensors go to the device once; every block is packed into its home tier
+(host buffer or disk file) block by block, freeing the originals as it goes; resident blocks
+get their own device buffer; streamed blocks share ``num_slots`` pre-allocated slots. Each
+block's ``forward`` is wrapped: before it runs, its group must be in a slot (prefetched
+earlier, or loaded now on a misprediction) and the transfers for the next groups are issued;
+after the last block of a group runs, its slot is released for reuse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from offloadkit.engine.disk import DiskStore
+from offloadkit.engine.hooks import ForwardWrapper
+from offloadkit.engine.layout import BlockLayout, TensorEntry, TensorRef, tensor_nbytes, view_in
+from offloadkit.engine.oom import is_oom, shrink_plan
+from offloadkit.engine.packing import HostStore, release_memory
+from offloadkit.engine.profile import ModelLayout, layout_model
+from offloadkit.engine.transfer import CpuTransport, CudaTransport, Ticket
+from offloadkit.errors import OffloadError
+from offloadkit.ledger import Ledger, OffloadStats, TraceEvent
+from offloadkit.strategy import ModelProfile, Plan, Strategy, describe_bytes
+
+MAX_OOM_RETRIES = 4
+
+
+@dataclass
+class Slot:
+    """A pre-allocated device buffer holding one transfer group at a time."""
+
+    buffer: torch.Tensor
+    group: int | None = None  # group whose bytes are (being) copied in
+    ticket: Ticket | None = None
+    free_token: Any = None  # CUDA event after the last compute that read the slot
+    bound: bool = False  # the group's parameters currently point into this slot
+    views: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # block -> tensor views
+
+
+class Engine:
+    """Mechanism shared by every strategy (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        profile: ModelProfile,
+        plan: Plan,
+        strategy: Strategy,
+        device: torch.device | str,
+        budget_bytes: int,
+        layout: ModelLayout | None = None,
+        pin_limit_bytes: int | None = None,
+        disk_path: str | None = None,
+        replan_every: int = 8,
+        trace: bool = True,
+    ) -> None:
+        self.model = model
+        self.profile = profile
+        self.strategy = strategy
+        self.device = torch.device(device)
+        self.budget_bytes = budget_bytes
+        self.replan_every = replan_every
+        self.ledger = Ledger(max_trace_events=100_000 if trace else 0)
+        if layout is None:
+            layout = layout_model(model, [model.get_submodule(b.name) for b in profile.blocks])
+        self.layout = layout
+        self._check_layout(layout, profile)
+        self.blocks: tuple[BlockLayout, ...] = layout.blocks
+        self.plan = plan
+        self._removed = False
+        self._wrappers: list[ForwardWrapper] = []
+        self._outside: list[tuple[TensorRef, torch.Tensor]] = []
+        self._resident: dict[int, torch.Tensor] = {}
+        self._resident_views: dict[int, list[torch.Tensor]] = {}
+        self._placeholders: dict[int, list[torch.Tensor]] = {}
+        self._placeholder_seed: dict[torch.dtype, torch.Tensor] = {}
+        self._slots: list[Slot] = []
+        self._groups: list[tuple[int, ...]] = []
+        self._group_of: dict[int, int] = {}
+        self._offset_in_group: dict[int, int] = {}
+        self._next_group_from: list[int] = []
+        self._packed: set[int] = set()
+        self._last_block = max((b.index for b in self.blocks), default=-1)
+
+        self.transport: CpuTransport | CudaTransport
+        if self.device.type == "cuda":
+            self.transport = CudaTransport(self.ledger, self.device)
+        else:
+            self.transport = CpuTransport(self.ledger)
+        self.store: HostStore | DiskStore
+        if plan.home == "disk":
+            self.store = DiskStore(self.ledger, list(self.blocks), disk_path)
+        else:
+            # pinned memory makes host-to-device copies truly asynchronous; it only exists
+            # with CUDA. home="pinned" lifts the default cap; "host" pins up to the cap.
+            if pin_limit_bytes is None and plan.home == "pinned":
+                pin_limit_bytes = 1 << 62
+            self.store = HostStore(self.ledger, pin=self.device.type == "cuda",
+                                   pin_limit_bytes=pin_limit_bytes)
+        try:
+            self._place_outside()
+            self._pack_blocks()
+            self._configure(plan)
+            for block_layout, module in zip(self.blocks, layout.block_modules, strict=True):
+                self._wrappers.append(ForwardWrapper(module, block_layout.index, self._run_block))
+        except BaseException:
+            self.remove()
+            raise
+
+    # ------------------------------------------------------------------ set-up
+    @staticmethod
+    def _check_layout(layout: ModelLayout, profile: ModelProfile) -> None:
+        got = [(b.name, b.nbytes) for b in layout.blocks]
+        want = [(b.name, b.nbytes) for b in profile.blocks]
+        if got != want:
+            raise OffloadError("the profile does not describe this model's blocks; build the "
+                               "profile from the same model (offloadkit.engine.profile_model)")
+        for block in layout.blocks:
+            for entry in block.entries:
+                t = entry.ref.get()
+                if t.device.type == "meta":
+                    raise OffloadError(
+                        f"{entry.ref.qualname!r} is on the meta device (no data). Load the "
+                        "weights (load_state_dict(..., assign=True)) before offloadkit.apply(); "
+                        "meta models can only be profiled and planned."
+                    )
+                if t.layout != torch.strided or t.is_quantized:
+                    raise OffloadError(
+                        f"{entry.ref.qualname!r} is a {t.layout} / quantized torch tensor; "
+                        "offloadkit streams dense tensors only (store int8 weights as plain "
+                        "int8 buffers plus scales)."
+                    )
+
+    def _place_outside(self) -> None:
+        """Non-block and shared tensors: moved to the device once and kept there."""
+        moved: dict[int, torch.Tensor] = {}
+        for ref in self.layout.outside:
+            original = ref.get()
+            if original.device.type == "meta":
+                raise OffloadError(
+                    f"{ref.qualname!r} is on the meta device (no data). Load the weights "
+                    "before offloadkit.apply()."
+                )
+            if id(original) not in moved:
+                placed = original.to(self.device)
+                moved[id(original)] = placed
+                self.ledger.device_alloc(tensor_nbytes(placed))
+            self._outside.append((ref, original))
+            _set_tensor(ref, moved[id(original)])
+
+    def _pack_blocks(self) -> None:
+        """Block by block: pack into the home tier, then drop the originals."""
+        for block in self.blocks:
+            self.store.add(block)
+            self._packed.add(block.index)
+            for entry, placeholder in zip(block.entries, self._placeholders_for(block),
+                                          strict=True):
+                _set_tensor(entry.ref, placeholder)
+        if isinstance(self.store, DiskStore):
+            self.store.finish()
+            release_memory()
+
+    def _placeholders_for(self, block: BlockLayout) -> list[torch.Tensor]:
+        """Stand-ins while a block is not on the device: NaN (or 0) broadcast views, so a
+        block run without its weights gives NaN rather than silently stale numbers."""
+        cached = self._placeholders.get(block.index)
+        if cached is None:
+            with torch.inference_mode(False):
+                cached = [self._placeholder(e) for e in block.entries]
+            self._placeholders[block.index] = cached
+        return cached
+
+    def _placeholder(self, entry: TensorEntry) -> torch.Tensor:
+        seed = self._placeholder_seed.get(entry.dtype)
+        if seed is None:
+            fill = float("nan") if entry.dtype.is_floating_point or entry.dtype.is_complex else 0
+            seed = torch.full((1,), fill, dtype=entry.dtype, device=self.device)
+            self._placeholder_seed[entry.dtype] = seed
+        return seed.view([1] * len(entry.shape)).expand(entry.shape)
+
+    # ------------------------------------------------------------------ plan in force
+    def _configure(self, plan: Plan) -> None:
+        """Make the device match ``plan``: free what leaves first, then allocate."""
+        plan.validate(self.profile)
+        self.transport.drain()
+        for slot in self._slots:
+            if slot.bound and slot.group is not None:
+                self._unbind_group(slot.group)
+            self.ledger.device_free(slot.buffer.numel())
+        self._slots = []
+        new_resident = set(plan.resident)
+        for index in sorted(set(self._resident) - new_resident):
+            self._bind_block(index, self._placeholders_for(self.blocks[index]))
+            self.ledger.device_free(self._resident.pop(index).numel())
+            self._resident_views.pop(index, None)
+        for index in sorted(new_resident - set(self._resident)):
+            block = self.blocks[index]
+            buffer = self._allocate(block.nbytes)
+            start, t = self.ledger.now(), time.perf_counter()
+            self.transport.copy_now(self.store.source(index), buffer)
+            self.ledger.record_transfer(f"resident block {index}", block.nbytes, start,
+                                        time.perf_counter() - t)
+            self._resident[index] = buffer
+            with torch.inference_mode(False):
+                views = [view_in(buffer, e) for e in block.entries]
+            self._resident_views[index] = views
+            self._bind_block(index, views)
+        self._groups = plan.groups(self.profile)
+        self._group_of = {}
+        self._offset_in_group = {}
+        slot_bytes = 0
+        for g, members in enumerate(self._groups):
+            offset = 0
+            for index in members:
+                self._group_of[index] = g
+                self._offset_in_group[index] = offset
+                offset += self.blocks[index].nbytes
+            slot_bytes = max(slot_bytes, offset)
+        # the first group needed at or after each block position (wrapping to the next forward)
+        self._next_group_from = []
+        for position in range(len(self.blocks) + 1):
+            later = [g for g, members in enumerate(self._groups) if members[-1] >= position]
+            self._next_group_from.append(later[0] if later else 0)
+        for _ in range(plan.num_slots if self._groups else 0):
+            self._slots.append(Slot(self._allocate(slot_bytes)))
+        if self._slots:
+            self.transport.ensure_staging(slot_bytes)
+        self.plan = plan
+        self._pump(0)
+
+    def _allocate(self, nbytes: int) -> torch.Tensor:
+        if self.ledger.current_device_bytes + nbytes > self.budget_bytes:
+            raise OffloadError(
+                f"engine would exceed the budget: {describe_bytes(self.ledger.current_device_bytes)}"
+                f" placed + {describe_bytes(nbytes)} > {describe_bytes(self.budget_bytes)} "
+                f"(plan from strategy {self.strategy.name!r} is inconsistent)"
+            )
+        buffer = self.transport.allocate(nbytes)
+        self.ledger.device_alloc(buffer.numel())
+        return buffer
+
+    # ------------------------------------------------------------------ binding
+    def _bind_block(self, index: int, tensors: list[torch.Tensor]) -> None:
+        for entry, tensor in zip(self.blocks[index].entries, tensors, strict=True):
+            _set_tensor(entry.ref, tensor)
+
+    def _slot_views(self, slot: Slot, index: int) -> list[torch.Tensor]:
+        views = slot.views.get(index)
+        if views is None:
+            offset = self._offset_in_group[index]
+            region = slot.buffer[offset : offset + self.blocks[index].nbytes]
+            with torch.inference_mode(False):
+                views = [view_in(region, e) for e in self.blocks[index].entries]
+            slot.views[index] = views
+        return views
+
+    def _bind_group(self, slot: Slot) -> None:
+        assert slot.group is not None
+        for index in self._groups[slot.group]:
+            self._bind_block(index, self._slot_views(slot, index))
+        slot.bound = True
+
+    def _unbind_group(self, group: int) -> None:
+        for index in self._groups[group]:
+            self._bind_block(index, self._placeholders_for(self.blocks[index]))
+        for slot in self._slots:
+            if slot.group == group:
+                slot.bound = False
+
+    # ------------------------------------------------------------------ streaming
+    def _slot_holding(self, group: int) -> Slot | None:
+        for slot in self._slots:
+            if slot.group == group:
+                return slot
+        return None
+
+    def _window(self, position: int) -> list[int]:
+        """Groups that should be on the device or on their way, from ``position`` on."""
+        count = len(self._groups)
+        first = self._next_group_from[position]
+        return [(first + k) % count for k in range(min(len(self._slots), count))]
+
+    def _pump(self, position: int) -> None:
+        """Issue transfers for the upcoming groups into slots nobody needs any more."""
+        if not self._groups or not self._slots:
+            return
+        window = self._window(position)
+        for group in window:
+            if self._slot_holding(group) is not None:
+                continue
+            victim = next((s for s in self._slots if s.group is None), None)
+            if victim is None:
+                victim = next((s for s in self._slots
+                               if s.group not in window and not s.bound), None)
+            if victim is None:
+                return  # every slot is busy: try again after the next release
+            self._issue(group, victim)
+
+    def _issue(self, group: int, slot: Slot) -> None:
+        if slot.bound and slot.group is not None:
+            self._unbind_group(slot.group)
+        members = self._groups[group]
+        copies = []
+        for index in members:
+            offset = self._offset_in_group[index]
+            dst = slot.buffer[offset : offset + self.blocks[index].nbytes]
+            copies.append((self.store.source(index), dst))
+        if slot.group is not None and any(self._group_of.get(i) is None for i in members):
+            raise AssertionError("group bookkeeping out of sync")
+        if slot.views and slot.group != group:
+            slot.views = {}
+        slot.group = group
+        slot.ticket = self.transport.submit(f"group {group} ({members[0]}..{members[-1]})",
+                                            copies, after=slot.free_token)
+
+    def _before(self, index: int) -> None:
+        if index in self._resident:
+            self._pump(index)
+            return
+        group = self._group_of[index]
+        slot = self._slot_holding(group)
+        if slot is None:  # not predicted (blocks ran out of order): load it now
+            self.ledger.mispredicted_loads += 1
+            self._pump(index)
+            slot = self._slot_holding(group)
+            if slot is None:
+                victim = next(s for s in self._slots if not s.bound)
+                self._issue(group, victim)
+                slot = victim
+        assert slot.ticket is not None
+        self.transport.wait(slot.ticket, index)
+        if not slot.bound:
+            self._bind_group(slot)
+        self._pump(index)
+
+    def _after(self, index: int) -> None:
+        if index not in self._resident:
+            group = self._group_of[index]
+            if index == self._groups[group][-1]:
+                slot = self._slot_holding(group)
+                if slot is not None and len(self._groups) > len(self._slots):
+                    slot.free_token = self.transport.release(slot.buffer)
+                    self._unbind_group(group)
+            self._pump(min(index + 1, len(self.blocks)))
+        if index == self._last_block:
+            self._forward_done()
+
+    def _run_block(self, index: int, forward: Callable[..., Any], args: tuple,
+                   kwargs: dict) -> Any:
+        if self._removed:
+            return forward(*args, **kwargs)
+        attempts = 0
+        while True:
+            self._before(index)
+            token = self.transport.compute_begin(index)
+            failure: BaseException | None = None
+            try:
+                out = forward(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
+                if not is_oom(exc) or attempts >= MAX_OOM_RETRIES:
+                    raise
+                failure = exc
+            if failure is None:
+                self.transport.compute_end(index, token)
+                self._after(index)
+                return out
+            attempts += 1
+            self._recover(index, failure)
+            failure = None
+
+    def _recover(self, index: int, failure: BaseException) -> None:
+        """Evict part of the resident set so activations fit, then let the block rerun."""
+        shrunk = shrink_plan(self.plan, self.profile, self.budget_bytes)
+        if shrunk is None:
+            raise OffloadError(
+                f"out of memory in block {index} with no resident blocks left to evict "
+                f"(plan: {len(self.plan.streamed)} streamed). Lower the activation size "
+                "(batch, resolution), or lower the budget to leave more room for activations."
+            ) from failure
+        self.ledger.oom_recoveries += 1
+        self._configure(shrunk)
+
+    def _forward_done(self) -> None:
+        self.ledger.forwards += 1
+        n = self.ledger.forwards
+        if self.replan_every and n >= 2 and (n - 2) % self.replan_every == 0:
+            self.replan()
+
+    # ------------------------------------------------------------------ public (via handle)
+    def replan(self) -> Plan | None:
+        """Ask the strategy for a better plan from measurements; put it in force if any."""
+        profile = self._fresh_profile()
+        proposal = self.strategy.replan(self.plan, self.stats(), profile)
+        if proposal is None or _same_placement(proposal, self.plan):
+            return None
+        proposal = dataclasses.replace(proposal, home=self.plan.home)
+        try:
+            proposal.validate(self.profile)
+        except ValueError as exc:
+            warnings.warn(f"strategy {self.strategy.name!r} proposed an invalid plan ({exc}); "
+                          "keeping the current one", RuntimeWarning, stacklevel=2)
+            return None
+        if proposal.predicted_peak_device_bytes > self.budget_bytes:
+            warnings.warn(f"strategy {self.strategy.name!r} proposed a plan over the budget; "
+                          "keeping the current one", RuntimeWarning, stacklevel=2)
+            return None
+        self._configure(proposal)
+        self.ledger.replans += 1
+        return proposal
+
+    def _fresh_profile(self) -> ModelProfile:
+        try:
+            from offloadkit.probe import probe
+
+            memory = probe(self.device)
+        except Exception:  # noqa: BLE001 - figures are advisory
+            return self.profile
+        return dataclasses.replace(self.profile, device_total_bytes=memory.total_bytes,
+                                   device_free_bytes=memory.free_bytes)
+
+    def stats(self) -> OffloadStats:
+        self.transport.resolve()
+        snap = self.ledger.snapshot()
+        return OffloadStats(
+            strategy=self.strategy.name,
+            device=str(self.device),
+            budget_bytes=self.budget_bytes,
+            resident_blocks=len(self.plan.resident),
+            streamed_blocks=len(self.plan.streamed),
+            group_size=self.plan.group_size,
+            prefetch_depth=self.plan.prefetch_depth,
+            num_slots=self.plan.num_slots,
+            home=self.plan.home,
+            block_compute_seconds=self.ledger.mean_block_seconds(),
+            **snap,
+        )
+
+    def trace_events(self) -> list[TraceEvent]:
+        self.transport.resolve()
+        return list(self.ledger.trace)
+
+    def remove(self) -> None:
+        """Put every tensor back where it was (values, device, dtype, requires_grad), drop
+        the wrappers, free device memory and the home tier. Safe after a failed set-up."""
+        if self._removed:
+            return
+        self._removed = True
+        try:
+            self.transport.close()
+        finally:
+            for wrapper in self._wrappers:
+                wrapper.uninstall()
+            self._wrappers = []
+            for block in self.blocks:
+                if block.index in self._packed:
+                    self._restore_block(block)
+            for slot in self._slots:
+                self.ledger.device_free(slot.buffer.numel())
+            self._slots = []
+            for buffer in self._resident.values():
+                self.ledger.device_free(buffer.numel())
+            self._resident.clear()
+            self._resident_views.clear()
+            placed: set[int] = set()
+            for ref, original in self._outside:
+                current = ref.get()
+                if id(current) not in placed:
+                    placed.add(id(current))
+                    self.ledger.device_free(tensor_nbytes(current))
+                _set_tensor(ref, original)
+            self._outside = []
+            self.store.close()
+            self._placeholders.clear()
+            release_memory()
+
+    def _restore_block(self, block: BlockLayout) -> None:
+        raw = self.store.read_block(block.index)
+        with torch.inference_mode(False):
+            for entry in block.entries:
+                restored = view_in(raw, entry).clone()
+                if restored.device != entry.original_device:
+                    restored = restored.to(entry.original_device)
+                if entry.ref.kind == "buffer" and entry.requires_grad:
+                    restored.requires_grad_(True)
+                _set_tensor(entry.ref, restored)
+        del raw
+        self.store.drop(block.index)
+        self._packed.discard(block.index)
+
+
+def _set_tensor(ref: TensorRef, tensor: torch.Tensor) -> None:
+    """Point a parameter (keeping the Parameter object) or a buffer at ``tensor``."""
+    if ref.kind == "param":
+        ref.module._parameters[ref.attr].data = tensor
+    else:
+        ref.module._buffers[ref.attr] = tensor
+
+
+def _same_placement(a: Plan, b: Plan) -> bool:
+    return (a.resident, a.streamed, a.group_size, a.prefetch_depth, a.num_slots) == (
+        b.resident, b.streamed, b.group_size, b.prefetch_depth, b.num_slots)

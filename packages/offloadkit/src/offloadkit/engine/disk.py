@@ -1,0 +1,127 @@
+"""Home tier on disk: every block's packed bytes in one safetensors file.
+
+The file is a valid safetensors file (one ``uint8`` tensor per block, named ``block.<i>``),
+so it can be inspected with any safetensors reader. Blocks are read with ``pread`` straight
+into the destination (the CPU slot, or a pinned staging buffer on CUDA): the page cache is
+not charged to the process, whereas pages of a long-lived mmap would be, so the process's
+resident memory really falls by the size of the streamed weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from offloadkit.engine.layout import BlockLayout
+from offloadkit.engine.packing import fill_block_buffer
+from offloadkit.ledger import Ledger
+
+HEADER_ALIGN = 4096  # data section starts on a page boundary
+
+
+class DiskSource:
+    """A block's bytes at ``offset`` in the store's file."""
+
+    pinned = False
+
+    def __init__(self, fd: int, offset: int, nbytes: int) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.nbytes = nbytes
+
+    def read_into(self, dst: torch.Tensor, non_blocking: bool = False) -> None:
+        if dst.device.type != "cpu" or not dst.is_contiguous() or dst.dtype != torch.uint8:
+            raise ValueError("disk blocks are read into a contiguous uint8 CPU buffer")
+        view = memoryview(dst.numpy()).cast("B")[: self.nbytes]
+        done = 0
+        while done < self.nbytes:
+            got = os.preadv(self.fd, [view[done:]], self.offset + done)
+            if got <= 0:
+                raise OSError(f"offloadkit disk tier: short read at byte {self.offset + done}")
+            done += got
+
+
+class DiskStore:
+    """Writes blocks to a safetensors file once, then serves reads from it."""
+
+    tier = "disk"
+
+    def __init__(self, ledger: Ledger, layouts: list[BlockLayout], path: str | Path | None) -> None:
+        self.ledger = ledger
+        self.owned = path is None or Path(path).is_dir()
+        if path is None or Path(path).is_dir():
+            fd, name = tempfile.mkstemp(prefix="offloadkit-", suffix=".safetensors",
+                                        dir=None if path is None else str(path))
+            os.close(fd)
+            self.path = Path(name)
+        else:
+            self.path = Path(path)
+            if self.path.exists():
+                raise FileExistsError(
+                    f"disk_path {str(self.path)!r} exists; offloadkit will not overwrite it. "
+                    "Pass a new file name or a directory."
+                )
+        self.offsets: dict[int, tuple[int, int]] = {}
+        self.live: set[int] = set()
+        header: dict[str, object] = {"__metadata__": {"format": "offloadkit-blocks"}}
+        start = 0
+        for layout in layouts:
+            end = start + layout.nbytes
+            header[f"block.{layout.index}"] = {
+                "dtype": "U8", "shape": [layout.nbytes], "data_offsets": [start, end],
+            }
+            self.offsets[layout.index] = (start, layout.nbytes)
+            start = end
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        padded = -(-(8 + len(raw)) // HEADER_ALIGN) * HEADER_ALIGN - 8
+        raw = raw + b" " * (padded - len(raw))
+        self.data_start = 8 + len(raw)
+        self.total = start
+        self._fh = open(self.path, "wb+")  # noqa: SIM115 - lives as long as the store
+        self._fh.write(len(raw).to_bytes(8, "little"))
+        self._fh.write(raw)
+        self._fh.flush()
+        self.fd = self._fh.fileno()
+
+    def add(self, layout: BlockLayout) -> None:
+        """Pack one block into a scratch buffer and write it to its place in the file."""
+        start, nbytes = self.offsets[layout.index]
+        scratch = torch.zeros(nbytes, dtype=torch.uint8)
+        fill_block_buffer(scratch, layout)
+        view = memoryview(scratch.numpy()).cast("B")
+        done = 0
+        while done < nbytes:
+            done += os.pwrite(self.fd, view[done:], self.data_start + start + done)
+        self.ledger.disk_add(nbytes)
+        self.live.add(layout.index)
+
+    def finish(self) -> None:
+        """Flush after the last block (readers use pread on the same descriptor)."""
+        self._fh.flush()
+
+    def source(self, index: int) -> DiskSource:
+        start, nbytes = self.offsets[index]
+        return DiskSource(self.fd, self.data_start + start, nbytes)
+
+    def read_block(self, index: int) -> torch.Tensor:
+        out = torch.empty(self.offsets[index][1], dtype=torch.uint8)
+        self.source(index).read_into(out)
+        return out
+
+    def drop(self, index: int) -> None:
+        if index in self.live:
+            self.live.discard(index)
+            self.ledger.disk_add(-self.offsets[index][1])
+
+    def close(self) -> None:
+        for index in list(self.live):
+            self.drop(index)
+        if self._fh.closed:
+            return
+        self._fh.close()
+        if self.owned:
+            self.path.unlink(missing_ok=True)

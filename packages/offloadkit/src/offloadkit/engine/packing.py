@@ -1,0 +1,110 @@
+"""Home tier in host RAM: each block's tensors packed into one flat byte buffer.
+
+One buffer per block means one large host-to-device copy per block instead of dozens of
+small ones. Packing goes block by block and drops each original tensor as soon as its bytes
+are in the buffer, so the weights never exist twice in RAM. On CUDA the buffers are pinned
+(page-locked, required for truly asynchronous copies) up to a cap; past the cap, or if
+pinning fails, they fall back to pageable memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+import torch
+
+from offloadkit.engine.layout import BlockLayout, view_in
+from offloadkit.ledger import Ledger
+
+DEFAULT_PIN_FRACTION = 0.5  # of the host's available RAM, when no pin_limit_bytes is given
+
+
+def default_pin_limit() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available * DEFAULT_PIN_FRACTION)
+    except ImportError:  # pragma: no cover - psutil is a dependency
+        return 0
+
+
+def fill_block_buffer(buffer: torch.Tensor, layout: BlockLayout) -> None:
+    """Copy every tensor of ``layout`` (as the model holds it now) into ``buffer``."""
+    for entry in layout.entries:
+        source = entry.ref.get()
+        if source.device.type == "meta":
+            raise ValueError(
+                f"tensor {entry.ref.qualname!r} is on the meta device (no data). Load the "
+                "weights first (load_state_dict(..., assign=True)), then call offloadkit.apply()."
+            )
+        view_in(buffer, entry).copy_(source)
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS so resident memory really falls (glibc keeps
+    them otherwise). No-op where malloc_trim does not exist."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+class HostSource:
+    """A block's bytes in host RAM."""
+
+    def __init__(self, buffer: torch.Tensor, pinned: bool) -> None:
+        self.buffer = buffer
+        self.pinned = pinned
+        self.nbytes = buffer.numel()
+
+    def read_into(self, dst: torch.Tensor, non_blocking: bool = False) -> None:
+        dst.copy_(self.buffer, non_blocking=non_blocking)
+
+
+class HostStore:
+    """Packed block buffers in (pinned or pageable) host memory."""
+
+    tier = "host"
+
+    def __init__(self, ledger: Ledger, *, pin: bool, pin_limit_bytes: int | None = None) -> None:
+        self.ledger = ledger
+        self.pin = pin
+        self.pin_limit = default_pin_limit() if pin_limit_bytes is None else pin_limit_bytes
+        self.pinned_bytes = 0
+        self.sources: dict[int, HostSource] = {}
+
+    def _allocate(self, nbytes: int) -> tuple[torch.Tensor, bool]:
+        if self.pin and self.pinned_bytes + nbytes <= self.pin_limit:
+            try:
+                return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), True
+            except RuntimeError:  # pinning refused (locked-memory limit): stay pageable
+                self.pin = False
+        return torch.empty(nbytes, dtype=torch.uint8), False
+
+    def add(self, layout: BlockLayout) -> None:
+        """Pack one block; the caller then drops the model's references to the originals."""
+        buffer, pinned = self._allocate(layout.nbytes)
+        fill_block_buffer(buffer, layout)
+        self.sources[layout.index] = HostSource(buffer, pinned)
+        if pinned:
+            self.pinned_bytes += layout.nbytes
+        self.ledger.host_add(layout.nbytes, pinned=pinned)
+
+    def source(self, index: int) -> HostSource:
+        return self.sources[index]
+
+    def read_block(self, index: int) -> torch.Tensor:
+        """The block's bytes as a host tensor (used to restore the model)."""
+        return self.sources[index].buffer
+
+    def drop(self, index: int) -> None:
+        source = self.sources.pop(index)
+        if source.pinned:
+            self.pinned_bytes -= source.nbytes
+        self.ledger.host_remove(source.nbytes, pinned=source.pinned)
+
+    def close(self) -> None:
+        for index in list(self.sources):
+            self.drop(index)

@@ -1,0 +1,36 @@
+"""Helpers shared by the built-in strategies (spreading, option checks)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from offloadkit.strategy import ModelProfile
+
+
+def spread(count: int, total: int) -> list[int]:
+    """``count`` positions spread evenly over ``range(total)``, each in the middle of its
+    share: ``spread(4, 8) == [1, 3, 5, 7]``."""
+    if count <= 0:
+        return []
+    return sorted({min(total - 1, int((k + 0.5) * total / count)) for k in range(count)})
+
+
+def fewest_streamed(profile: ModelProfile, room: int) -> list[int] | None:
+    """Resident blocks for ``room`` bytes: stream as few blocks as possible, and put the
+    streamed ones evenly between resident ones so each transfer hides behind compute.
+    None if even streaming every block leaves ``room`` negative."""
+    if room < 0:
+        return None
+    n = profile.num_blocks
+    for streamed_count in range(0, n + 1):
+        streamed = set(spread(streamed_count, n))
+        resident = [i for i in range(n) if i not in streamed]
+        if profile.bytes_of(resident) <= room:
+            return resident
+    return []
+
+
+def positive_int(name: str, value: Any, strategy: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"strategy {strategy!r}: option {name}={value!r} must be an int >= 1")
+    return value

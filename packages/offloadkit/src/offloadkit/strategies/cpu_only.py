@@ -1,0 +1,84 @@
+"""``cpu_only``: no accelerator. The model computes on the CPU; nothing is placed on a
+device, so the budget is irrelevant and the measured device peak is 0."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from offloadkit.hookspecs import hookimpl
+from offloadkit.ledger import Ledger, OffloadStats, TraceEvent
+from offloadkit.strategy import ModelProfile, Plan, Strategy
+
+
+class CpuOnlyStrategy(Strategy):
+    name = "cpu_only"
+    description = "No accelerator: compute on CPU, nothing placed on the device."
+    uses_budget = False  # apply() skips budget parsing: a budget means nothing here
+    uses_device = False  # apply() computes on the CPU whatever device is named
+
+    def min_device_bytes(self, profile: ModelProfile) -> int:
+        return 0
+
+    def plan(self, profile: ModelProfile, budget_bytes: int) -> Plan:
+        return Plan(resident=tuple(b.index for b in profile.blocks), streamed=(), group_size=1,
+                    prefetch_depth=0, num_slots=0, home="host", predicted_peak_device_bytes=0,
+                    note="computes on the CPU; no device memory used")
+
+    def apply(self, model: torch.nn.Module, *, device: torch.device, budget_bytes: int,
+              profile: ModelProfile, **engine_options: Any):
+        from offloadkit.handle import OffloadHandle
+
+        return OffloadHandle(CpuOnlyPlacement(model, self.plan(profile, 0), self.name))
+
+
+class CpuOnlyPlacement:
+    """Moves any non-CPU tensor to the CPU (and back on remove); otherwise leaves the model
+    alone, so outputs are the model's own, bit for bit."""
+
+    def __init__(self, model: torch.nn.Module, plan: Plan, name: str) -> None:
+        self.plan = plan
+        self._name = name
+        self._ledger = Ledger(max_trace_events=0)
+        self._moved: list[tuple[torch.nn.Module, str, str, torch.Tensor]] = []
+        for module in model.modules():
+            for kind, table in (("param", module._parameters), ("buffer", module._buffers)):
+                for attr, tensor in table.items():
+                    if tensor is None or tensor.device.type == "cpu":
+                        continue
+                    if tensor.device.type == "meta":
+                        raise ValueError(f"{type(module).__name__}.{attr} is on the meta device; "
+                                         "load the weights before offloadkit.apply()")
+                    self._moved.append((module, kind, attr, tensor))
+                    _set(module, kind, attr, tensor.to("cpu"))
+                    self._ledger.host_add(tensor.numel() * tensor.element_size(), pinned=False)
+
+    def stats(self) -> OffloadStats:
+        snap = self._ledger.snapshot()
+        return OffloadStats(strategy=self._name, device="cpu", budget_bytes=0,
+                            resident_blocks=len(self.plan.resident), streamed_blocks=0,
+                            group_size=1, prefetch_depth=0, num_slots=0, home="host", **snap)
+
+    def trace_events(self) -> list[TraceEvent]:
+        return []
+
+    def replan(self) -> Plan | None:
+        return None
+
+    def remove(self) -> None:
+        for module, kind, attr, original in reversed(self._moved):
+            _set(module, kind, attr, original)
+        self._moved = []
+
+
+def _set(module: torch.nn.Module, kind: str, attr: str, tensor: torch.Tensor) -> None:
+    if kind == "param":
+        module._parameters[attr].data = tensor
+    else:
+        module._buffers[attr] = tensor
+
+
+@hookimpl
+def offloadkit_register_strategies() -> list[type[Strategy]]:
+    return [CpuOnlyStrategy]
