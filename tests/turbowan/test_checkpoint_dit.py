@@ -230,8 +230,10 @@ def test_quantize_refuses_quantized_input(files):
 
 
 def test_quantize_to_safetensors_and_checkpoint_wrapper_prefix(tmp_path, golden):
-    sd = {f"net.{k.replace('self_attn.', 'self_attn._checkpoint_wrapped_module.')}": v
-          for k, v in real_format_state().items()}
+    sd = {
+        f"net.{k.replace('self_attn.', 'self_attn._checkpoint_wrapped_module.')}": v
+        for k, v in real_format_state().items()
+    }
     src = tmp_path / "wrapped.pth"
     torch.save(sd, src)
     dst = tmp_path / "q.safetensors"

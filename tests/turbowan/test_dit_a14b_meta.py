@@ -81,8 +81,12 @@ def test_key_shapes_and_dtypes(int8_sd, bf16_sd):
     int8_keys = {k for k, t in int8_sd.items() if t.dtype == torch.int8}
     assert len(int8_keys) == 400
     assert {k.split(".", 2)[2].rsplit(".", 1)[0] for k in int8_keys} == set(BLOCK_LINEARS)
-    assert not any(k.endswith(".weight") and k.split(".")[0] == "blocks" and
-                   k.split(".", 2)[2][: -len(".weight")] in BLOCK_LINEARS for k in int8_sd)
+    assert not any(
+        k.endswith(".weight")
+        and k.split(".")[0] == "blocks"
+        and k.split(".", 2)[2][: -len(".weight")] in BLOCK_LINEARS
+        for k in int8_sd
+    )
 
 
 def test_presets_keep_head_dim_128():

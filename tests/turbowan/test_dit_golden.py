@@ -78,8 +78,9 @@ def test_intermediates(model, golden):
         for i, block in enumerate(model.blocks):
             h = block(h, e0, ctx_e, cos, sin)
             torch.testing.assert_close(h, golden[f"intermediates.block{i}_out"], atol=TOL, rtol=TOL)
-        torch.testing.assert_close(model.head(h, e), golden["intermediates.head_out"],
-                                   atol=TOL, rtol=TOL)
+        torch.testing.assert_close(
+            model.head(h, e), golden["intermediates.head_out"], atol=TOL, rtol=TOL
+        )
 
 
 def test_rope_angles_match(golden):

@@ -62,9 +62,7 @@ def emulate_gemm(x, q_w, s_w, bias):
 @pytest.mark.parametrize("rows,cols", [(256, 384), (200, 320), (136, 130)])
 def test_weight_quantization_matches_emulation(rows, cols):
     g = torch.Generator().manual_seed(rows + cols)
-    w = (torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g)).to(
-        torch.bfloat16
-    )
+    w = (torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g)).to(torch.bfloat16)
     w[:5, :7] = 0  # part of a tile is zero; a whole zero tile below
     q, scale = quantize_blockwise(w)
     q_ref, s_ref = emulate_quantize(w.float().numpy())
@@ -90,7 +88,11 @@ def test_tile_rule_scale_is_amax_over_128_and_saturates():
 
 @pytest.mark.parametrize(
     "m,k,n,dtype",
-    [(200, 384, 136, torch.float32), (130, 256, 256, torch.bfloat16), (64, 320, 128, torch.float32)],
+    [
+        (200, 384, 136, torch.float32),
+        (130, 256, 256, torch.bfloat16),
+        (64, 320, 128, torch.float32),
+    ],
 )
 def test_reference_path_equals_float64_emulation_exactly(m, k, n, dtype):
     g = torch.Generator().manual_seed(m * 7 + n)

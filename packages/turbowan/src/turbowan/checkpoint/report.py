@@ -47,6 +47,7 @@ class MismatchReport:
     cast_dtype: list[tuple[str, torch.dtype, torch.dtype]] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     looks_like: str | None = None
+    fix: str | None = None
     num_expected: int = 0
     num_found: int = 0
 
@@ -102,10 +103,11 @@ class MismatchReport:
         if self.looks_like:
             lines.append(f"  the file looks like: {self.looks_like}")
         if not self.ok:
-            lines.append(
-                "  fix: pass the preset/options the file was made for (see `turbowan check FILE` "
-                "without --preset), or re-download the file if it is truncated"
+            fix = self.fix or (
+                "pass the preset/options the file was made for (`turbowan check FILE` without "
+                "--preset detects them), or re-download the file if it is damaged"
             )
+            lines.append(f"  fix: {fix}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -338,6 +340,18 @@ def _check_dit(
         expected, found, source=source, expected_label=label, ignore=_dit_ignore(options)
     )
     report.looks_like = looks_like
+    if layout is not None and not report.ok:
+        name = layout.preset_name()
+        if name is not None:
+            report.fix = (
+                f"the file is --preset {name} --quant {layout.quant} --attention "
+                f"{layout.attention}; check or load it with those (load_dit detects them itself)"
+            )
+        else:
+            report.fix = (
+                "the file is a Wan DiT of a shape no preset has; omit --preset "
+                "(load_dit infers the shape from the file)"
+            )
     return report
 
 
