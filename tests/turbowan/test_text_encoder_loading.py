@@ -60,12 +60,15 @@ def pth_dir(tmp_path, weights, spiece_bytes) -> Path:
     return tmp_path
 
 
-def quantize_fp8_scaled(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def quantize_fp8_scaled(
+    weights: dict[str, torch.Tensor], *, embedding_too: bool = False
+) -> dict[str, torch.Tensor]:
     """ComfyUI fp8_scaled layout: fp8 linears + scalar fp32 scale_weight, comfy names, marker."""
     out: dict[str, torch.Tensor] = {}
+    targets = LINEAR_SUFFIXES + (("token_embedding",) if embedding_too else ())
     for key, value in weights.items():
         module = key.rpartition(".")[0]
-        if module.endswith(LINEAR_SUFFIXES):
+        if module.endswith(targets):
             scale = value.abs().max().float() / torch.finfo(FP8).max
             out[key] = (value / scale).to(FP8)
             out[f"{module}.scale_weight"] = scale.reshape(())
@@ -165,6 +168,36 @@ def test_comfy_fp8_scaled_safetensors(tmp_path, weights, golden, spiece_bytes, f
     out, gold = run_golden(enc, golden), golden["output"]
     assert torch.nn.functional.cosine_similarity(out.flatten(), gold.flatten(), dim=0) > 0.98
     assert enc.encode(["the blue bird under fog"]).shape == (1, 512, 64)
+
+
+@pytest.mark.parametrize("fp8_mode", ["dequantize", "per_layer"])
+def test_fp8_scaled_embedding_is_dequantised_in_both_modes(tmp_path, weights, golden, fp8_mode):
+    comfy = quantize_fp8_scaled(weights, embedding_too=True)
+    assert comfy["shared.weight"].dtype == FP8 and "shared.scale_weight" in comfy
+    path = tmp_path / "fp8_embed.safetensors"
+    save_file(comfy, str(path))
+    enc = loading.load_text_encoder(path, tokenizer=False, dtype="fp32", fp8=fp8_mode)
+    embedding = enc.model.token_embedding.weight
+    assert embedding.dtype == torch.float32
+    expected = comfy["shared.weight"].float() * comfy["shared.scale_weight"]
+    assert torch.equal(embedding, expected)
+    out = run_golden(enc, golden)
+    assert torch.nn.functional.cosine_similarity(out.flatten(), golden["output"].flatten(), dim=0) > 0.98
+
+
+def test_turbowan_check_recognises_the_written_formats(tmp_path, weights):
+    from turbowan.checkpoint.report import check_against_preset
+
+    fp8_path = tmp_path / "fp8.safetensors"
+    save_file(quantize_fp8_scaled(weights), str(fp8_path))
+    pth_path = tmp_path / "enc.pth"
+    torch.save({k: v.to(torch.bfloat16) for k, v in weights.items()}, pth_path)
+    fp8_report = check_against_preset(fp8_path)
+    assert fp8_report.ok and fp8_report.looks_like == "preset 'umt5-tiny' (fp8=scaled, naming=comfy)"
+    pth_report = check_against_preset(pth_path)
+    assert pth_report.ok and pth_report.looks_like == "preset 'umt5-tiny' (naming=wan)"
+    wrong = check_against_preset(pth_path, preset="umt5-xxl", naming="wan")
+    assert not wrong.ok and len(wrong.wrong_shape) == 22 and len(wrong.missing) == 220
 
 
 def test_fp8_defaults_to_bf16_compute(tmp_path, weights, golden):

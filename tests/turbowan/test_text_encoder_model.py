@@ -136,6 +136,18 @@ def test_full_size_preset_on_meta(naming):
     assert detect_naming(list(state)) == naming
 
 
+def test_full_size_fp8_scaled_manifest():
+    state = build_manifest_model("umt5-xxl", naming="comfy", fp8="scaled").state_dict()
+    scales = [k for k in state if k.endswith(".scale_weight")]
+    assert len(scales) == 24 * 7 and len(state) == 242 + 168 + 1
+    assert state["scaled_fp8"].dtype == torch.float8_e4m3fn and state["scaled_fp8"].numel() == 0
+    assert state["encoder.block.9.layer.1.DenseReluDense.wo.weight"].dtype == torch.float8_e4m3fn
+    assert state["encoder.block.9.layer.1.DenseReluDense.wo.scale_weight"].shape == ()
+    assert state["shared.weight"].dtype == torch.bfloat16  # the embedding is not a Linear
+    weights = {k: v for k, v in state.items() if not k.endswith(".scale_weight") and k != "scaled_fp8"}
+    assert sum(v.numel() for v in weights.values()) == XXL_PARAMS
+
+
 def test_full_size_config_inferred_from_both_namings():
     wan = {k: tuple(v.shape) for k, v in build_manifest_model("umt5-xxl").state_dict().items()}
     assert config_from_state_dict(wan) == PRESETS["umt5-xxl"]

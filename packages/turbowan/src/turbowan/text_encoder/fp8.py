@@ -51,18 +51,22 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dt
 
 
 def dequantize_scaled(
-    state: Mapping[str, torch.Tensor], dtype: torch.dtype
+    state: dict[str, torch.Tensor], dtype: torch.dtype, *, consume: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Fold every `<m>.scale_weight` into `<m>.weight`; cast all floating tensors to ``dtype``."""
+    """Fold every `<m>.scale_weight` into `<m>.weight`; cast all floating tensors to ``dtype``.
+
+    With ``consume`` the entries are popped from ``state`` as they are converted, so the file's
+    tensor and its converted copy never both stay alive for the whole model.
+    """
     out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
+    scales = {k: v for k, v in state.items() if k.endswith(SCALE_SUFFIX)}
+    for key in list(state):
         if key.endswith(SCALE_SUFFIX):
             continue
-        scale = None
-        if key.endswith(".weight"):
-            scale = state.get(key[: -len(".weight")] + SCALE_SUFFIX)
-        if scale is not None or value.is_floating_point():
-            value = dequantize(value, scale, dtype) if value.dtype != dtype or scale is not None else value
+        value = state.pop(key) if consume else state[key]
+        scale = scales.get(key[: -len(".weight")] + SCALE_SUFFIX) if key.endswith(".weight") else None
+        if scale is not None or (value.is_floating_point() and value.dtype != dtype):
+            value = dequantize(value, scale, dtype)
         out[key] = value
     return out
 

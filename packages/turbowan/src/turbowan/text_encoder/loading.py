@@ -26,7 +26,12 @@ from turbowan.text_encoder.config import (
     UMT5Config,
     config_from_state_dict,
 )
-from turbowan.text_encoder.fp8 import dequantize_scaled, is_fp8, use_scaled_fp8_linears
+from turbowan.text_encoder.fp8 import (
+    ScaledFP8Linear,
+    dequantize_scaled,
+    is_fp8,
+    use_scaled_fp8_linears,
+)
 from turbowan.text_encoder.model import UMT5Encoder, zero_padding
 from turbowan.text_encoder.naming import to_wan_names
 from turbowan.text_encoder.tokenizer import (
@@ -241,20 +246,17 @@ def load_text_encoder(
     if state is None:
         state = load_state_dict(path, mmap=True)
     wan_state, _ = to_wan_names(state, source=source)
+    state = None  # only wan_state holds the file's tensors now; converting frees them one by one
     with torch.device("meta"):
         model = UMT5Encoder(config, dtype=compute_dtype)
+    keep: dict[str, torch.Tensor] = {}
     if fp8 == "per_layer" and use_scaled_fp8_linears(model, wan_state):
-        keep = {k: v for k, v in wan_state.items() if is_fp8(v.dtype) or k.endswith(".scale_weight")}
-        for name, module in model.named_modules():  # fp8 weights stored without a scale
-            if hasattr(module, "scale_weight") and f"{name}.scale_weight" not in keep:
-                keep[f"{name}.scale_weight"] = torch.ones(())
-        rest = dequantize_scaled(
-            {k: v for k, v in wan_state.items() if k not in keep}, compute_dtype
-        )
-        wan_state = {**rest, **{k: (v.float() if k.endswith(".scale_weight") else v)
-                                for k, v in keep.items()}}
-    else:
-        wan_state = dequantize_scaled(wan_state, compute_dtype)
+        for name, module in model.named_modules():
+            if isinstance(module, ScaledFP8Linear):  # fp8 bytes stay as they are in the file
+                keep[f"{name}.weight"] = wan_state.pop(f"{name}.weight")
+                scale = wan_state.pop(f"{name}.scale_weight", None)
+                keep[f"{name}.scale_weight"] = scale.float() if scale is not None else torch.ones(())
+    wan_state = {**dequantize_scaled(wan_state, compute_dtype, consume=True), **keep}
     _check_keys(model, wan_state, source)
     model.load_state_dict(wan_state, strict=True, assign=True)
     model.eval().requires_grad_(False)
