@@ -1,0 +1,145 @@
+"""`turbowan generate`: start image + prompt -> video file. No model paths: the embedded demo.
+
+Flags follow the upstream `wan2.2_i2v_infer.py` where it makes sense (--image, --prompt,
+--frames, --resolution, --aspect-ratio, --steps, --sigma-max, --boundary, --seed, --ode,
+--attention, --sla-topk). Every input is checked before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+MODEL_FLAGS = ("high", "low", "vae", "text_encoder")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="image-to-video; with no model paths, runs the embedded demo on the CPU",
+        description="Generate a video from a start image and a prompt with TurboWan2.2-I2V-A14B. "
+        "Without --high/--low/--vae/--text-encoder it runs the embedded demo (tiny models, "
+        "random weights: the video is noise) so you can see the whole pipeline run in seconds.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    io = p.add_argument_group("input and output")
+    io.add_argument("--image", help="start image (PNG/JPEG/WebP); demo: a built-in drawing")
+    io.add_argument("--prompt", help="text prompt; demo: a built-in prompt")
+    io.add_argument("-o", "--output", default="out/video.mp4",
+                    help="video file: .mp4 (H.264), .webm (VP9) or .gif (looping)")
+    io.add_argument("--fps", type=float, default=16, help="frame rate (Wan is trained at 16)")
+    io.add_argument("--quality", type=int, default=8, help="1 (small file) .. 10 (near lossless)")
+    io.add_argument("--save-latents", action="store_true",
+                    help="also keep <output>.latents.safetensors (always kept if decoding fails)")
+
+    models = p.add_argument_group("checkpoints (all or none; none = embedded demo)")
+    models.add_argument("--high", help="high-noise expert, e.g. TurboWan2.2-I2V-A14B-high-720P-quant.pth")
+    models.add_argument("--low", help="low-noise expert, e.g. TurboWan2.2-I2V-A14B-low-720P-quant.pth")
+    models.add_argument("--vae", help="Wan2.1_VAE.pth (or wan_2.1_vae.safetensors)")
+    models.add_argument("--text-encoder", dest="text_encoder",
+                        help="models_t5_umt5-xxl-enc-bf16.pth or a umt5_xxl *.safetensors")
+    models.add_argument("--tokenizer", help="umT5 tokenizer: spiece.model, tokenizer.json or their "
+                        "folder (default: found next to the text encoder)")
+
+    video = p.add_argument_group("video")
+    video.add_argument("--frames", type=int, help="4n+1 frames (default 81; demo 17)")
+    video.add_argument("--resolution", help="480, 480p, 512, 720 or 720p (default 720p; demo 128x128)")
+    video.add_argument("--aspect-ratio", dest="aspect_ratio", help="16:9, 9:16, 4:3, 3:4 or 1:1 (default 16:9)")
+    video.add_argument("--width", type=int, help="explicit width, a multiple of 16 (with --height)")
+    video.add_argument("--height", type=int, help="explicit height, a multiple of 16 (with --width)")
+    video.add_argument("--resize", choices=["crop", "stretch"], default="crop",
+                       help="fit the image: centre-crop to the aspect (no distortion) or stretch")
+
+    sampling = p.add_argument_group("sampling")
+    sampling.add_argument("--steps", type=int, default=4, help="rCM steps, 1-4")
+    sampling.add_argument("--sigma-max", dest="sigma_max", type=float, default=200.0,
+                          help="initial sigma (I2V default 200)")
+    sampling.add_argument("--boundary", type=float, default=0.9,
+                          help="switch to the low-noise expert when t_rf drops below this")
+    sampling.add_argument("--seed", type=int, default=0)
+    sampling.add_argument("--ode", action="store_true", help="deterministic ODE steps instead of SDE")
+    sampling.add_argument("--attention", choices=["sla", "original", "sagesla"], default="sla")
+    sampling.add_argument("--sla-topk", dest="sla_topk", type=float,
+                          help="share of key blocks SLA keeps (default 0.1; demo 0.5)")
+
+    place = p.add_argument_group("placement (offloadkit)")
+    place.add_argument("--offload", default="adaptive",
+                       help="offload strategy (see `offloadkit list`)")
+    place.add_argument("--budget", default="auto",
+                       help="device memory for weights: auto, 12GiB, 500MB, 80%% or bytes")
+    place.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if present; demo: cpu)")
+    place.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
+                       help="compute dtype (default bf16 on CUDA, fp32 on CPU)")
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="sampling", unit="step", file=sys.stderr, leave=True)
+
+    def callback(info) -> None:
+        bar.set_postfix_str(f"{info.expert} expert, t={info.t:.3f}")
+        bar.update(1)
+
+    return bar, callback
+
+
+def run(args: argparse.Namespace) -> int:
+    from turbowan.pipeline.i2v import DecodeFailedError, DecodeInterrupted, I2VPipeline
+    from turbowan.pipeline.preflight import PreflightError
+
+    given = [f for f in MODEL_FLAGS if getattr(args, f) is not None]
+    demo = not given
+    budget = int(args.budget) if str(args.budget).isdigit() else args.budget
+    try:
+        if demo:
+            print("turbowan: no checkpoints given, running the embedded demo.", file=sys.stderr)
+            from turbowan.pipeline.demo import NOISE_NOTICE
+
+            print(NOISE_NOTICE, file=sys.stderr)
+            pipe = I2VPipeline.demo(
+                strategy=args.offload, budget=budget, device=args.device or "cpu",
+                dtype=args.dtype, attention=args.attention, sla_topk=args.sla_topk,
+            )
+        else:
+            pipe = I2VPipeline.from_files(
+                high=args.high, low=args.low, vae=args.vae, text_encoder=args.text_encoder,
+                tokenizer=args.tokenizer, strategy=args.offload, budget=budget,
+                device=args.device, dtype=args.dtype, attention=args.attention,
+                sla_topk=0.1 if args.sla_topk is None else args.sla_topk,
+            )
+        bar, callback = _progress(args.steps if 1 <= args.steps <= 4 else 0)
+        try:
+            result = pipe.generate(
+                args.image, args.prompt, frames=args.frames, resolution=args.resolution,
+                aspect_ratio=args.aspect_ratio, width=args.width, height=args.height,
+                steps=args.steps, sigma_max=args.sigma_max, boundary=args.boundary,
+                seed=args.seed, ode=args.ode, resize=args.resize, callback=callback,
+                output=args.output, fps=args.fps, quality=args.quality,
+                save_latents=args.save_latents,
+            )
+        finally:
+            bar.close()
+    except (PreflightError, ValueError) as exc:
+        print(f"turbowan generate: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except DecodeInterrupted as exc:
+        print(f"turbowan generate: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("turbowan generate: interrupted; no video was written.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except DecodeFailedError as exc:
+        print(f"turbowan generate: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    s = result.settings
+    print(result.timings.summary(device=s["device"]), file=sys.stderr)
+    if result.latents_path is not None:
+        print(f"latents: {result.latents_path}", file=sys.stderr)
+    print(f"wrote {result.output} ({s['frames']} frames, {s['width']}x{s['height']}, "
+          f"{args.fps:g} fps, seed {s['seed']})")
+    if demo:
+        print("(demo weights are random: the video is noise; see `turbowan generate --help` "
+              "for real checkpoints)")
+    return EXIT_OK

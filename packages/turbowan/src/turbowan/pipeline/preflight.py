@@ -1,0 +1,256 @@
+"""Every check that can fail, done before any model is loaded or any step is sampled.
+
+A 14B run spends minutes loading and sampling; a typo in the frame count or a wrong file must
+not be discovered at the end. All problems found are reported together, each with its fix.
+Checkpoints are checked from their headers (shapes and dtypes), never loaded here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from turbowan.pipeline import resolution, video_io
+from turbowan.pipeline.conditioning import check_resize_mode, open_image
+
+# role -> (preset family expected, presets a file of that role may match, what to pass)
+MODEL_ROLES: dict[str, tuple[str, str]] = {
+    "high": ("dit", "TurboWan2.2-I2V-A14B-high-720P(-quant).pth"),
+    "low": ("dit", "TurboWan2.2-I2V-A14B-low-720P(-quant).pth"),
+    "vae": ("vae", "Wan2.1_VAE.pth (or wan_2.1_vae.safetensors)"),
+    "text_encoder": ("text_encoder", "models_t5_umt5-xxl-enc-bf16.pth (or a umt5_xxl *.safetensors)"),
+}
+FLAG = {"high": "--high", "low": "--low", "vae": "--vae", "text_encoder": "--text-encoder"}
+ATTENTION_CHOICES = ("sla", "original", "sagesla")
+
+
+class PreflightError(ValueError):
+    """One or more inputs are wrong; the message lists each problem and its fix."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        if len(problems) == 1:
+            text = problems[0]
+        else:
+            text = f"{len(problems)} problems found before starting:\n" + "\n".join(f"  - {p}" for p in problems)
+        super().__init__(text)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The validated sampling settings of one generation."""
+
+    frames: int
+    width: int
+    height: int
+    steps: int
+    sigma_max: float
+    boundary: float
+    seed: int
+    ode: bool
+    resize: str
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def check(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except (ValueError, TypeError, KeyError, OSError) as exc:
+            message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+            self.problems.append(message)
+            return None
+
+    def add(self, problem: str) -> None:
+        self.problems.append(problem)
+
+    def raise_if_any(self) -> None:
+        if self.problems:
+            raise PreflightError(self.problems)
+
+
+def check_run_settings(
+    *,
+    frames: int,
+    resolution_key: str | None,
+    aspect_ratio: str | None,
+    width: int | None,
+    height: int | None,
+    steps: int,
+    sigma_max: float,
+    boundary: float,
+    seed: int,
+    ode: bool,
+    resize: str,
+    collector: _Collector | None = None,
+) -> RunSettings | None:
+    """Frame count, output size, schedule parameters and resize mode."""
+    from turbowan.sampler.rcm import rcm_schedule
+
+    own = collector is None
+    c = collector or _Collector()
+    c.check(lambda: resolution.check_frames(frames))
+    size = c.check(lambda: resolution.resolve_size(resolution_key, aspect_ratio, width, height))
+    c.check(lambda: rcm_schedule(steps, float(sigma_max), float(boundary)))
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        c.add(f"seed must be a non-negative integer below 2**63, got {seed!r}")
+    c.check(lambda: check_resize_mode(resize))
+    if own:
+        c.raise_if_any()
+    if size is None or c.problems:
+        return None
+    return RunSettings(frames, size[0], size[1], steps, float(sigma_max), float(boundary), seed, bool(ode), resize)
+
+
+def check_output(output: str | os.PathLike[str] | None, *, fps: float, quality: int,
+                 collector: _Collector | None = None) -> None:
+    own = collector is None
+    c = collector or _Collector()
+    if output is not None:
+        c.check(lambda: video_io.check_output_path(output))
+    c.check(lambda: video_io.check_fps(fps))
+    c.check(lambda: video_io.check_quality(quality))
+    if own:
+        c.raise_if_any()
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None -> cuda if present, else cpu; a CUDA device that is not there is an error."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r} ({exc}); use 'cpu', 'cuda' or 'cuda:N'") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {str(dev)!r} requested but PyTorch sees no CUDA GPU here; "
+                "use --device cpu (slow for real checkpoints) or install a CUDA build of torch"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(dev)!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type not in ("cpu", "mps"):
+        raise ValueError(f"unsupported device {str(dev)!r}; use 'cpu' or 'cuda'")
+    return dev
+
+
+def check_placement(strategy: str, budget: Any, device: str | torch.device | None,
+                    collector: _Collector | None = None) -> torch.device | None:
+    """The offload strategy exists (built-in or plugin) and the budget parses for the device."""
+    import offloadkit
+
+    own = collector is None
+    c = collector or _Collector()
+    dev = c.check(lambda: resolve_device(device))
+    c.check(lambda: offloadkit.get_strategy(strategy))
+    if dev is not None:
+        c.check(lambda: offloadkit.parse_budget(budget, str(dev)))
+    if own:
+        c.raise_if_any()
+    return dev
+
+
+def check_attention(attention: str, sla_topk: float, collector: _Collector | None = None) -> None:
+    own = collector is None
+    c = collector or _Collector()
+    if attention not in ATTENTION_CHOICES:
+        c.add(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTION_CHOICES)} (default sla)")
+    if not (isinstance(sla_topk, (int, float)) and 0 < sla_topk <= 1 and math.isfinite(sla_topk)):
+        c.add(f"sla_topk is the kept share of key blocks, in (0, 1] (default 0.1), got {sla_topk!r}")
+    if own:
+        c.raise_if_any()
+
+
+def check_model_file(role: str, path: str | os.PathLike[str]) -> str:
+    """Header check of one checkpoint against the family its role needs; returns a summary."""
+    family, expected = MODEL_ROLES[role]
+    flag = FLAG[role]
+    p = Path(path)
+    if not p.is_file():
+        where = "is a directory" if p.is_dir() else "does not exist"
+        raise ValueError(f"{flag} {str(p)!r} {where}; pass the path of {expected}")
+    from turbowan.checkpoint.io import read_tensor_specs
+
+    try:
+        specs = read_tensor_specs(p)
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {exc}") from exc
+    try:
+        if family == "dit":
+            from turbowan.dit.config import config_from_state_dict
+
+            layout = config_from_state_dict(specs)
+            if layout.config.in_dim != 36:
+                raise ValueError(
+                    f"this DiT takes {layout.config.in_dim} input channels; the I2V experts take 36 "
+                    "(noise 16 + mask 4 + image latents 16): a T2V or TI2V checkpoint will not work"
+                )
+            return layout.describe()
+        if family == "vae":
+            from turbowan.vae.config import config_from_state_dict as vae_config
+
+            cfg = vae_config(specs)
+            return f"Wan2.1 VAE (dim {cfg.dim})"
+        from turbowan.text_encoder.config import config_from_state_dict as te_config
+        from turbowan.text_encoder.naming import to_wan_names
+
+        all_shapes = {k: v.shape for k, v in specs.items()}
+        renamed, _ = to_wan_names(all_shapes, all_shapes, source=str(p))
+        cfg = te_config(renamed, source=str(p))
+        return f"umT5 encoder (dim {cfg.dim}, {cfg.num_layers} layers)"
+    except ValueError as exc:
+        raise ValueError(f"{flag} {str(p)!r}: {exc}") from exc
+
+
+def check_model_files(paths: dict[str, str | os.PathLike[str] | None],
+                      collector: _Collector | None = None) -> dict[str, str]:
+    """Check every given checkpoint; returns role -> one-line description."""
+    own = collector is None
+    c = collector or _Collector()
+    found: dict[str, str] = {}
+    for role, path in paths.items():
+        if path is None:
+            continue
+        summary = c.check(lambda role=role, path=path: check_model_file(role, path))
+        if summary is not None:
+            found[role] = summary
+    if own:
+        c.raise_if_any()
+    return found
+
+
+def check_image(image: Any, collector: _Collector | None = None) -> Any:
+    own = collector is None
+    c = collector or _Collector()
+    img = c.check(lambda: open_image(image))
+    if own:
+        c.raise_if_any()
+    return img
+
+
+def check_tokenizer(tokenizer: str | os.PathLike[str] | None, collector: _Collector | None = None) -> None:
+    if tokenizer is None or not isinstance(tokenizer, (str, os.PathLike)):
+        return
+    p = Path(tokenizer)
+    own = collector is None
+    c = collector or _Collector()
+    if not p.exists():
+        c.add(
+            f"--tokenizer {str(p)!r} does not exist; pass the umT5 tokenizer (a directory with "
+            "tokenizer.json or spiece.model, e.g. google/umt5-xxl) or leave it out to use the "
+            "one named by the text encoder"
+        )
+    if own:
+        c.raise_if_any()
+
+
+new_collector = _Collector
