@@ -11,9 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from models import make_inputs, make_model, snapshot
 
 import offloadkit
 from offloadkit import registry
+from offloadkit.engine import profile_model
 from offloadkit.errors import BudgetError
 from offloadkit.strategy import BlockProfile, ModelProfile, Strategy
 
@@ -105,3 +108,61 @@ def test_malformed_resident_file(manual: type[Strategy], tmp_path: Path) -> None
     path.write_text("[0, 3,")
     with pytest.raises(ValueError, match=r"not valid JSON.*\[0, 3, 7\]"):
         manual(resident_file=path)
+
+
+def run(model: torch.nn.Module) -> torch.Tensor:
+    tokens, mask = make_inputs()
+    with torch.inference_mode():
+        return model(tokens, mask=mask, scale=0.5)
+
+
+@pytest.mark.parametrize("home", ["host", "disk"])
+def test_end_to_end_bitwise_equal_with_exactly_the_listed_blocks_resident(
+    manual: type[Strategy], home: str, tmp_path: Path
+) -> None:
+    model = make_model()
+    reference, before = run(model), snapshot(model)
+    need = manual(resident=[0, 3, 7]).min_device_bytes(profile_model(model, device="cpu"))
+    options = {"disk_path": str(tmp_path / "w.safetensors")} if home == "disk" else {}
+    handle = offloadkit.apply(
+        model, "manual", device="cpu", budget=need, home=home, resident=[0, 3, 7], **options
+    )
+    try:
+        assert (handle.plan.resident, handle.plan.streamed) == ((0, 3, 7), (1, 2, 4, 5, 6))
+        for _ in range(2):
+            assert torch.equal(run(model), reference)
+        stats = handle.stats()
+        assert (stats.strategy, stats.resident_blocks, stats.streamed_blocks) == ("manual", 3, 5)
+        assert 0 < stats.peak_device_bytes <= need == stats.budget_bytes
+        assert stats.bytes_transferred > 0  # the five other blocks really streamed
+    finally:
+        handle.remove()
+    after = snapshot(model)
+    assert after.keys() == before.keys()
+    for name, (value, device, dtype, grad) in before.items():
+        assert torch.equal(after[name][0], value) and after[name][1:] == (device, dtype, grad)
+
+
+def test_end_to_end_from_a_resident_file(tmp_path: Path) -> None:
+    path = tmp_path / "blocks.json"
+    path.write_text('{"resident": [1, 6]}')
+    model = make_model()
+    reference = run(model)
+    with offloadkit.offloaded(
+        model, "manual", device="cpu", budget="1GiB", resident_file=path
+    ) as h:
+        assert h.plan.resident == (1, 6)
+        assert torch.equal(run(model), reference)
+
+
+def test_end_to_end_errors_come_before_any_weight_moves(manual: type[Strategy]) -> None:
+    model = make_model()
+    before = snapshot(model)
+    need = manual(resident=[0, 3, 7]).min_device_bytes(profile_model(model, device="cpu"))
+    with pytest.raises(BudgetError, match=f"need {need} bytes"):
+        offloadkit.apply(model, "manual", device="cpu", budget=need - 1, resident=[0, 3, 7])
+    with pytest.raises(ValueError, match=r"\[8\] out of range.*8 blocks, numbered 0 to 7"):
+        offloadkit.apply(model, "manual", device="cpu", budget="1GiB", resident=[0, 8])
+    # the model was never touched, so it can still be offloaded normally
+    assert all(torch.equal(t, before[n][0]) for n, t in model.state_dict().items())
+    offloadkit.apply(model, "manual", device="cpu", budget="1GiB", resident=[2]).remove()

@@ -97,7 +97,7 @@ def _register_one(
 
 
 def _unknown_hook_message(pm: pluggy.PluginManager, unknown: list[str]) -> str:
-    known = sorted(name for name in vars(pm.hook) if name.startswith("offloadkit_"))
+    known = sorted(name for name, caller in vars(pm.hook).items() if caller.spec is not None)
     parts = []
     for name in unknown:
         close = difflib.get_close_matches(name, known, n=1)
