@@ -200,6 +200,16 @@ def test_turbowan_check_recognises_the_written_formats(tmp_path, weights):
     assert not wrong.ok and len(wrong.wrong_shape) == 22 and len(wrong.missing) == 220
 
 
+def test_same_dtype_tensors_are_not_copied():
+    """A bf16 file loaded in bf16 keeps the file's (memory-mapped) tensors: no second copy."""
+    from turbowan.text_encoder.fp8 import dequantize_scaled
+
+    state = {"a.weight": torch.ones(4, 4, dtype=torch.bfloat16), "n.weight": torch.ones(4)}
+    out = dequantize_scaled(dict(state), torch.bfloat16)
+    assert out["a.weight"] is state["a.weight"]
+    assert out["n.weight"].dtype == torch.bfloat16
+
+
 def test_fp8_defaults_to_bf16_compute(tmp_path, weights, golden):
     path = tmp_path / "fp8.safetensors"
     save_file(quantize_fp8_scaled(weights), str(path))
@@ -299,7 +309,7 @@ def test_t5_shared_position_bias_is_refused(tmp_path, weights):
     t5_like = {k: v for k, v in weights.items() if k != "blocks.1.pos_embedding.embedding.weight"}
     path = tmp_path / "t5_like.pth"
     torch.save(t5_like, path)
-    with pytest.raises(TextEncoderMismatchError, match=r"blocks \[1\].*T5 / T5 v1.1"):
+    with pytest.raises(TextEncoderMismatchError, match=r"only block 0 has a relative position table.*T5 / T5 v1.1"):
         loading.load_text_encoder(path, tokenizer=False)
 
 
@@ -308,6 +318,11 @@ def test_incomplete_file_and_unknown_options(tmp_path, weights):
     torch.save({k: v for k, v in weights.items() if k != "blocks.1.ffn.fc2.weight"}, path)
     with pytest.raises(TextEncoderMismatchError, match="missing 1 tensors.*blocks.1.ffn.fc2.weight"):
         loading.load_text_encoder(path, tokenizer=False)
+    odd = dict(weights)
+    odd["blocks.1.ffn.fc1.weight"] = torch.zeros(96, 64)
+    torch.save(odd, tmp_path / "odd.pth")
+    with pytest.raises(TextEncoderMismatchError, match=r"1 of another shape.*fc1.weight \(96, 64\) \(expected \(128, 64\)\)"):
+        loading.load_text_encoder(tmp_path / "odd.pth", tokenizer=False)
     with pytest.raises(ValueError, match="fp8='keep'"):
         loading.load_text_encoder(path, tokenizer=False, fp8="keep")
     with pytest.raises(ValueError, match="unknown dtype 'int8'"):

@@ -177,6 +177,16 @@ def test_unknown_preset_and_naming_are_refused():
         build_manifest_model("umt5-tiny", naming="hf")
 
 
+def test_t5_xxl_v1_1_with_shared_position_table_is_refused_from_shapes():
+    """Flux/SD3's t5xxl has width 4096 too; only its single position table gives it away."""
+    shapes = {k: tuple(v.shape) for k, v in build_manifest_model("umt5-xxl").state_dict().items()}
+    shapes["token_embedding.weight"] = (32128, 4096)
+    shapes = {k: v for k, v in shapes.items()
+              if not (k.endswith("pos_embedding.embedding.weight") and not k.startswith("blocks.0."))}
+    with pytest.raises(TextEncoderMismatchError, match="only block 0 .*vocabulary 32128.*T5 v1.1"):
+        config_from_state_dict(shapes)
+
+
 def test_incomplete_block_numbering_is_refused():
     shapes = {k: tuple(v.shape) for k, v in build_manifest_model("umt5-tiny").state_dict().items()}
     shapes = {k.replace("blocks.1.", "blocks.2."): v for k, v in shapes.items()}

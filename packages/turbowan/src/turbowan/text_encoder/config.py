@@ -113,10 +113,16 @@ def config_from_state_dict(
     num_buckets, num_heads = _shape(shapes, "blocks.0.pos_embedding.embedding.weight", source)
     missing_pos = [i for i in layers if f"blocks.{i}.pos_embedding.embedding.weight" not in shapes]
     if missing_pos:
+        which = (
+            "only block 0 has a relative position table"
+            if missing_pos == layers[1:]
+            else f"blocks {missing_pos} have no relative position table"
+        )
         raise TextEncoderMismatchError(
-            f"{source}: blocks {missing_pos} have no relative position table; umT5 gives every "
-            "layer its own. A file with one shared table (block 0 only) is a T5 / T5 v1.1 "
-            "encoder, not umT5-xxl."
+            f"{source}: {which} (vocabulary {vocab}); umT5 gives every layer its own. A file "
+            "with one shared table is a T5 / T5 v1.1 encoder (e.g. the t5xxl used by Flux or "
+            "SD3), not umT5-xxl: use models_t5_umt5-xxl-enc-bf16.pth or a ComfyUI "
+            "umt5_xxl_*.safetensors file."
         )
     return UMT5Config(
         vocab_size=vocab,

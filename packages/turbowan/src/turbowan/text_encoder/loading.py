@@ -187,16 +187,22 @@ def _default_dtype(specs: Mapping[str, TensorSpec]) -> torch.dtype:
     return max(set(floats), key=floats.count) if floats else torch.float32
 
 
-def _check_keys(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    expected = set(model.state_dict())
-    missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - expected)
-    if missing or unexpected:
+def _check_specs(model: nn.Module, specs: Mapping[str, TensorSpec], source: str) -> None:
+    """Keys and shapes against the meta model, before any tensor data is read or converted."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(s.shape) for k, s in specs.items() if not k.endswith(".scale_weight")}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [f"{k} {found[k]} (expected {expected[k]})" for k in expected
+             if k in found and found[k] != expected[k]]
+    if missing or unexpected or wrong:
         parts = []
         if missing:
             parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:4])})")
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:4])})")
+        if wrong:
+            parts.append(f"{len(wrong)} of another shape (e.g. {', '.join(wrong[:3])})")
         raise TextEncoderMismatchError(
             f"{source}: {'; '.join(parts)}. The file is incomplete or not a umT5 encoder; "
             "re-download it or check it with `turbowan check`."
@@ -242,13 +248,14 @@ def load_text_encoder(
             )
     if compute_dtype is None:
         compute_dtype = _default_dtype(wan_specs)
+    with torch.device("meta"):
+        model = UMT5Encoder(config, dtype=compute_dtype)
+    _check_specs(model, wan_specs, source)
 
     if state is None:
         state = load_state_dict(path, mmap=True)
     wan_state, _ = to_wan_names(state, source=source)
     state = None  # only wan_state holds the file's tensors now; converting frees them one by one
-    with torch.device("meta"):
-        model = UMT5Encoder(config, dtype=compute_dtype)
     keep: dict[str, torch.Tensor] = {}
     if fp8 == "per_layer" and use_scaled_fp8_linears(model, wan_state):
         for name, module in model.named_modules():
@@ -257,7 +264,6 @@ def load_text_encoder(
                 scale = wan_state.pop(f"{name}.scale_weight", None)
                 keep[f"{name}.scale_weight"] = scale.float() if scale is not None else torch.ones(())
     wan_state = {**dequantize_scaled(wan_state, compute_dtype, consume=True), **keep}
-    _check_keys(model, wan_state, source)
     model.load_state_dict(wan_state, strict=True, assign=True)
     model.eval().requires_grad_(False)
     model.to(device)
