@@ -59,9 +59,7 @@ class CausalCache:
 
     def nbytes(self) -> int:
         """Bytes held by cached frames (what streaming decode keeps between chunks)."""
-        return sum(
-            s.numel() * s.element_size() for s in self._slots if isinstance(s, torch.Tensor)
-        )
+        return sum(s.numel() * s.element_size() for s in self._slots if isinstance(s, torch.Tensor))
 
 
 def tail_frames(x: torch.Tensor, previous: SlotValue) -> torch.Tensor:

@@ -72,7 +72,11 @@ def _compare_keys(path: str, model: WanVAE, state: Mapping[str, torch.Tensor]) -
     )
     if missing or unexpected or wrong:
         parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        for label, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape", wrong),
+        ):
             if items:
                 parts.append(f"{len(items)} {label}: {', '.join(items[:10])}")
         raise VAECheckpointError(

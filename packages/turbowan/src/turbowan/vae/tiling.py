@@ -1,10 +1,11 @@
 """Spatially tiled decoding for cards that cannot hold a full 720p decoder activation.
 
 The latent grid is cut into overlapping tiles; each tile is decoded with its own causal cache
-(so time still streams one latent frame at a time) and the pixel tiles are blended with linear
-ramps across the overlaps. The decoder's middle attention sees one tile instead of the whole
-frame and convolutions near a seam see a different border, so the result is close to, not
-equal to, the untiled decode; wider overlaps make it closer.
+(so time still streams one latent frame at a time) and the pixel tiles are blended across the
+overlaps: the outer quarter of each overlap is dropped, the middle half is a linear ramp.
+The decoder's middle attention sees one tile instead of the whole frame and convolutions near
+a seam see a different border, so the result is close to, not equal to, the untiled decode;
+wider overlaps and larger tiles make it closer.
 """
 
 from __future__ import annotations
@@ -43,16 +44,29 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     return starts
 
 
-def _ramp_weights(size: int, start: int, length: int, tile: int, ramp: int) -> torch.Tensor:
-    """1-D blend weight of one tile: rises over ``ramp`` pixels at each interior edge."""
+def _ramp_weights(size: int, start: int, length: int, tile: int, overlap_px: int) -> torch.Tensor:
+    """1-D blend weight of one tile along one axis.
+
+    At each interior edge the outer quarter of the overlap gets weight 0 (pixels there saw the
+    tile's zero padding), the middle half ramps linearly, the inner quarter gets 1. The two
+    tiles of an overlap have mirror-image ramps, so their weights sum to 1 everywhere.
+    """
     weight = torch.ones(size, dtype=torch.float32)
-    if ramp <= 0:
+    if overlap_px <= 0:
         return weight
-    rise = (torch.arange(ramp, dtype=torch.float32) + 0.5) / ramp
+    margin = overlap_px // 4
+    inner = overlap_px - 2 * margin
+    rise = torch.cat(
+        [
+            torch.zeros(margin),
+            (torch.arange(inner, dtype=torch.float32) + 0.5) / inner,
+            torch.ones(margin),
+        ]
+    )
     if start > 0:
-        weight[:ramp] = rise
+        weight[:overlap_px] = rise
     if start + tile < length:
-        weight[-ramp:] = torch.minimum(weight[-ramp:], rise.flip(0))
+        weight[-overlap_px:] = torch.minimum(weight[-overlap_px:], rise.flip(0))
     return weight
 
 
