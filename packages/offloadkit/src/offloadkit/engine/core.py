@@ -483,10 +483,15 @@ class Engine:
             release_memory()
 
     def _restore_block(self, block: BlockLayout) -> None:
-        raw = self.store.read_block(block.index)
+        """Each tensor gets its own fresh memory again, filled from the home tier."""
+        raw = None if isinstance(self.store, DiskStore) else self.store.read_block(block.index)
         with torch.inference_mode(False):
             for entry in block.entries:
-                restored = view_in(raw, entry).clone()
+                if raw is None:
+                    restored = torch.empty(entry.shape, dtype=entry.dtype)
+                    self.store.read_entry(block.index, entry, restored)
+                else:
+                    restored = view_in(raw, entry).clone()
                 if restored.device != entry.original_device:
                     restored = restored.to(entry.original_device)
                 if entry.ref.kind == "buffer" and entry.requires_grad:

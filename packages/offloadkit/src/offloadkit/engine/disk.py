@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from offloadkit.engine.layout import BlockLayout
+from offloadkit.engine.layout import BlockLayout, TensorEntry
 from offloadkit.engine.packing import fill_block_buffer
 from offloadkit.ledger import Ledger
 
@@ -88,16 +88,24 @@ class DiskStore:
         self.fd = self._fh.fileno()
 
     def add(self, layout: BlockLayout) -> None:
-        """Pack one block into a scratch buffer and write it to its place in the file."""
+        """Write one block: each tensor's bytes straight to its offset (no scratch copy);
+        alignment gaps stay as file holes, which read back as zeros."""
         start, nbytes = self.offsets[layout.index]
-        scratch = torch.zeros(nbytes, dtype=torch.uint8)
-        fill_block_buffer(scratch, layout)
-        view = memoryview(scratch.numpy()).cast("B")
-        done = 0
-        while done < nbytes:
-            done += os.pwrite(self.fd, view[done:], self.data_start + start + done)
+        base = self.data_start + start
+        for entry in layout.entries:
+            source = entry.ref.get()
+            if source.device.type == "meta":
+                fill_block_buffer(torch.empty(0, dtype=torch.uint8), layout)  # raises clearly
+            _pwrite_all(self.fd, _bytes_of(source), base + entry.offset)
+        os.ftruncate(self.fd, max(os.fstat(self.fd).st_size, base + nbytes))
         self.ledger.disk_add(nbytes)
         self.live.add(layout.index)
+
+    def read_entry(self, index: int, entry: TensorEntry, out: torch.Tensor) -> None:
+        """Read one tensor of a block straight into ``out`` (used to restore the model)."""
+        start, _ = self.offsets[index]
+        DiskSource(self.fd, self.data_start + start + entry.offset, entry.nbytes).read_into(
+            _bytes_of(out))
 
     def finish(self) -> None:
         """Flush after the last block (readers use pread on the same descriptor)."""
@@ -125,3 +133,20 @@ class DiskStore:
         self._fh.close()
         if self.owned:
             self.path.unlink(missing_ok=True)
+
+
+def _bytes_of(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor's memory as a flat uint8 tensor (no copy)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _pwrite_all(fd: int, data: torch.Tensor, offset: int) -> None:
+    view = memoryview(data.numpy()).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
