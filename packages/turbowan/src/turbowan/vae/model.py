@@ -130,6 +130,17 @@ class WanVAE(nn.Module):
         self.compute_device: torch.device | None = None
 
     # ------------------------------------------------------------------ helpers
+    def offload_blocks(self) -> list[nn.Module]:
+        """The 32 repeated blocks (residual, resample, attention) in execution order, for
+        ``offloadkit.apply(vae, blocks=vae.offload_blocks())``: the generic block search finds
+        no same-typed ModuleList here. The small entry/exit convs stay resident."""
+        return [
+            *self.encoder.downsamples,
+            *self.encoder.middle,
+            *self.decoder.middle,
+            *self.decoder.upsamples,
+        ]
+
     @property
     def device(self) -> torch.device:
         if self.compute_device is not None:
