@@ -145,3 +145,21 @@ def test_prompts_must_be_strings(spiece_path):
     tok = UMT5Tokenizer.from_file(spiece_path)
     with pytest.raises(TypeError, match="must be a string"):
         tok([None])
+
+
+def test_ftfy_is_applied_when_installed(monkeypatch):
+    from types import SimpleNamespace
+
+    from turbowan.text_encoder import tokenizer as tokenizer_module
+
+    calls = []
+
+    def fix_text(text: str) -> str:
+        calls.append(text)
+        return text.replace("cafÃ©", "café")
+
+    monkeypatch.setattr(tokenizer_module, "_ftfy", SimpleNamespace(fix_text=fix_text))
+    assert clean_prompt(" a cafÃ©  at night ") == "a café at night"
+    assert calls == [" a cafÃ©  at night "]
+    monkeypatch.setattr(tokenizer_module, "_ftfy", None)
+    assert clean_prompt(" a cafÃ©  at night ") == "a cafÃ© at night"
