@@ -314,11 +314,7 @@ class Engine:
             offset = self._offset_in_group[index]
             dst = slot.buffer[offset : offset + self.blocks[index].nbytes]
             copies.append((self.store.source(index), dst))
-        if slot.group is not None and any(self._group_of.get(i) is None for i in members):
-            raise AssertionError("group bookkeeping out of sync")
-        if slot.views and slot.group != group:
-            slot.views = {}
-        slot.group = group
+        slot.group = group  # views stay valid: a block's offset in a slot is fixed per plan
         slot.ticket = self.transport.submit(f"group {group} ({members[0]}..{members[-1]})",
                                             copies, after=slot.free_token)
 
