@@ -134,13 +134,16 @@ def test_fast_path_within_stated_tolerance_of_reference():
     torch.testing.assert_close(fast, nn.functional.linear(x, deq, layer.bias), rtol=0, atol=0)
 
 
-def test_dequantize_bf16_rounds_once_from_fp32():
+@pytest.mark.parametrize("cols", [200, 384])  # partial tiles / whole tiles (fused path)
+def test_dequantize_bf16_rounds_once_from_fp32(cols):
     g = torch.Generator().manual_seed(5)
-    w = torch.randn(256, 200, generator=g)
+    w = torch.randn(256, cols, generator=g)
     q, s = quantize_blockwise(w)
     fp32 = dequantize_blockwise(q, s, torch.float32)
+    expanded = q.double() * s.double().repeat_interleave(128, 0).repeat_interleave(128, 1)[:, :cols]
+    assert torch.equal(fp32, expanded.float())  # exact q*s (fp64) rounded once to fp32
     assert torch.equal(dequantize_blockwise(q, s, torch.bfloat16), fp32.to(torch.bfloat16))
-    step = s.repeat_interleave(128, 0)[:256].repeat_interleave(128, 1)[:, :200]
+    step = s.repeat_interleave(128, 0)[:256].repeat_interleave(128, 1)[:, :cols]
     err = (fp32 - w).abs()
     saturated = q == 127  # +amax maps to 128 and saturates: one full step off
     assert (err[~saturated] <= step[~saturated] / 2 + 1e-6).all()

@@ -78,8 +78,15 @@ def dequantize_blockwise(
         )
     scale = scale.float()
     if rows % TILE == 0 and cols % TILE == 0:
-        w = q.view(rb, TILE, cb, TILE).float() * scale[:, None, :, None]
-        return w.view(rows, cols).to(dtype)
+        # one fused pass: int8 * fp32 is computed in fp32 and rounded into ``out`` once,
+        # without an fp32 temporary the size of the weight
+        out = torch.empty(rows, cols, dtype=dtype, device=q.device)
+        torch.mul(
+            q.view(rb, TILE, cb, TILE),
+            scale[:, None, :, None],
+            out=out.view(rb, TILE, cb, TILE),
+        )
+        return out
     return (q.float() * _expand_scale(scale, rows, cols)).to(dtype)
 
 
