@@ -167,7 +167,7 @@ def test_comfy_fp8_scaled_safetensors(tmp_path, weights, golden, spiece_bytes, f
     # random weights give cosine 0.988 here; a wrong scale or layout gives far less
     out, gold = run_golden(enc, golden), golden["output"]
     assert torch.nn.functional.cosine_similarity(out.flatten(), gold.flatten(), dim=0) > 0.98
-    assert enc.encode(["the blue bird under fog"]).shape == (1, 512, 64)
+    assert enc.encode(["the blue bird under fog"]).shape == (1, 512, 64)  # always 512 rows
 
 
 @pytest.mark.parametrize("fp8_mode", ["dequantize", "per_layer"])
@@ -332,9 +332,9 @@ def test_incomplete_file_and_unknown_options(tmp_path, weights):
 def test_explicit_tokenizer_object_and_demo(tmp_path, weights):
     path = tmp_path / "te.pth"
     torch.save(weights, path)
-    demo = loading.load_text_encoder(path, tokenizer="demo")
+    demo = loading.load_text_encoder(path, tokenizer="demo", text_len=32)
     assert demo.tokenizer.source.endswith("demo_spiece.model")
-    given = UMT5Tokenizer.from_file(demo.tokenizer.source)
-    enc = loading.load_text_encoder(path, tokenizer=given)
+    given = UMT5Tokenizer.from_file(demo.tokenizer.source, text_len=32)
+    enc = loading.load_text_encoder(path, tokenizer=given, text_len=32)
     assert enc.tokenizer is given
     torch.testing.assert_close(enc.encode(["a fox"]), demo.encode(["a fox"]), atol=0, rtol=0)
