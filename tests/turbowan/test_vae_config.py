@@ -99,3 +99,21 @@ def test_manifest_rejects_unknown_preset_and_options():
     with pytest.raises(ValueError, match=r"take no options, got \['quant'\]"):
         build_manifest_model("wan2.1-vae", quant="int8")
     assert build_manifest_model("wan2.1-vae", quant=None) is not None  # unset CLI flags pass
+
+
+def test_prefix_stripping_and_inference_work_on_header_specs(tmp_path):
+    """`turbowan check` reads only the header: the same helpers must accept TensorSpecs."""
+    from safetensors.torch import save_file
+
+    from turbowan.checkpoint import read_tensor_specs
+    from turbowan.vae.config import strip_prefix
+
+    tiny = build_manifest_model("wan2.1-vae-tiny").state_dict()
+    state = {f"first_stage_model.{k}": torch.zeros(v.shape) for k, v in tiny.items()}
+    state["model.diffusion_model.x.weight"] = torch.zeros(2)  # the rest of a full checkpoint
+    path = tmp_path / "full_checkpoint.safetensors"
+    save_file(state, str(path))
+    specs = strip_prefix(read_tensor_specs(path))
+    assert set(specs) == set(tiny)
+    assert config_from_state_dict(specs).dim == 8
+    assert strip_prefix(tiny).keys() == tiny.keys()  # unprefixed files are left alone

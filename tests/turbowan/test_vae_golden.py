@@ -93,6 +93,30 @@ def test_streaming_decode_yields_one_then_four_frames_and_equals_one_shot(vae, g
     _close(streamed, golden["decoded_video"])
 
 
+def test_stream_is_lazy_one_decoder_pass_per_chunk(vae, golden):
+    """The generator decodes a latent frame only when asked for its chunk, so a caller that
+    writes each chunk out never holds the whole video or every intermediate."""
+    calls: list[int] = []
+    hook = vae.decoder.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        stream = vae.decode_stream(golden["latent_mean_normalized"])
+        assert calls == []
+        first = next(stream)
+        assert len(calls) == 1 and first.shape[2] == 1
+        second = next(stream)
+        assert len(calls) == 2 and second.shape[2] == 4
+    finally:
+        hook.remove()
+
+
+def test_decode_can_collect_on_another_device_and_outputs_are_normal_tensors(vae, golden):
+    video = vae.decode(golden["latent_mean_normalized"], output_device="cpu")
+    _close(video, golden["decoded_video"])
+    video.mul_(0.5)  # not an inference-mode tensor: callers may modify it in place
+    latents = vae.encode(golden["inputs.video"])
+    assert not latents.requires_grad
+
+
 def test_safetensors_with_comfy_prefix_loads_and_matches(weights, golden, tmp_path):
     path = tmp_path / "wan_2.1_vae.safetensors"
     save_file({f"first_stage_model.{k}": v.contiguous() for k, v in weights.items()}, str(path))

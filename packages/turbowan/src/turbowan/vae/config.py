@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -23,8 +23,13 @@ LATENT_STD: tuple[float, ...] = (
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
 )  # fmt: skip
 
+# Wrappers that store the VAE inside a bigger state dict (ComfyUI checkpoints, other tools).
+KNOWN_PREFIXES = ("first_stage_model.", "vae.")
+
 WAN21_Z_DIM = 16
 WAN22_Z_DIM = 48
+
+T = TypeVar("T")
 
 
 class VAECheckpointError(ValueError):
@@ -60,6 +65,17 @@ PRESETS: dict[str, VAEConfig] = {
     "wan2.1-vae": VAEConfig(),
     "wan2.1-vae-tiny": VAEConfig(dim=8),
 }
+
+
+def strip_prefix(state: Mapping[str, T]) -> dict[str, T]:
+    """Drop a ComfyUI/other wrapper prefix (``first_stage_model.``, ``vae.``) from VAE keys.
+
+    Works on tensors or TensorSpecs, so `turbowan check` can apply it to a header.
+    """
+    for prefix in KNOWN_PREFIXES:
+        if "encoder.conv1.weight" not in state and f"{prefix}encoder.conv1.weight" in state:
+            return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return dict(state)
 
 
 def _shape(value: Any) -> tuple[int, ...]:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import torch
 
 from turbowan.checkpoint import load_state_dict
-from turbowan.vae.config import VAECheckpointError, config_from_state_dict
+from turbowan.vae.config import VAECheckpointError, config_from_state_dict, strip_prefix
 from turbowan.vae.frames import FrameCountError, check_frame_count, check_spatial_size
 from turbowan.vae.model import WanVAE
 
@@ -27,9 +27,6 @@ __all__ = [
     "strip_prefix",
 ]
 
-# Wrappers that store the VAE inside a bigger state dict (ComfyUI checkpoints, other tools).
-KNOWN_PREFIXES = ("first_stage_model.", "vae.")
-
 _DTYPE_NAMES = {
     "fp32": torch.float32,
     "float32": torch.float32,
@@ -38,14 +35,6 @@ _DTYPE_NAMES = {
     "fp16": torch.float16,
     "float16": torch.float16,
 }
-
-
-def strip_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop a leading wrapper prefix when every VAE key carries it."""
-    for prefix in KNOWN_PREFIXES:
-        if "encoder.conv1.weight" not in state and f"{prefix}encoder.conv1.weight" in state:
-            return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    return dict(state)
 
 
 def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:

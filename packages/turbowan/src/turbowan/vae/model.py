@@ -191,7 +191,7 @@ class WanVAE(nn.Module):
             raise ValueError("decode got latents with 0 frames; it needs at least one")
 
     # ------------------------------------------------------------------ encode
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_moments(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw (mu, logvar) before normalisation, float32; mostly for tests and research."""
         self._check_video(video)
@@ -202,7 +202,7 @@ class WanVAE(nn.Module):
             logvars.append(logvar)
         return torch.cat(mus, dim=2), torch.cat(logvars, dim=2)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """(B, 3, F, H, W) in [-1, 1], F = 4n+1 -> normalised latents (B, 16, n+1, H/8, W/8)."""
         self._check_video(video)
@@ -231,7 +231,7 @@ class WanVAE(nn.Module):
         z = latents.to(self.device, torch.float32) / inv_std + mean
         return self.conv2(z.to(self.dtype))
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode_stream(
         self,
         latents: torch.Tensor,
@@ -257,7 +257,7 @@ class WanVAE(nn.Module):
             cache.start_chunk()
             yield self.decoder(z[:, :, t : t + 1], cache).float()
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode(
         self,
         latents: torch.Tensor,
