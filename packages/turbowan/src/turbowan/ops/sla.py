@@ -95,11 +95,21 @@ def _check_options(
         )
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto' -> Triton kernels on CUDA when Triton imports, the PyTorch path otherwise."""
+def resolve_backend(backend: str, device: torch.device, needs_grad: bool = False) -> str:
+    """'auto' -> Triton kernels on CUDA when Triton imports, the PyTorch path otherwise.
+
+    The kernels are forward-only, so 'auto' takes the (differentiable) PyTorch path when
+    gradients are wanted, and an explicit 'triton' then fails with the fix.
+    """
+    if backend == "triton" and needs_grad:
+        raise RuntimeError(
+            "sparse_linear_attention(backend='triton') has no backward pass (inference only), "
+            "but an input requires grad; run under torch.no_grad() / torch.inference_mode(), "
+            "or use backend='torch' (differentiable)"
+        )
     if backend != "auto":
         return backend
-    if device.type != "cuda":
+    if device.type != "cuda" or needs_grad:
         return "torch"
     try:
         import triton  # noqa: F401
@@ -136,7 +146,10 @@ def sparse_linear_attention(
     """
     _check_qkv(q, k, v)
     _check_options(q, topk, block_q, block_k, proj_weight, proj_bias, backend, compute_dtype)
-    backend = resolve_backend(backend, q.device)
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, proj_weight, proj_bias)
+    )
+    backend = resolve_backend(backend, q.device, needs_grad)
     cdtype = compute_dtype or q.dtype
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
 

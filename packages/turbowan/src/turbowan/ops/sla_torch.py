@@ -53,6 +53,7 @@ def block_sparse_attention_torch(
     scale = 1.0 / math.sqrt(dim)
 
     q_blocks = _pad_tokens(q, n_query_blocks * block_q).view(bh * n_query_blocks, block_q, dim)
+    q_scaled = q_blocks * scale
     k_blocks = _pad_tokens(k, n_key_blocks * block_k).view(bh * n_key_blocks, block_k, dim)
     v_blocks = _pad_tokens(v, n_key_blocks * block_k).view(bh * n_key_blocks, block_k, dim)
     # Key-block indices into the flattened (B*H*Nb) block axis, one row per query block.
@@ -61,39 +62,62 @@ def block_sparse_attention_torch(
 
     tail = length - (n_key_blocks - 1) * block_k  # real tokens in the last key block
     padded_cols = block_k - tail
-    out = torch.empty_like(q_blocks)
     n_rows = bh * n_query_blocks
-    chunk = max(1, _CHUNK_BYTES // (2 * kk * block_k * dim * 4))
+    chunk = min(n_rows, max(1, _CHUNK_BYTES // (2 * kk * block_k * dim * 4)))
+    cols = kk * block_k
+    # Inference reuses buffers across chunks (out= ops): large fresh allocations are mmap'd and
+    # page-faulted anew on each use, which costs as much as the copies. out= ops have no
+    # autograd, so when gradients are wanted the same steps run out-of-place.
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if not needs_grad:
+        out = torch.empty_like(q_blocks)
+        keys_buf = q_blocks.new_empty(chunk * kk, block_k, dim)
+        values_buf = torch.empty_like(keys_buf)
+        scores_buf = q_blocks.new_empty(chunk, block_q, cols)
+    pieces = []
     for start in range(0, n_rows, chunk):
         stop = min(n_rows, start + chunk)
         rows = stop - start
         index = global_lut[start:stop].reshape(-1)
-        keys = k_blocks.index_select(0, index).view(rows, kk * block_k, dim)
-        values = v_blocks.index_select(0, index).view(rows, kk * block_k, dim)
-        scores = torch.baddbmm(
-            scores_buffer(rows, block_q, kk * block_k, q.device),
-            q_blocks[start:stop],
-            keys.transpose(1, 2),
-            beta=0.0,
-            alpha=scale,
-        )
+        if needs_grad:
+            keys = k_blocks.index_select(0, index).view(rows, cols, dim)
+            values = v_blocks.index_select(0, index).view(rows, cols, dim)
+            scores = torch.bmm(q_scaled[start:stop], keys.transpose(1, 2))
+        else:
+            keys = torch.index_select(k_blocks, 0, index, out=keys_buf[: rows * kk])
+            values = torch.index_select(v_blocks, 0, index, out=values_buf[: rows * kk])
+            keys, values = keys.view(rows, cols, dim), values.view(rows, cols, dim)
+            scores = torch.bmm(q_scaled[start:stop], keys.transpose(1, 2), out=scores_buf[:rows])
         if padded_cols:
             # The LUT is sorted, so a selected tail block is always the last gathered block.
-            has_tail = lut.view(n_rows, kk)[start:stop, -1] == n_key_blocks - 1
-            scores[:, :, kk * block_k - padded_cols :].masked_fill_(
-                has_tail.view(rows, 1, 1), float("-inf")
-            )
+            has_tail = global_lut[start:stop, -1] % n_key_blocks == n_key_blocks - 1
+            scores = _mask_padded_tail(scores, has_tail, padded_cols, inplace=not needs_grad)
         row_max = scores.amax(dim=-1, keepdim=True)
-        probs = scores.sub_(row_max).exp_()
+        if needs_grad:
+            probs = (scores - row_max).exp()
+        else:
+            probs = scores.sub_(row_max).exp_()
         denom = probs.sum(dim=-1, keepdim=True)
         if round_to is not None:
             probs = probs.to(round_to).to(torch.float32)
-        chunk_out = out[start:stop]
-        torch.bmm(probs, values, out=chunk_out)
-        chunk_out.div_(denom)
+        if needs_grad:
+            pieces.append(torch.bmm(probs, values) / denom)
+        else:
+            chunk_out = out[start:stop]
+            torch.bmm(probs, values, out=chunk_out)
+            chunk_out.div_(denom)
+    if needs_grad:
+        out = torch.cat(pieces)
     return out.view(batch, heads, n_query_blocks * block_q, dim)[:, :, :length]
 
 
-def scores_buffer(rows: int, block_q: int, cols: int, device: torch.device) -> Tensor:
-    """Uninitialised score buffer (baddbmm with beta=0 ignores its contents)."""
-    return torch.empty(rows, block_q, cols, dtype=torch.float32, device=device)
+def _mask_padded_tail(
+    scores: Tensor, has_tail: Tensor, padded_cols: int, *, inplace: bool
+) -> Tensor:
+    """-inf on the zero-padded key columns of rows whose last gathered block is the tail."""
+    cols = scores.shape[-1]
+    is_pad = torch.arange(cols, device=scores.device) >= cols - padded_cols
+    mask = has_tail.view(-1, 1, 1) & is_pad.view(1, 1, cols)
+    if inplace:
+        return scores.masked_fill_(mask, float("-inf"))
+    return scores.masked_fill(mask, float("-inf"))
