@@ -1,7 +1,7 @@
 """The embedded demo: tiny models with deterministic random weights and a start image drawn
 in code, so `turbowan generate` runs the whole pipeline with nothing downloaded.
 
-The weights are written as small checkpoint files in the real formats (int8 ``-quant`` DiT,
+The weights are written as small checkpoint files in the real formats (Wan2.2 DiT experts,
 Wan2.1 VAE, umT5 encoder) and loaded by the same code as real checkpoints, so the demo
 exercises every stage a real run does. They are random: the video is noise by design.
 """
@@ -25,6 +25,9 @@ DEMO_TEXT_PRESET = "umt5-tiny"
 # SLA keeps floor(topk * key blocks); a 128x128 clip has only a few 64-token key blocks, so
 # the demo keeps half of them (the real default 0.1 would keep none and give NaN).
 DEMO_SLA_TOPK = 0.5
+# bf16 weights like the non-quant TurboWan files: on the CPU the int8 path dequantises every
+# weight at every call, which costs more than the tiny matmuls themselves.
+DEMO_DIT_QUANT = "none"
 
 NOISE_NOTICE = (
     "This is the embedded demo: tiny models with RANDOM weights, so the video is noise by "
@@ -48,19 +51,20 @@ class DemoFiles:
 
 
 def demo_dit_config():
-    """The tiny DiT preset with the tiny umT5's text width (64), so the two fit together."""
+    """The tiny DiT preset with the tiny umT5's text width (64), so the two fit together,
+    and two blocks instead of three (the demo is about the pipeline, not the model)."""
     from turbowan.dit.config import get_preset
     from turbowan.text_encoder.config import preset_config
 
-    return replace(get_preset("tiny"), text_dim=preset_config(DEMO_TEXT_PRESET).dim)
+    return replace(get_preset("tiny"), text_dim=preset_config(DEMO_TEXT_PRESET).dim, num_layers=2)
 
 
 def _random_state(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
     """Deterministic weights for every tensor of a meta-device model, in state-dict order.
 
     Norm scales 1 + 0.1 N, other 1-D tensors 0.1 N, matrices N / sqrt(fan_in): outputs stay
-    of order one through the tiny stacks. int8 linears get a float weight quantised by the
-    real block-wise rule, so the demo runs the int8 path with valid scales.
+    of order one through the tiny stacks. int8 linears (quant="int8") get a float weight
+    quantised by the real block-wise rule, so their scales are valid.
     """
     from turbowan.quant.int8_linear import quantize_blockwise
 
@@ -111,8 +115,8 @@ def demo_files(directory: str | os.PathLike[str]) -> DemoFiles:
     """Where the demo checkpoints go in ``directory`` (nothing is written)."""
     directory = Path(directory)
     return DemoFiles(
-        high=directory / "demo_dit_high-quant.safetensors",
-        low=directory / "demo_dit_low-quant.safetensors",
+        high=directory / "demo_dit_high.safetensors",
+        low=directory / "demo_dit_low.safetensors",
         vae=directory / "demo_vae.safetensors",
         text_encoder=directory / "demo_umt5.safetensors",
     )
@@ -135,7 +139,7 @@ def write_demo_checkpoints(directory: str | os.PathLike[str]) -> DemoFiles:
     Path(directory).mkdir(parents=True, exist_ok=True)
     config = demo_dit_config()
     for role, path in (("high", files.high), ("low", files.low)):
-        model = dit_manifest(config, quant="int8", attention="sla")
+        model = dit_manifest(config, quant=DEMO_DIT_QUANT, attention="sla")
         _save(_random_state(model, DEMO_SEED + _ROLE_SEED[role]), path)
     te = te_manifest(DEMO_TEXT_PRESET, naming="wan")
     _save(_random_state(te, DEMO_SEED + _ROLE_SEED["text_encoder"]), files.text_encoder)
