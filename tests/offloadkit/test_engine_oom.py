@@ -71,15 +71,26 @@ def test_oom_with_nothing_left_to_evict_is_a_clear_error():
         handle.remove()
 
 
-def test_other_errors_inside_a_block_pass_through_untouched():
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_other_errors_inside_a_block_pass_through_untouched(prefetch):
     model = make_model(seed=7)
     tokens, mask = make_inputs()
     with torch.no_grad():
         expected = model(tokens, mask=mask)
-    with offloadkit.offloaded(model, "layerwise", device="cpu", budget=10**9) as handle:
+    def fail(module, args):
+        raise ValueError("user bug in block 3")
+
+    with offloadkit.offloaded(model, "layerwise", device="cpu", budget=10**9,
+                              prefetch=prefetch) as handle:
         with pytest.raises(RuntimeError, match="must match the size"):
             with torch.no_grad():
                 model(tokens, mask=torch.ones(3, 5, dtype=torch.bool))
+        hook = model.blocks[3].mlp.register_forward_pre_hook(fail)
+        with pytest.raises(ValueError, match="user bug in block 3"):
+            with torch.no_grad():
+                model(tokens, mask=mask)
+        hook.remove()
         assert handle.stats().oom_recoveries == 0
-        with torch.no_grad():  # and the model still works afterwards, exactly
+        with torch.no_grad():  # the model still works afterwards, exactly
+            assert torch.equal(model(tokens, mask=mask), expected)
             assert torch.equal(model(tokens, mask=mask), expected)

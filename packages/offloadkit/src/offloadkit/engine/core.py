@@ -307,6 +307,9 @@ class Engine:
 
     def _issue(self, group: int, slot: Slot) -> None:
         if slot.bound and slot.group is not None:
+            # still bound: a forward stopped inside this group (an exception). Order the copy
+            # after whatever compute was queued on it, then take the group off the slot.
+            slot.free_token = self.transport.release(slot.buffer)
             self._unbind_group(slot.group)
         members = self._groups[group]
         copies = []
@@ -328,8 +331,8 @@ class Engine:
             self.ledger.mispredicted_loads += 1
             self._pump(index)
             slot = self._slot_holding(group)
-            if slot is None:
-                victim = next(s for s in self._slots if not s.bound)
+            if slot is None:  # every slot bound: left so by a forward that raised
+                victim = next((s for s in self._slots if not s.bound), self._slots[0])
                 self._issue(group, victim)
                 slot = victim
         assert slot.ticket is not None
