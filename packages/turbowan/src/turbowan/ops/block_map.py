@@ -32,14 +32,13 @@ def mean_pool_blocks(x: Tensor, block: int) -> Tensor:
 
     The last block is averaged over the tokens it really holds, not over ``block``.
     """
-    batch, heads, length, dim = x.shape
-    n = num_blocks(length, block)
-    padded = torch.zeros(batch, heads, n * block, dim, dtype=torch.float32, device=x.device)
-    padded[:, :, :length] = x
-    sums = padded.view(batch, heads, n, block, dim).sum(dim=3)
-    counts = torch.full((n,), float(block), dtype=torch.float32, device=x.device)
-    counts[-1] = length - (n - 1) * block
-    return sums / counts.view(1, 1, n, 1)
+    length = x.shape[2]
+    full = length // block
+    # Views, not a padded copy: x may be a transposed (B, L, H, D) activation of many GB.
+    means = [x[:, :, : full * block].unflatten(2, (full, block)).mean(dim=3, dtype=torch.float32)]
+    if length > full * block:
+        means.append(x[:, :, full * block :].mean(dim=2, keepdim=True, dtype=torch.float32))
+    return torch.cat(means, dim=2)
 
 
 @dataclass(frozen=True)
@@ -73,6 +72,7 @@ def select_blocks(
     """Rank key blocks for every query block of (B, H, L, D) q and k and keep the top kk.
 
     Scores are pooled(q) . pooled(k - mean_tokens(k)), unscaled, computed in float32.
+    The input length is not limited: pooling and scoring are O(L * D) and O(Mb * Nb * D).
     """
     if not (isinstance(topk, (int, float)) and math.isfinite(topk) and 0.0 < topk <= 1.0):
         raise ValueError(
@@ -81,10 +81,10 @@ def select_blocks(
         )
     length = k.shape[2]
     n_key_blocks = num_blocks(length, block_k)
-    k32 = k.float()
-    k_smooth = k32 - k32.mean(dim=2, keepdim=True)
+    # pool(k - mean(k)) == pool(k) - mean(k) (every block is an average), so no smoothed copy
+    # of k is made: at 720p that copy would be gigabytes.
     pooled_q = mean_pool_blocks(q, block_q)
-    pooled_k = mean_pool_blocks(k_smooth, block_k)
+    pooled_k = mean_pool_blocks(k, block_k) - k.mean(dim=2, keepdim=True, dtype=torch.float32)
     scores = pooled_q @ pooled_k.transpose(-1, -2)
     kk = kept_key_blocks(topk, n_key_blocks)
     lut = torch.topk(scores, kk, dim=-1, sorted=False).indices

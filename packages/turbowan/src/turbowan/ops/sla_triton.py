@@ -210,9 +210,9 @@ def select_blocks_triton(
     """Same selection as ``block_map.select_blocks``, with the pooling done by the kernel."""
     length = k.shape[2]
     n_key_blocks = num_blocks(length, block_k)
-    k32 = k.float()
     pooled_q = mean_pool_triton(q, block_q)
-    pooled_k = mean_pool_triton(k32 - k32.mean(dim=2, keepdim=True), block_k)
+    # pool(k - mean(k)) == pool(k) - mean(k): no smoothed copy of k (gigabytes at 720p).
+    pooled_k = mean_pool_triton(k, block_k) - k.mean(dim=2, keepdim=True, dtype=torch.float32)
     scores = pooled_q @ pooled_k.transpose(-1, -2)
     kk = kept_key_blocks(topk, n_key_blocks)
     lut = torch.topk(scores, kk, dim=-1, sorted=False).indices.sort(dim=-1).values.contiguous()
@@ -276,6 +276,7 @@ def block_sparse_attention_triton(
         EXACT_FP32=q.dtype == torch.float32,
         ROUND_P_BF16=round_p_bf16 and q.dtype == torch.float32,
         num_warps=8 if big_dim else 4,
-        num_stages=3,
+        # fp32 tiles with 3 stages would exceed shared memory at D=128
+        num_stages=3 if q.element_size() == 2 else 1,
     )
     return out
