@@ -93,7 +93,7 @@ class Engine:
 
         self.transport: CpuTransport | CudaTransport
         if self.device.type == "cuda":
-            self.transport = CudaTransport(self.ledger, self.device)
+            self.transport = CudaTransport(self.ledger, self.device, disk=plan.home == "disk")
         else:
             self.transport = CpuTransport(self.ledger)
         self.store: HostStore | DiskStore

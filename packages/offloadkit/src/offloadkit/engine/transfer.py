@@ -139,7 +139,7 @@ class CpuTransport:
 class CudaTransport:
     """Side-stream copies with events; lazily resolved event timings."""
 
-    def __init__(self, ledger: Ledger, device: torch.device, *, staging_bytes: int = 0,
+    def __init__(self, ledger: Ledger, device: torch.device, *, disk: bool = False,
                  staging_count: int = 2) -> None:
         self.ledger = ledger
         self.device = device
@@ -150,15 +150,14 @@ class CudaTransport:
             self._origin = torch.cuda.Event(enable_timing=True)
             self._origin.record(torch.cuda.current_stream(device))
         self._origin_host = ledger.now()
+        # disk tier: a worker thread reads blocks into pinned staging buffers (sized by
+        # ensure_staging once the slot size is known), then uploads them on the side stream
         self._pool: ThreadPoolExecutor | None = None
+        self._staging_count = staging_count
         self._staging: list[tuple[torch.Tensor, Any]] = []
         self._staging_next = 0
-        self._last_ready: Any = None
-        if staging_bytes:
+        if disk:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offloadkit-disk")
-            for _ in range(staging_count):
-                buf = torch.empty(staging_bytes, dtype=torch.uint8, pin_memory=True)
-                self._staging.append((buf, None))
 
     def _event(self) -> Any:
         return torch.cuda.Event(enable_timing=True)
@@ -168,7 +167,7 @@ class CudaTransport:
         copies = list(copies)
         nbytes = sum(s.nbytes for s, _ in copies)
         if any(getattr(s, "fd", None) is not None for s, _ in copies):
-            assert self._pool is not None, "disk tier on CUDA needs staging buffers"
+            assert self._pool is not None and self._staging, "disk tier needs staging buffers"
             ready = self._event()
             future = self._pool.submit(self._disk_then_copy, name, copies, after, ready, nbytes)
             return Ticket(name, future=future, ready_event=ready)
@@ -190,8 +189,9 @@ class CudaTransport:
 
     def _disk_then_copy(self, name: str, copies: list, after: Any, ready: Any, nbytes: int
                         ) -> None:
-        buf, busy = self._staging[self._staging_next]
-        self._staging_next = (self._staging_next + 1) % len(self._staging)
+        which = self._staging_next
+        self._staging_next = (which + 1) % len(self._staging)
+        buf, busy = self._staging[which]
         if busy is not None:
             busy.synchronize()  # worker thread only: the staging buffer's last upload is done
         staged = []
@@ -202,15 +202,26 @@ class CudaTransport:
             staged.append((_Pinned(part), dst))
             offset += source.nbytes
         self._issue(name, staged, after, ready, nbytes)
-        self._staging[(self._staging_next - 1) % len(self._staging)] = (buf, ready)
+        self._staging[which] = (buf, ready)  # reusable once this upload has finished
 
     def ensure_staging(self, nbytes: int) -> None:
-        """Disk tier: staging buffers at least one slot large (re-plans may grow slots)."""
-        if not self._staging or self._staging[0][0].numel() >= nbytes:
+        """Disk tier: pinned staging buffers at least one slot large (re-plans may grow
+        slots). Allocated outside the hot path: at set-up and re-plan time."""
+        if self._pool is None:
+            return
+        if self._staging and self._staging[0][0].numel() >= nbytes:
             return
         self.drain()
+        self._drop_staging()
         self._staging = [(torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), None)
-                         for _ in self._staging]
+                         for _ in range(self._staging_count)]
+        self.ledger.host_add(nbytes * self._staging_count, pinned=True)
+        self._staging_next = 0
+
+    def _drop_staging(self) -> None:
+        for buf, _ in self._staging:
+            self.ledger.host_remove(buf.numel(), pinned=True)
+        self._staging = []
 
     def wait(self, ticket: Ticket, index: int) -> None:
         if ticket.future is not None and not ticket.done:
@@ -291,6 +302,7 @@ class CudaTransport:
         self.resolve()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        self._drop_staging()
 
 
 class _Pinned:
