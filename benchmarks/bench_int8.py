@@ -25,6 +25,7 @@ from turbowan.quant.int8_linear import Int8Linear, dequantize_blockwise, quantiz
 SHAPES = [
     ("small q/k/v/o", 1024, 1536, 1536),
     ("small ffn.0", 1024, 1536, 6144),
+    ("small ffn.0 long", 4096, 1536, 6144),
     ("a14b ffn.0", 256, 5120, 13824),
 ]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
