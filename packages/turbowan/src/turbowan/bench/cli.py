@@ -314,13 +314,21 @@ def run_sweep(args, argv: list[str]) -> int:
     }
     log(f"host-to-{device} copy: pinned {rates['pinned_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
         f"pageable {rates['pageable_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")  # fmt: skip
-    result = Sweep(spec, log=log).run()
+    document = _header(args, argv, device)
+    document.update({"mode": "sweep", "complete": False, "rates": rates, "preset": args.preset,
+                     "workload": workload.as_dict()})  # fmt: skip
+
+    def save_partial(runs: list[dict], skipped: list[dict]) -> None:
+        """Keep what has been measured if a later run crashes or a timeout kills us."""
+        if args.json:
+            write_json(args.json, {**document, "runs": runs, "skipped": skipped})
+
+    result = Sweep(spec, log=log, on_progress=save_partial).run()
     print()
     print(runs_table(result["runs"]))
     if result["skipped"]:
         print(skipped_lines(result["skipped"]))
-    document = _header(args, argv, device)
-    document.update({"mode": "sweep", "rates": rates, **result})
+    document.update({**result, "complete": True})
     if args.json:
         write_json(args.json, document)
         log(f"wrote {args.json}")

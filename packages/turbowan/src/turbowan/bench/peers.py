@@ -51,16 +51,38 @@ def _diffusers_group(*, use_stream: bool, disk: bool) -> Setup:
     return setup
 
 
+# SLA reads proj_l's weights inside its own forward (not through proj_l's), so accelerate must
+# load that module's weights as a whole.
+PRELOAD = ["SparseLinearAttention"]
+
+
+def _blocks_and_rest(model: torch.nn.Module, device: str) -> torch.nn.ModuleList:
+    """accelerate offloads the block list (as offloadkit does); the rest goes to the device.
+
+    Offloading the whole model breaks on modules whose weights are read outside their own
+    forward (the DiT's time embedding), and offloadkit keeps non-block weights resident too.
+    """
+    blocks = model.blocks
+    for _name, child in model.named_children():
+        if child is not blocks:
+            child.to(device)
+    return blocks
+
+
 def _accelerate_cpu(model: torch.nn.Module, device: str, workdir: Path) -> None:
     from accelerate import cpu_offload
 
-    cpu_offload(model, execution_device=torch.device(device), offload_buffers=True)
+    blocks = _blocks_and_rest(model, device)
+    cpu_offload(blocks, execution_device=torch.device(device), offload_buffers=True,
+                preload_module_classes=PRELOAD)  # fmt: skip
 
 
 def _accelerate_disk(model: torch.nn.Module, device: str, workdir: Path) -> None:
     from accelerate import disk_offload
 
-    disk_offload(model, str(workdir), execution_device=torch.device(device), offload_buffers=True)
+    blocks = _blocks_and_rest(model, device)
+    disk_offload(blocks, str(workdir), execution_device=torch.device(device), offload_buffers=True,
+                 preload_module_classes=PRELOAD)  # fmt: skip
 
 
 VARIANTS: dict[str, list[PeerVariant]] = {
@@ -153,6 +175,7 @@ def run_peers(sweep, names: list[str], inputs) -> tuple[list[dict], list[dict]]:
             cuda_max_memory_allocated_bytes=_cuda_peak(spec.device),
             peak_rss_bytes=max(setup_rss.get("peak") or 0, steady or 0) or None,
             setup_seconds=setup, seconds_per_step=statistics.median(seconds), step_seconds=seconds,
+            min_seconds_per_step=min(seconds),
             note=f"{variant.package} peer; device peak from torch.cuda only",
         )  # fmt: skip
         record["steady_rss_bytes"] = steady

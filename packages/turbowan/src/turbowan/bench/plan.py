@@ -111,11 +111,13 @@ def plan_strategy_rows(
                     continue
                 plan = strategy.plan(card_profile, budget)
             except Exception as exc:  # a strategy that cannot plan here says why in the table
-                row["note"] = f"cannot plan: {str(exc).splitlines()[0][:90]}"
+                row["note"] = f"cannot plan: {str(exc).splitlines()[0][:48]}..."
+                row["error"] = str(exc)
                 continue
             row.update(plan_summary(plan))
-            if name == "cpu_only":
-                row["note"] = "computes on the CPU: not predicted"
+            if plan.predicted_peak_device_bytes == 0 and not plan.streamed:
+                row["note"] = "nothing on the card: computes on the CPU"
+                row["resident_count"] = row["streamed_count"] = None
                 continue
             prediction = simulate_step(
                 block_bytes=block_bytes,

@@ -24,10 +24,12 @@ RUN_KEYS = (
     "disk_bytes",
     "peak_rss_bytes",
     "setup_seconds",
-    "seconds_per_step",
+    "seconds_per_step",  # median of the timed steps
+    "min_seconds_per_step",
     "step_seconds",
     "resident_seconds_per_step",
-    "ratio_to_resident",
+    "ratio_to_resident",  # median / mean of the resident medians measured before and after
+    "min_ratio_to_resident",  # fastest step / fastest neighbouring resident step (noise-robust)
     "bytes_transferred",
     "bytes_per_step",
     "transfer_seconds",

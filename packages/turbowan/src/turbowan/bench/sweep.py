@@ -111,12 +111,15 @@ def _rss_split() -> dict:
 class Sweep:
     """Runs one :class:`SweepSpec`; ``run()`` returns the JSON-ready result document."""
 
-    def __init__(self, spec: SweepSpec, log: Log = print) -> None:
+    def __init__(self, spec: SweepSpec, log: Log = print,
+                 on_progress: Callable[[list[dict], list[dict]], None] | None = None) -> None:  # fmt: skip
         self.spec = spec
         self.log = log
+        self.on_progress = on_progress  # called with (runs, skipped) after every run
         self.runs: list[dict] = []
         self.skipped: list[dict] = []
         self.resident: list[float] = []  # medians of the all-resident measurements, in order
+        self.resident_min: list[float] = []  # and their fastest steps
 
     # ---------------------------------------------------------------- building
     def _build(self):
@@ -145,6 +148,7 @@ class Sweep:
             cuda_max_memory_allocated_bytes=_cuda_peak(s.device),
             peak_rss_bytes=machine.peak_rss_bytes(),
             seconds_per_step=statistics.median(seconds), step_seconds=seconds,
+            min_seconds_per_step=min(seconds),
             bytes_transferred=0, bytes_per_step=0, stall_seconds=0.0, oom_recoveries=0,
             resident_blocks=self.num_blocks, streamed_blocks=0,
         )  # fmt: skip
@@ -152,9 +156,14 @@ class Sweep:
             model.to("cpu")
             torch.cuda.synchronize()
         self.resident.append(record["seconds_per_step"])
+        self.resident_min.append(record["min_seconds_per_step"])
         record["resident_index"] = len(self.resident) - 1
         self.log(f"resident: {record['seconds_per_step']:.3f} s/step")
         return record
+
+    def _progress(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(self.runs, self.skipped)
 
     def measure_offloadkit(self, model, inputs: BenchInputs, strategy: str, budget: str,
                            budget_bytes: int, home: str) -> dict:  # fmt: skip
@@ -200,6 +209,7 @@ class Sweep:
             peak_rss_bytes=max(before["rss"] or 0, steady_rss or 0) or None,
             setup_seconds=setup,
             seconds_per_step=statistics.median(seconds), step_seconds=seconds,
+            min_seconds_per_step=min(seconds),
             bytes_transferred=moved, bytes_per_step=moved // max(1, s.steps),
             transfer_seconds=transfer_s,
             achieved_gbps=(moved / transfer_s / 1e9) if transfer_s > 0 else None,
@@ -238,9 +248,9 @@ class Sweep:
                  f"workload: {s.workload.description}, {s.workload.tokens} tokens")  # fmt: skip
 
         self.runs.append(self.measure_resident(model, inputs))
+        self._progress()
         for strategy, budget in s.runs:
-            for home in s.homes:
-                self._one_offloadkit_run(model, inputs, profile, strategy, budget, home)
+            self._offloadkit_runs(model, inputs, profile, strategy, budget)
         if len(self.resident) < 2 or not s.resident_between:
             self.runs.append(self.measure_resident(model, inputs))
 
@@ -264,25 +274,32 @@ class Sweep:
             "runs": self.runs, "skipped": self.skipped,
         }  # fmt: skip
 
-    def _one_offloadkit_run(self, model, inputs, profile, strategy: str, budget: str,
-                            home: str) -> None:  # fmt: skip
+    def _offloadkit_runs(self, model, inputs, profile, strategy: str, budget: str) -> None:
+        """One run per home tier, after checks that do not depend on the tier."""
         import offloadkit
 
         s = self.spec
-        label = f"{strategy} @ {budget} ({home})"
         try:
             budget_bytes = resolve_budget(budget, self.model_bytes, s.device)
             cls = offloadkit.get_strategy(strategy)
             instance = cls(**s.strategy_options.get(strategy, {}))
             need = instance.min_device_bytes(profile)
         except Exception as exc:
-            self._skip(strategy, budget, home, exc)
+            self._skip(strategy, budget, None, exc)
             return
         if budget_bytes < need:
-            self._skip(strategy, budget, home,
+            self._skip(strategy, budget, None,
                        f"budget {budget_bytes / 2**20:.1f} MiB is below the "
                        f"{need / 2**20:.1f} MiB this strategy needs")  # fmt: skip
             return
+        for home in s.homes:
+            self._one_offloadkit_run(model, inputs, strategy, budget, budget_bytes, home)
+            self._progress()
+
+    def _one_offloadkit_run(self, model, inputs, strategy: str, budget: str, budget_bytes: int,
+                            home: str) -> None:  # fmt: skip
+        s = self.spec
+        label = f"{strategy} @ {budget} ({home})"
         try:
             record = self.measure_offloadkit(model, inputs, strategy, budget, budget_bytes, home)
         except Exception as exc:  # a strategy that cannot run here is reported, not fatal
@@ -298,26 +315,26 @@ class Sweep:
     def _skip(self, strategy: str, budget: str, home: str | None, reason) -> None:
         text = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
         self.skipped.append({"strategy": strategy, "budget": budget, "home": home, "reason": text})
-        self.log(f"skipped {strategy} @ {budget} ({home}): {text}")
+        self.log(f"skipped {strategy} @ {budget}" + (f" ({home})" if home else "") + f": {text}")
 
     def _ratios(self) -> None:
         """Each run divided by the mean of the resident timings taken just before and after."""
-        pooled = statistics.median(self.resident)
         for record in self.runs:
             index = record.pop("resident_index", None)
             if record["kind"] == "baseline":
-                baseline = record["seconds_per_step"]
-                record["resident_seconds_per_step"] = baseline
-                record["ratio_to_resident"] = 1.0
+                record["resident_seconds_per_step"] = record["seconds_per_step"]
+                record["ratio_to_resident"] = record["min_ratio_to_resident"] = 1.0
                 continue
             if index is None or index < 0:
-                baseline = pooled
+                baseline = statistics.median(self.resident)
+                fastest = min(self.resident_min)
             else:
-                neighbours = self.resident[index : index + 2]
-                baseline = statistics.fmean(neighbours)
+                baseline = statistics.fmean(self.resident[index : index + 2])
+                fastest = min(self.resident_min[index : index + 2])
             record["resident_seconds_per_step"] = baseline
             if record.get("seconds_per_step") is not None and baseline > 0:
                 record["ratio_to_resident"] = record["seconds_per_step"] / baseline
+                record["min_ratio_to_resident"] = record["min_seconds_per_step"] / fastest
 
 
 def strategy_budget_pairs(strategies: Sequence[str], budgets: Sequence[str]) -> list[tuple[str, str]]:

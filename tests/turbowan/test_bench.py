@@ -1,0 +1,204 @@
+"""turbowan-bench: workload geometry, the pipeline simulator, plan arithmetic (predicted peak
+== what the engine places), the JSON schema of a real tiny sweep, and CLI errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import offloadkit
+from offloadkit.engine.profile import profile_model
+from turbowan.bench import cli, simulate, workload
+from turbowan.bench.models import bench_inputs, build_bench_model
+from turbowan.bench.plan import Card, meta_profile, plan_strategy_rows
+from turbowan.bench.report import RUN_KEYS, SCHEMA
+from turbowan.dit.config import get_preset
+
+GiB = 2**30
+
+
+# ------------------------------------------------------------------ workload
+
+
+def test_video_workload_matches_spec_token_counts():
+    w = workload.from_video("480p", "16:9", 81)
+    assert w.latent_shape == (1, 16, 21, 60, 104)
+    assert w.condition_shape == (1, 20, 21, 60, 104)
+    assert w.tokens == 32_760
+    assert workload.from_video("720p", "16:9", 81).tokens == 75_600
+    assert workload.from_video("480", "1:1", 33).tokens == 8_100
+
+
+def test_video_workload_rejects_frames_that_are_not_4n_plus_1():
+    with pytest.raises(ValueError, match=r"not 4n\+1.*77 or 81"):
+        workload.from_video("480p", "16:9", 80)
+    with pytest.raises(ValueError, match="unknown --aspect-ratio"):
+        workload.from_video("480p", "21:9", 81)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 2048, 1560, 32_760])
+def test_token_workload_has_exactly_the_requested_tokens(tokens):
+    w = workload.from_tokens(tokens)
+    assert w.tokens == tokens
+    assert w.latent_height % 2 == 0 and w.latent_width % 2 == 0
+
+
+# ------------------------------------------------------------------ simulator
+
+
+def test_simulator_transfer_bound_timeline_is_exact():
+    # 4 streamed blocks, 1 s compute, 2 s copy each, 2 slots, prefetch 1:
+    # copies 0-2, 2-4, 4-6, 6-8; computes 2-3, 4-5, 6-7, 8-9 -> 9 s against 4 s resident.
+    p = simulate.simulate_step(block_bytes=[2] * 4, block_seconds=[1.0] * 4,
+                               streamed=[0, 1, 2, 3], bandwidth=1.0, slots=2, prefetch_depth=1)
+    assert p.seconds == pytest.approx(9.0)
+    assert p.stall_seconds == pytest.approx(5.0)
+    assert p.slowdown == pytest.approx(9 / 4)
+    assert p.bytes_moved == 8
+
+
+def test_simulator_compute_bound_stream_costs_only_the_first_copy():
+    p = simulate.simulate_step(block_bytes=[1] * 10, block_seconds=[1.0] * 10,
+                               streamed=range(10), bandwidth=10.0, slots=2, prefetch_depth=1)
+    assert p.seconds == pytest.approx(10.1)
+    assert simulate.simulate_step(block_bytes=[1] * 10, block_seconds=[1.0] * 10, streamed=[],
+                                  bandwidth=10.0).slowdown == 1.0
+
+
+def test_simulator_interleaving_beats_a_streamed_tail():
+    kwargs = dict(block_bytes=[3] * 8, block_seconds=[1.0] * 8, bandwidth=1.0, slots=2,
+                  prefetch_depth=1)
+    tail = simulate.simulate_step(streamed=[4, 5, 6, 7], **kwargs)
+    spread = simulate.simulate_step(streamed=[1, 3, 5, 7], **kwargs)
+    assert spread.seconds < tail.seconds
+
+
+# ------------------------------------------------------------------ plan arithmetic
+
+CARDS = [Card(label, int(gb * 1e9)) for label, gb in
+         [("8GB", 8), ("12GB", 12), ("16GB", 16), ("20GB", 20), ("24GB", 24), ("48GB", 48),
+          ("80GB", 80)]]  # fmt: skip
+
+
+def _expected_peak(profile, row) -> int:
+    streamed = row["streamed_blocks"]
+    return (profile.non_block_bytes + profile.bytes_of(row["resident_blocks"])
+            + row["slots"] * profile.max_group_bytes(streamed, row["group_size"]))
+
+
+def test_plan_a14b_every_card_peak_within_budget_and_adds_up():
+    profile = meta_profile("wan2.2-i2v-a14b", quant="int8", attention="sla")
+    assert profile.num_blocks == 40 and profile.max_block_bytes == 351_696_128
+    strategies = ["adaptive", "layerwise", "chunkwise"]
+    rows = plan_strategy_rows(profile, strategies, CARDS, reserve_bytes=5 * GiB,
+                              bandwidth=25e9, block_seconds=0.3)
+    assert len(rows) == len(CARDS) * len(strategies)
+    planned = [r for r in rows if "predicted_peak_device_bytes" in r]
+    for row in planned:
+        assert row["predicted_peak_device_bytes"] <= row["budget_bytes"], row
+        assert row["predicted_peak_device_bytes"] == _expected_peak(profile, row), row
+        assert row["resident_count"] + row["streamed_count"] == 40
+        assert row["predicted_slowdown"] >= 1.0
+    layerwise = [r for r in rows if r["strategy"] == "layerwise"]
+    assert all(r["resident_count"] == 0 and r["streamed_count"] == 40 for r in layerwise)
+    adaptive = [r["resident_count"] for r in rows if r["strategy"] == "adaptive"]
+    assert adaptive == sorted(adaptive) and adaptive[-1] == 40 and adaptive[0] < 40
+    # 8 GB - 5 GiB leaves ~2.1 GiB: some resident blocks but not all
+    assert 0 < adaptive[0] < 10
+
+
+def test_plan_mode_cli_prints_every_card_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    rc = cli.main(["--plan", "--bandwidth", "25", "--block-ms", "300", "--strategies",
+                   "adaptive,layerwise", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for card in ("8GB", "12GB", "16GB", "20GB", "24GB", "48GB", "80GB"):
+        assert f"\n{card} " in text
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == SCHEMA and doc["mode"] == "plan"
+    assert doc["workload"]["tokens"] == 32_760
+    assert len(doc["plans"]) == 14
+    assert doc["bandwidth_bytes_per_s"] == 25e9 and doc["block_seconds"] == pytest.approx(0.3)
+
+
+def test_predicted_peak_is_what_adaptive_places_on_tiny():
+    """The plan's predicted peak equals the engine's measured peak, at several budgets."""
+    model = build_bench_model("tiny", attention="original")
+    inputs = bench_inputs(get_preset("tiny"), workload.from_tokens(16), dtype=torch.float32)
+    profile = profile_model(model, device="cpu")
+    adaptive = offloadkit.get_strategy("adaptive")()
+    floor = adaptive.min_device_bytes(profile)
+    budgets = [floor, floor + profile.max_block_bytes, profile.total_bytes]
+    residents = []
+    for budget in budgets:
+        plan = adaptive.plan(profile, budget)
+        with offloadkit.offloaded(model, "adaptive", device="cpu", budget=budget) as handle:
+            with torch.inference_mode():
+                model(inputs.x, inputs.t, inputs.context, inputs.y)
+            stats = handle.stats()
+        assert stats.peak_device_bytes == plan.predicted_peak_device_bytes <= budget
+        residents.append(stats.resident_blocks)
+    assert residents == sorted(residents) and residents[-1] == profile.num_blocks
+
+
+# ------------------------------------------------------------------ a real sweep
+
+
+def test_tiny_sweep_json_schema(tmp_path):
+    out = tmp_path / "sweep.json"
+    rc = cli.main(["--preset", "tiny", "--attention", "original", "--tokens", "16",
+                   "--strategies", "layerwise,cpu_only", "--budgets", "100%",
+                   "--home", "host,disk", "--steps", "1", "--warmup", "0",
+                   "--no-resident-between", "--peers", "accelerate_disk_offload",
+                   "--json", str(out)])  # fmt: skip
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == SCHEMA and doc["complete"] is True
+    for key in ("machine", "versions", "git", "rates", "workload", "model_bytes", "runs"):
+        assert key in doc
+    assert doc["versions"]["torch"] == torch.__version__
+    runs = doc["runs"]
+    kinds = [r["kind"] for r in runs]
+    assert kinds.count("baseline") == 2 and kinds.count("offloadkit") == 4
+    for run in runs:
+        assert set(RUN_KEYS) <= set(run)
+        assert run["seconds_per_step"] > 0 and run["ratio_to_resident"] > 0
+    for run in (r for r in runs if r["kind"] == "offloadkit"):
+        assert run["budget_bytes"] == doc["model_bytes"]
+        assert run["peak_device_bytes"] <= run["budget_bytes"] and run["within_budget"]
+        assert run["oom_recoveries"] == 0
+    cpu_only = [r for r in runs if r["strategy"] == "cpu_only"]
+    assert all(r["peak_device_bytes"] == 0 for r in cpu_only)
+    layerwise = [r for r in runs if r["strategy"] == "layerwise"]
+    assert all(r["streamed_blocks"] == 3 and r["bytes_transferred"] > 0 for r in layerwise)
+    assert {r["home"] for r in layerwise} == {"host", "disk"}
+    peer = [r for r in runs if r["kind"] == "peer"]
+    if peer:  # accelerate installed (the `peers` extra)
+        assert peer[0]["strategy"] == "accelerate_disk_offload" and peer[0]["peak_rss_bytes"] > 0
+
+
+# ------------------------------------------------------------------ CLI errors (before any work)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--strategies", "layerwize"], "unknown strategy 'layerwize'; installed strategies: "),
+        (["--budgets", "12G"], "--budgets"),
+        (["--budgets", "150%"], "at most 100%"),
+        (["--frames", "80"], "4n+1"),
+        (["--tokens", "64", "--frames", "81"], "either --tokens or --resolution"),
+        (["--peers", "deepspeed"], "unknown peer 'deepspeed'"),
+        (["--home", "ssd"], "--home"),
+        (["--option", "chunkwise"], "STRATEGY.KEY=VALUE"),
+        (["--plan", "--gpu", "50%"], "card sizes"),
+        (["--plan", "--bandwidth", "0"], "--bandwidth must be a positive"),
+    ],
+)
+def test_cli_errors_name_the_problem(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("turbowan-bench: error:") and message in err
