@@ -76,6 +76,20 @@ def test_encode_rejects_bad_frame_count_before_any_work(tiny_vae):
     assert calls  # the hook does observe real work
 
 
+def test_single_image_and_batches(tiny_vae):
+    gen = torch.Generator().manual_seed(5)
+    image = torch.rand(1, 3, 1, 16, 24, generator=gen) * 2 - 1
+    latents = tiny_vae.encode(image)
+    assert latents.shape == (1, 16, 1, 2, 3)
+    assert tiny_vae.decode(latents).shape == (1, 3, 1, 16, 24)
+    clips = torch.rand(2, 3, 5, 16, 16, generator=gen) * 2 - 1
+    batched = tiny_vae.encode(clips)
+    for i in range(2):  # samples do not leak into each other through the cache
+        torch.testing.assert_close(batched[i : i + 1], tiny_vae.encode(clips[i : i + 1]))
+    decoded = tiny_vae.decode(batched)
+    torch.testing.assert_close(decoded[1:], tiny_vae.decode(batched[1:]))
+
+
 @pytest.mark.parametrize(
     ("video", "message"),
     [

@@ -79,7 +79,8 @@ def decode_tiles_stream(
     rows = tile_starts(height, tile_lat, overlap_lat)
     cols = tile_starts(width, tile_lat, overlap_lat)
     ramp = overlap_lat * SPATIAL_FACTOR
-    tiles = []
+    device = z.device
+    tiles: list[tuple[tuple[int, int, int, int], torch.Tensor, CausalCache]] = []
     weight_sum = torch.zeros(height * SPATIAL_FACTOR, width * SPATIAL_FACTOR)
     for r in rows:
         th = min(tile_lat, height)
@@ -90,8 +91,7 @@ def decode_tiles_stream(
             weight = wy[:, None] * wx[None, :]
             y0, x0 = r * SPATIAL_FACTOR, c * SPATIAL_FACTOR
             weight_sum[y0 : y0 + weight.shape[0], x0 : x0 + weight.shape[1]] += weight
-            tiles.append(((r, c, th, tw), weight, CausalCache()))
-    device = z.device
+            tiles.append(((r, c, th, tw), weight.to(device), CausalCache()))
     weight_sum = weight_sum.to(device)
     for t in range(frames):
         out: torch.Tensor | None = None
@@ -103,6 +103,6 @@ def decode_tiles_stream(
                 out = piece.new_zeros(b, ch, f, height * SPATIAL_FACTOR, width * SPATIAL_FACTOR)
             y0, x0 = r * SPATIAL_FACTOR, c * SPATIAL_FACTOR
             region = out[..., y0 : y0 + piece.shape[-2], x0 : x0 + piece.shape[-1]]
-            region += piece * weight.to(device)
+            region += piece * weight
         assert out is not None
         yield out / weight_sum
