@@ -320,8 +320,12 @@ def _check_dit(
 ) -> MismatchReport:
     from turbowan.dit.config import build_manifest_model
 
-    if layout is not None:
-        options = {"quant": layout.quant, "attention": layout.attention, **options}
+    detected = (
+        {"quant": layout.quant, "attention": layout.attention}
+        if layout is not None
+        else {"quant": "int8", "attention": "sla"}  # the published files' layout
+    )
+    options = {**detected, **options}
     if options.get("attention") == "sagesla":
         options["attention"] = "sla"  # same keys
     target: Any = preset
