@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 from pathlib import Path
 
 import psutil
@@ -92,3 +93,57 @@ def test_nvml_without_a_driver_declines_instead_of_failing() -> None:
 def test_unsupported_devices_are_refused(device: str, hint: str) -> None:
     with pytest.raises(DeviceUnavailableError, match=hint):
         probe(device)
+
+
+class FakeNVML:
+    """Stands in for the pynvml module: two GPUs, the second one visible to torch as cuda:0
+    (CUDA_VISIBLE_DEVICES=1), so NVML's index 0 is the wrong card."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self) -> None:
+        self.gpus = [
+            ("GPU-aaaaaaaa-0000", b"Other GPU", 10 * GiB, 1 * GiB),
+            ("GPU-BBBBBBBB-1111", b"Our GPU", 80 * GiB, 70 * GiB),
+        ]
+        self.open = False
+
+    def nvmlInit(self) -> None:
+        self.open = True
+
+    def nvmlShutdown(self) -> None:
+        self.open = False
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        return index
+
+    def nvmlDeviceGetUUID(self, handle: int) -> str:
+        return self.gpus[handle][0]
+
+    def nvmlDeviceGetName(self, handle: int) -> bytes:
+        return self.gpus[handle][1]
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> object:
+        _, _, total, free = self.gpus[handle]
+        return type("Memory", (), {"total": total, "free": free, "used": total - free})()
+
+
+def test_nvml_figures_belong_to_the_card_torch_means(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeNVML()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    props = type("Props", (), {"uuid": "bbbbbbbb-1111"})()  # torch prints UUIDs bare, lower case
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    memory = probe_module._probe_nvml(0)
+    assert memory == DeviceMemory("cuda:0", "Our GPU", 80 * GiB, 70 * GiB, "nvml")
+    assert not fake.open  # NVML shut down again
+
+
+def test_nvml_declines_when_no_card_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML())
+    props = type("Props", (), {"uuid": "cccccccc-2222"})()  # e.g. a MIG slice
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    assert probe_module._probe_nvml(0) is None  # torch.cuda.mem_get_info answers instead
