@@ -44,6 +44,8 @@ def test_manifest_a14b_json(capsys):
     assert code == 0
     data = json.loads(out)
     assert data["num_tensors"] == 1575
+    assert data["options"] == {"quant": "int8", "attention": "sla"}  # defaults made explicit
+    assert data["bytes"] == 14_534_092_928  # spec §2.5: about 14.5 GB per int8 expert
     assert data["tensors"]["blocks.39.ffn.2.scale"] == {"shape": [40, 108], "dtype": "float32"}
     assert data["tensors"]["blocks.0.self_attn.q.int8_weight"]["dtype"] == "int8"
     code, out = cli(
@@ -66,7 +68,7 @@ def test_manifest_table(capsys):
     assert code == 0
     lines = out.strip().splitlines()
     assert any(line.split()[:2] == ["blocks.2.ffn.0.weight", "(512,"] for line in lines)
-    assert lines[-1].startswith("# tiny (quant=none): 102 tensors")
+    assert lines[-1].startswith("# tiny (attention=sla, quant=none): 102 tensors")
 
 
 def test_manifest_unknown_preset(capsys):

@@ -20,12 +20,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def _default_options(preset: str) -> dict[str, str]:
+    import inspect
+
+    from turbowan.presets import family_module
+
+    params = inspect.signature(family_module(preset).build_manifest_model).parameters.values()
+    return {
+        p.name: p.default
+        for p in params
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and isinstance(p.default, str)
+    }
+
+
 def manifest_dict(preset: str, **options: str | None) -> dict:
     """The manifest as a JSON-ready dict (also used by tests and other tools)."""
     from turbowan.checkpoint.report import expected_specs
 
     opts = {k: v for k, v in options.items() if v is not None}
     specs = expected_specs(preset, **opts)
+    opts = {**_default_options(preset), **opts}  # show what was built, defaults included
     tensors = {
         k: {"shape": list(s.shape), "dtype": str(s.dtype).removeprefix("torch.")}
         for k, s in specs.items()
@@ -53,9 +67,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     width = max(len(k) for k in data["tensors"])
     for key, info in data["tensors"].items():
-        shape = "(" + ", ".join(str(s) for s in info["shape"]) + ")"
+        shape = str(tuple(info["shape"]))
         print(f"{key:<{width}}  {shape:<18} {info['dtype']}")
-    opts = ", ".join(f"{k}={v}" for k, v in data["options"].items()) or "defaults"
+    opts = ", ".join(f"{k}={v}" for k, v in sorted(data["options"].items())) or "no options"
     print(
         f"# {data['preset']} ({opts}): {data['num_tensors']} tensors, "
         f"{data['num_elements']:,} elements, {data['bytes']:,} bytes"
