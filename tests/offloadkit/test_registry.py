@@ -290,3 +290,15 @@ def test_plugin_querying_the_registry_at_import_is_skipped_not_hung(
     with pytest.warns(PluginLoadWarning, match="'offloadkit-eager'.*while plugins were still"):
         names = offloadkit.list_strategies()
     assert set(BUILTINS) <= set(names)
+
+
+def test_trace_env_prints_hook_calls(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(registry.TRACE_ENV, "1")
+    registry.reset_registry()
+    hook = registry.get_plugin_manager().hook
+    assert hook.offloadkit_find_blocks(model="not a model") is None
+    err = capsys.readouterr().err
+    assert "offloadkit_find_blocks [hook]" in err and "model: 'not a model'" in err
+    assert "finish offloadkit_find_blocks --> None" in err

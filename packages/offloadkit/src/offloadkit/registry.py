@@ -9,12 +9,15 @@ Environment:
 - ``OFFLOADKIT_DISABLE_PLUGINS=1`` loads only offloadkit's own entry points.
 - ``OFFLOADKIT_STRICT_PLUGINS=1`` turns a plugin that fails to load into an error instead of a
   warning (for plugin authors and CI).
+- ``OFFLOADKIT_TRACE_PLUGINS=1`` prints every hook call, its arguments and its result to
+  stderr (answers "why did my plugin's hook not win?").
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -43,6 +46,7 @@ __all__ = [
 
 DISABLE_ENV = "OFFLOADKIT_DISABLE_PLUGINS"
 STRICT_ENV = "OFFLOADKIT_STRICT_PLUGINS"
+TRACE_ENV = "OFFLOADKIT_TRACE_PLUGINS"
 ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
 OWN_DISTRIBUTION = "offloadkit"
 
@@ -69,6 +73,9 @@ class _Registry:
         self.third_party = third_party
         self.plugin_manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.plugin_manager.add_hookspecs(hookspecs)
+        if _env_flag(TRACE_ENV):  # every hook call, its arguments and result, on stderr
+            self.plugin_manager.trace.root.setwriter(lambda text: sys.stderr.write(text))
+            self.plugin_manager.enable_tracing()
         loaded = load_entry_point_plugins(
             self.plugin_manager,
             group=ENTRY_POINT_GROUP,
