@@ -13,7 +13,8 @@
 # Designed to finish in < 8 minutes on an H100 (each step is capped by `timeout`).
 #
 # Knobs for a smoke test on a CPU machine (what CI-less sessions can do):
-#   PRESET=tiny DEVICE=cpu TOKENS=256 bash benchmarks/gpu_check.sh
+#   PRESET=tiny DEVICE=cpu TOKENS=256 NO_VENV=1 SKIP_INSTALL=1 PYTHON=.venv/bin/python \
+#       bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,7 +47,9 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch
 if torch.cuda.is_available():
     print("gpu:", torch.cuda.get_device_name(0))
 EOF
-if [ -d "$WHEELS" ]; then
+if [ -n "${SKIP_INSTALL:-}" ]; then
+    stamp "SKIP_INSTALL set: using the packages already installed"
+elif [ -d "$WHEELS" ]; then
     stamp "installing wheels from $WHEELS (one by one; a missing one is reported, not fatal)"
     grep -v '^\s*#' benchmarks/gpu_requirements.txt | grep -v '^\s*$' | while read -r req; do
         "$VPY" -m pip install -q --no-index --no-deps --find-links "$WHEELS" "$req" >/dev/null 2>&1 \
@@ -55,10 +58,12 @@ if [ -d "$WHEELS" ]; then
 else
     stamp "no $WHEELS/ directory: using what is installed (peers may be skipped)"
 fi
-stamp "installing offloadkit and turbowan from this checkout"
-"$VPY" -m pip install -q --no-index --no-deps --no-build-isolation \
-    -e packages/offloadkit -e packages/turbowan >/dev/null \
-    || { echo "could not install the local packages (is setuptools available?)"; exit 1; }
+if [ -z "${SKIP_INSTALL:-}" ]; then
+    stamp "installing offloadkit and turbowan from this checkout"
+    "$VPY" -m pip install -q --no-index --no-deps --no-build-isolation \
+        -e packages/offloadkit -e packages/turbowan >/dev/null \
+        || { echo "could not install the local packages (is setuptools available?)"; exit 1; }
+fi
 "$VPY" -c "import offloadkit, turbowan.bench.cli; print('strategies:', offloadkit.list_strategies())" || exit 1
 
 BENCH=("$VPY" -m turbowan.bench.cli)

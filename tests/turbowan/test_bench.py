@@ -170,6 +170,8 @@ def test_tiny_sweep_json_schema(tmp_path):
         assert run["budget_bytes"] == doc["model_bytes"]
         assert run["peak_device_bytes"] <= run["budget_bytes"] and run["within_budget"]
         assert run["oom_recoveries"] == 0
+        # on CPU every step is paired with a step of an all-resident copy
+        assert len(run["paired_resident_step_seconds"]) == 1
     cpu_only = [r for r in runs if r["strategy"] == "cpu_only"]
     assert all(r["peak_device_bytes"] == 0 for r in cpu_only)
     layerwise = [r for r in runs if r["strategy"] == "layerwise"]

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peers", help="comma list: diffusers, accelerate (or single variants)")
+    p.add_argument("--paired", choices=["auto", "on", "off"], default="auto",
+                   help="time each step against an all-resident copy kept in memory, step by "
+                        "step (needs the weights twice; auto: on for CPU, off for CUDA)")
     p.add_argument("--no-resident-between", action="store_true",
                    help="measure all-resident only at the start and end (saves time on CUDA)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
@@ -305,6 +308,7 @@ def run_sweep(args, argv: list[str]) -> int:
         attention=args.attention, dtype=getattr(torch, dtype_name), steps=args.steps,
         warmup=args.warmup, seed=args.seed, runs=strategy_budget_pairs(strategies, budgets),
         homes=homes, peers=peers, resident_between=not args.no_resident_between,
+        paired=args.paired == "on" or (args.paired == "auto" and device == "cpu"),
         strategy_options=parse_options(args.option),
     )  # fmt: skip
     log = lambda line: print(line, flush=True)

@@ -157,8 +157,10 @@ def run_peers(sweep, names: list[str], inputs) -> tuple[list[dict], list[dict]]:
                 store["peak"] = machine.peak_rss_bytes()
                 machine.reset_peak_rss()
 
+            paired: list[float] = []
             seconds = time_steps(model, inputs, steps=spec.steps, warmup=spec.warmup,
-                                 device=spec.device, after_warmup=after_warmup)  # fmt: skip
+                                 device=spec.device, after_warmup=after_warmup,
+                                 reference=sweep.reference, reference_seconds=paired)  # fmt: skip
             steady = machine.peak_rss_bytes()
             rss_split = _rss_split()
         except Exception as exc:  # a peer that fails on this model is reported, not fatal
@@ -178,6 +180,8 @@ def run_peers(sweep, names: list[str], inputs) -> tuple[list[dict], list[dict]]:
             min_seconds_per_step=min(seconds),
             note=f"{variant.package} peer; device peak from torch.cuda only",
         )  # fmt: skip
+        if paired:
+            record["paired_resident_step_seconds"] = paired
         record["steady_rss_bytes"] = steady
         record["rss_before_bytes"] = rss_before
         record.update(rss_split)

@@ -40,6 +40,7 @@ class SweepSpec:
     homes: list[str] = field(default_factory=lambda: ["host"])
     peers: list[str] = field(default_factory=list)
     resident_between: bool = True
+    paired: bool = False  # keep an all-resident copy and alternate steps with it (CPU)
     strategy_options: dict[str, dict] = field(default_factory=dict)
 
 
@@ -67,20 +68,33 @@ def resolve_budget(label: str, model_bytes: int, device: str) -> int:
 
 
 def time_steps(model, inputs: BenchInputs, *, steps: int, warmup: int, device: str,
-               after_warmup: Callable[[], None] | None = None) -> list[float]:
-    """Seconds of each timed DiT call, after ``warmup`` untimed ones."""
+               after_warmup: Callable[[], None] | None = None, reference=None,
+               reference_seconds: list[float] | None = None) -> list[float]:  # fmt: skip
+    """Seconds of each timed DiT call, after ``warmup`` untimed ones.
+
+    With a ``reference`` (an untouched all-resident copy), each timed call is paired with
+    one of the reference, timed just before it into ``reference_seconds``: load from other
+    processes then hits both sides of the ratio alike.
+    """
+
+    def call(m) -> float:
+        start = time.perf_counter()
+        m(inputs.x, inputs.t, inputs.context, inputs.y)
+        machine.synchronize(device)
+        return time.perf_counter() - start
+
     with torch.inference_mode():
         for _ in range(warmup):
-            model(inputs.x, inputs.t, inputs.context, inputs.y)
-        machine.synchronize(device)
+            call(model)
+            if reference is not None:
+                call(reference)
         if after_warmup is not None:
             after_warmup()
         seconds = []
         for _ in range(steps):
-            start = time.perf_counter()
-            model(inputs.x, inputs.t, inputs.context, inputs.y)
-            machine.synchronize(device)
-            seconds.append(time.perf_counter() - start)
+            if reference is not None and reference_seconds is not None:
+                reference_seconds.append(call(reference))
+            seconds.append(call(model))
     return seconds
 
 
@@ -120,6 +134,7 @@ class Sweep:
         self.skipped: list[dict] = []
         self.resident: list[float] = []  # medians of the all-resident measurements, in order
         self.resident_min: list[float] = []  # and their fastest steps
+        self.reference = None  # all-resident twin for paired timing
 
     # ---------------------------------------------------------------- building
     def _build(self):
@@ -161,6 +176,11 @@ class Sweep:
         self.log(f"resident: {record['seconds_per_step']:.3f} s/step")
         return record
 
+    @property
+    def _between(self) -> bool:
+        """Resident timings between runs are only needed when steps are not paired."""
+        return self.spec.resident_between and not self.spec.paired
+
     def _progress(self) -> None:
         if self.on_progress is not None:
             self.on_progress(self.runs, self.skipped)
@@ -187,8 +207,10 @@ class Sweep:
                 before["rss"] = machine.peak_rss_bytes()
                 machine.reset_peak_rss()
 
+            paired: list[float] = []
             seconds = time_steps(model, inputs, steps=s.steps, warmup=s.warmup, device=s.device,
-                                 after_warmup=snapshot)  # fmt: skip
+                                 after_warmup=snapshot, reference=self.reference,
+                                 reference_seconds=paired)  # fmt: skip
             steady_rss = machine.peak_rss_bytes()
             rss_split = _rss_split()
             stats = handle.stats()
@@ -221,6 +243,8 @@ class Sweep:
         )  # fmt: skip
         record["steady_rss_bytes"] = steady_rss
         record["rss_before_bytes"] = rss_before
+        if paired:
+            record["paired_resident_step_seconds"] = paired
         record.update(rss_split)
         record["group_size"] = stats.group_size
         record["prefetch_depth"] = stats.prefetch_depth
@@ -247,11 +271,14 @@ class Sweep:
                  f"(+{profile.non_block_bytes / 2**20:.1f} MiB outside blocks); "
                  f"workload: {s.workload.description}, {s.workload.tokens} tokens")  # fmt: skip
 
+        if s.paired:
+            self.reference = self._build().to(s.device)
+            self.log("paired timing: every step alternates with an all-resident copy")
         self.runs.append(self.measure_resident(model, inputs))
         self._progress()
         for strategy, budget in s.runs:
             self._offloadkit_runs(model, inputs, profile, strategy, budget)
-        if len(self.resident) < 2 or not s.resident_between:
+        if len(self.resident) < 2 or not self._between:
             self.runs.append(self.measure_resident(model, inputs))
 
         if s.peers:
@@ -298,7 +325,6 @@ class Sweep:
 
     def _one_offloadkit_run(self, model, inputs, strategy: str, budget: str, budget_bytes: int,
                             home: str) -> None:  # fmt: skip
-        s = self.spec
         label = f"{strategy} @ {budget} ({home})"
         try:
             record = self.measure_offloadkit(model, inputs, strategy, budget, budget_bytes, home)
@@ -309,7 +335,7 @@ class Sweep:
         self.runs.append(record)
         self.log(f"{label}: {record['seconds_per_step']:.3f} s/step, peak "
                  f"{record['peak_device_bytes'] / 2**20:.1f} MiB of {budget_bytes / 2**20:.1f} MiB")  # fmt: skip
-        if s.resident_between:
+        if self._between:
             self.runs.append(self.measure_resident(model, inputs))
 
     def _skip(self, strategy: str, budget: str, home: str | None, reason) -> None:
@@ -331,6 +357,9 @@ class Sweep:
             else:
                 baseline = statistics.fmean(self.resident[index : index + 2])
                 fastest = min(self.resident_min[index : index + 2])
+            paired = record.get("paired_resident_step_seconds")
+            if paired:
+                baseline, fastest = statistics.median(paired), min(paired)
             record["resident_seconds_per_step"] = baseline
             if record.get("seconds_per_step") is not None and baseline > 0:
                 record["ratio_to_resident"] = record["seconds_per_step"] / baseline
