@@ -18,6 +18,7 @@ from turbowan.pipeline.latents_io import latents_path_for, load_latents
 from turbowan.pipeline.video_io import read_video
 
 RUN = dict(frames=5, width=32, height=32, steps=4, seed=1)
+TINY = dict(frames=5, width=16, height=16, steps=1, seed=1)  # for runs that only test plumbing
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +180,7 @@ def test_interrupt_during_decode_saves_latents(pipe, tmp_path, monkeypatch):
     monkeypatch.setattr(pipe, "decode", interrupted)
     assert latents_path_for(target).name == "v.latents.safetensors"
     with pytest.raises(KeyboardInterrupt) as err:
-        pipe.generate(output=target, **{**RUN, "steps": 1})
+        pipe.generate(output=target, **TINY)
     assert isinstance(err.value, DecodeInterrupted)
     assert latents_path_for(target).is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["v.latents.safetensors"]
@@ -193,6 +194,6 @@ def test_interrupt_while_writing_leaves_no_video(pipe, tmp_path, monkeypatch):
 
     monkeypatch.setattr(video_io, "_write_av", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        pipe.generate(output=tmp_path / "v.mp4", **{**RUN, "steps": 1})
+        pipe.generate(output=tmp_path / "v.mp4", **TINY)
     # only the rescued latents remain; no partial or temporary video file
     assert [p.name for p in tmp_path.iterdir()] == ["v.latents.safetensors"]

@@ -396,7 +396,7 @@ class I2VPipeline:
     ) -> GenerationResult:
         """Generate one clip. With ``output`` the video is written there (atomically); if
         decoding fails the latents are saved as ``<output>.latents.safetensors``."""
-        settings, pil = self._check_generate(
+        settings, pil = self._check_inputs(
             image, prompt, frames, resolution, aspect_ratio, width, height, steps, sigma_max,
             boundary, seed, ode, resize, output, fps, quality,
         )
@@ -438,7 +438,26 @@ class I2VPipeline:
 
     __call__ = generate
 
-    def _check_generate(self, image, prompt, frames, resolution, aspect_ratio, width, height,
+    def check_inputs(self, image: Any = None, prompt: str | None = None, **options: Any) -> dict[str, Any]:
+        """Validate and resolve a run's settings (defaults filled in) without running it.
+
+        Takes the keyword arguments of :meth:`generate`; raises ``PreflightError`` listing
+        every problem. Loads nothing.
+        """
+        names = ("frames", "resolution", "aspect_ratio", "width", "height", "steps", "sigma_max",
+                 "boundary", "seed", "ode", "resize", "output", "fps", "quality")
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown}; generate() takes {', '.join(names)}")
+        defaults = dict(frames=None, resolution=None, aspect_ratio=None, width=None, height=None,
+                        steps=4, sigma_max=DEFAULT_SIGMA_MAX, boundary=DEFAULT_BOUNDARY, seed=0,
+                        ode=False, resize=DEFAULT_RESIZE, output=None, fps=DEFAULT_FPS,
+                        quality=DEFAULT_QUALITY)
+        merged = {**defaults, **options}
+        settings, _ = self._check_inputs(image, prompt, *(merged[n] for n in names))
+        return settings
+
+    def _check_inputs(self, image, prompt, frames, resolution, aspect_ratio, width, height,
                         steps, sigma_max, boundary, seed, ode, resize, output, fps, quality):
         from turbowan.pipeline import demo as demo_mod
 

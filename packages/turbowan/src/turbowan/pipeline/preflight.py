@@ -184,29 +184,69 @@ def check_model_file(role: str, path: str | os.PathLike[str]) -> str:
         specs = read_tensor_specs(p)
     except ValueError as exc:
         raise ValueError(f"{flag}: {exc}") from exc
+    summary, report = _family_summary(family, specs, p, flag)
+    if report is not None and not report.ok:
+        raise ValueError(
+            f"{flag} {str(p)!r} does not match the model it claims to be "
+            f"(`turbowan check {p}` prints the full comparison):\n{report.format(limit=6)}"
+        )
+    return summary
+
+
+def _compare_with_preset(family_module: str, preset: str, specs: dict[str, Any], source: str,
+                         **options: str):
+    """Key/shape/dtype comparison with one known preset (header data only)."""
+    import importlib
+
+    from turbowan.checkpoint.report import compare_specs, module_specs
+
+    module = importlib.import_module(family_module)
+    expected = module_specs(module.build_manifest_model(preset, **options))
+    return compare_specs(expected, specs, source=source, expected_label=f"preset {preset}")
+
+
+def _family_summary(family: str, specs: dict[str, Any], p: Path, flag: str) -> tuple[str, Any]:
+    """The file is of the family its role needs (a DiT, the Wan2.1 VAE, a umT5 encoder), and
+    every key/shape/dtype matches the model of that family it describes."""
     try:
         if family == "dit":
+            from turbowan.checkpoint.report import check_specs
             from turbowan.dit.config import config_from_state_dict
+            from turbowan.dit.keys import normalize_dit_keys
 
-            layout = config_from_state_dict(specs)
+            layout = config_from_state_dict(normalize_dit_keys(specs)[0])
             if layout.config.in_dim != 36:
                 raise ValueError(
                     f"this DiT takes {layout.config.in_dim} input channels; the I2V experts take 36 "
                     "(noise 16 + mask 4 + image latents 16): a T2V or TI2V checkpoint will not work"
                 )
-            return layout.describe()
+            return layout.describe(), check_specs(specs, source=str(p))
         if family == "vae":
+            from turbowan.vae.config import PRESETS as VAE_PRESETS
             from turbowan.vae.config import config_from_state_dict as vae_config
+            from turbowan.vae.loading import strip_prefix
 
             cfg = vae_config(specs)
-            return f"Wan2.1 VAE (dim {cfg.dim})"
+            preset = next((n for n, c in VAE_PRESETS.items() if c == cfg), None)
+            report = None
+            if preset is not None:  # another width is checked key by key when it loads
+                report = _compare_with_preset("turbowan.vae.config", preset, strip_prefix(specs), str(p))
+            return f"Wan2.1 VAE (dim {cfg.dim})", report
+        from turbowan.text_encoder.config import PRESETS as TE_PRESETS
         from turbowan.text_encoder.config import config_from_state_dict as te_config
         from turbowan.text_encoder.naming import to_wan_names
 
         all_shapes = {k: v.shape for k, v in specs.items()}
-        renamed, _ = to_wan_names(all_shapes, all_shapes, source=str(p))
+        renamed, naming = to_wan_names(all_shapes, all_shapes, source=str(p))
         cfg = te_config(renamed, source=str(p))
-        return f"umT5 encoder (dim {cfg.dim}, {cfg.num_layers} layers)"
+        preset = next((n for n, c in TE_PRESETS.items() if c == cfg), None)
+        report = None
+        if preset is not None:
+            fp8 = "scaled" if any(k.endswith("scale_weight") for k in specs) else "none"
+            report = _compare_with_preset(
+                "turbowan.text_encoder.config", preset, specs, str(p), naming=naming, fp8=fp8,
+            )
+        return f"umT5 encoder (dim {cfg.dim}, {cfg.num_layers} layers, {naming} names)", report
     except ValueError as exc:
         raise ValueError(f"{flag} {str(p)!r}: {exc}") from exc
 
@@ -237,18 +277,30 @@ def check_image(image: Any, collector: _Collector | None = None) -> Any:
     return img
 
 
-def check_tokenizer(tokenizer: str | os.PathLike[str] | None, collector: _Collector | None = None) -> None:
-    if tokenizer is None or not isinstance(tokenizer, (str, os.PathLike)):
+def check_tokenizer(tokenizer: Any, collector: _Collector | None = None) -> None:
+    """A tokenizer path must exist and be a umT5 tokenizer (pad 0, EOS 1); it is small, so
+    it is opened here. None (found next to the text encoder) and "demo" pass through."""
+    if tokenizer is None or tokenizer == "demo" or not isinstance(tokenizer, (str, os.PathLike)):
         return
     p = Path(tokenizer)
     own = collector is None
     c = collector or _Collector()
     if not p.exists():
         c.add(
-            f"--tokenizer {str(p)!r} does not exist; pass the umT5 tokenizer (a directory with "
-            "tokenizer.json or spiece.model, e.g. google/umt5-xxl) or leave it out to use the "
-            "one named by the text encoder"
+            f"--tokenizer {str(p)!r} does not exist; pass the umT5 tokenizer (spiece.model, "
+            "tokenizer.json or a folder holding one, e.g. from google/umt5-xxl) or leave it "
+            "out to use the one stored with the text encoder"
         )
+    else:
+        from turbowan.text_encoder.tokenizer import UMT5Tokenizer
+
+        def load() -> None:
+            try:
+                UMT5Tokenizer.from_file(p)
+            except (ValueError, OSError) as exc:
+                raise ValueError(f"--tokenizer: {exc}") from exc
+
+        c.check(load)
     if own:
         c.raise_if_any()
 
