@@ -209,6 +209,7 @@ def test_plugin_returning_a_non_strategy_is_skipped(make_plugin: MakePlugin) -> 
     ):
         names = offloadkit.list_strategies()
     assert set(BUILTINS) <= set(names)
+    assert registry.get_plugin_manager().get_plugin("offloadkit-odd") is None  # fully skipped
 
 
 def test_disable_plugins_keeps_third_party_out_without_importing_them(

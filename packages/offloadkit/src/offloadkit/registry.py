@@ -101,6 +101,7 @@ class _Registry:
                     raise PluginError(failure.message()) from exc
                 self.failures.append(failure)
                 warnings.warn(failure.message(), PluginLoadWarning, stacklevel=4)
+                self.plugin_manager.unregister(name=impl.plugin_name)  # none of its hooks run
                 continue
             for cls in classes:
                 record = StrategyRecord(cls.name, plugin, dist, _one_line(cls), cls)
