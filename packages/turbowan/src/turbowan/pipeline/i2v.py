@@ -361,14 +361,17 @@ class I2VPipeline:
         runner = _ExpertRunner(self, timings, stage_low=needs_low)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         try:
-            return rcm_sample(
+            latents = rcm_sample(
                 runner.expert("high"), runner.expert("low") if needs_low else None,
                 y=y.to(self.device), context=context.to(self.device), steps=steps,
                 sigma_max=sigma_max, boundary=boundary, ode=ode, generator=generator,
                 net_dtype=self.dtype, timestep_dtype=torch.bfloat16, callback=callback,
             ).cpu()
-        finally:
-            runner.close()
+        except BaseException:
+            runner.close(wait=False)  # Ctrl-C must not wait for the staging read to finish
+            raise
+        runner.close()
+        return latents
 
     # ------------------------------------------------------------------ the whole run
     def generate(
@@ -588,8 +591,10 @@ class _ExpertRunner:
             cm.__exit__(None, None, None)
             self.pipe._release_device_cache()
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Release the placed expert; ``wait=False`` leaves a staging read running (it is a
+        daemon thread, and its result is dropped)."""
         self._deactivate()
-        if self._thread is not None and self._thread.is_alive():
+        if wait and self._thread is not None and self._thread.is_alive():
             self._thread.join()
         self._staged.clear()
