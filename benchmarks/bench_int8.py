@@ -68,6 +68,26 @@ def test_int8_linear(benchmark: BenchmarkFixture, path: str, shape, dtype_name: 
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+@pytest.mark.parametrize("path", ["linear", "int8_fast", "int8_triton"])
+def test_int8_linear_cuda(benchmark: BenchmarkFixture, path: str) -> None:
+    """A14B ffn.0 at a 480p-like token count, bf16 on the GPU (fast vs Triton W8A8)."""
+    m, k, n = 8192, 5120, 13824
+    x, w, bias, layer = _operands(m, k, n, torch.bfloat16)
+    x, w, bias, layer = x.cuda(), w.cuda(), bias.cuda(), layer.cuda()
+    layer.mode = "triton" if path == "int8_triton" else "fast"
+    benchmark.group = "int8 a14b ffn.0 cuda bf16"
+
+    def call():
+        out = F.linear(x, w, bias) if path == "linear" else layer(x)
+        torch.cuda.synchronize()
+        return out
+
+    with torch.inference_mode():
+        out = benchmark.pedantic(call, rounds=10, warmup_rounds=2)
+    assert torch.isfinite(out).all()
+
+
 def _min_time(fn, *args, rounds: int = 5) -> float:
     fn(*args)
     best = float("inf")

@@ -11,6 +11,8 @@ compute dtype. Two compute paths:
 * ``mode="fast"`` dequantises the weight to the compute dtype and calls ``F.linear``
   (W8A16, what runs when no int8 GEMM is available). It does not quantise activations, so
   it differs from the reference path by the activation rounding (see tests for the bound).
+* ``mode="triton"`` runs the reference numerics as a Triton int8 GEMM (CUDA, or the
+  interpreter under ``TRITON_INTERPRET=1``); opt-in, see ``turbowan.quant.int8_triton``.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from torch import nn
 
 TILE = 128
 AMAX_FLOOR = 1e-8
-Int8Mode = Literal["fast", "reference"]
-MODES: tuple[str, ...] = ("fast", "reference")
+Int8Mode = Literal["fast", "reference", "triton"]
+MODES: tuple[str, ...] = ("fast", "reference", "triton")
 
 
 def _tiles(n: int) -> int:
@@ -191,6 +193,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._mode == "reference":
             return int8_linear_reference(x, self.int8_weight, self.scale, self.bias)
+        if self._mode == "triton":
+            from turbowan.quant.int8_triton import int8_linear_triton
+
+            return int8_linear_triton(x, self.int8_weight, self.scale, self.bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
