@@ -96,7 +96,7 @@ def test_check_truncated_file(capsys, tiny_files, tmp_path):
     raw = (tmp_path / "full.pth").read_bytes()
     (tmp_path / "cut.pth").write_bytes(raw[: len(raw) // 2])
     code, out = cli(capsys, "check", str(tmp_path / "cut.pth"))
-    assert code == 2 and "cannot read the file" in out
+    assert code == 2 and "cannot read the file" in out and "truncated or corrupt" in out
 
 
 def test_check_wrong_preset(capsys, tiny_files):
