@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from offloadkit.api import apply, offloaded
 from offloadkit.budget import parse_budget
+from offloadkit.engine import profile_model
 from offloadkit.errors import (
     BudgetError,
     OffloadError,
@@ -38,5 +39,6 @@ __all__ = [
     "offloaded",
     "parse_budget",
     "probe",
+    "profile_model",
 ]
 __version__ = "0.1.0"
