@@ -110,14 +110,19 @@ def test_decode_rejects_wrong_latent_channels(tiny_vae):
         tiny_vae.decode(torch.zeros(1, 48, 2, 4, 4))
 
 
-def test_wan22_vae_is_rejected_with_the_right_file_named(tmp_path):
-    # The shapes that identify Wan2.2_VAE.pth (z_dim 48, 12-channel patchified input).
-    fake = {
-        "encoder.conv1.weight": torch.zeros(160, 12, 3, 3, 3),
-        "conv1.weight": torch.zeros(96, 96, 1, 1, 1),
-        "conv2.weight": torch.zeros(48, 48, 1, 1, 1),
-        "decoder.conv1.weight": torch.zeros(1024, 48, 3, 3, 3),
-    }
+WAN22_SHAPES = {  # what identifies Wan2.2_VAE.pth: z_dim 48, 12-channel patchified input
+    "encoder.conv1.weight": (160, 12, 3, 3, 3),
+    "conv1.weight": (96, 96, 1, 1, 1),
+    "conv2.weight": (48, 48, 1, 1, 1),
+    "decoder.conv1.weight": (1024, 48, 3, 3, 3),
+}
+
+
+@pytest.mark.parametrize(
+    "keys", [sorted(WAN22_SHAPES), ["conv1.weight"], ["encoder.conv1.weight", "conv2.weight"]]
+)
+def test_wan22_vae_is_rejected_with_the_right_file_named(tmp_path, keys):
+    fake = {k: torch.zeros(WAN22_SHAPES[k]) for k in keys}
     path = tmp_path / "Wan2.2_VAE.pth"
     torch.save(fake, path)
     with pytest.raises(VAECheckpointError) as err:
