@@ -118,16 +118,17 @@ def test_quant_pth_loads_and_round_trips(files, golden):
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc maps")
-def test_pth_tensors_stay_memory_mapped(files):
-    model, _ = _load_original(files["pth_quant"], dtype=torch.bfloat16)
-    ptr = model.blocks[2].ffn[2].int8_weight.data_ptr()
+@pytest.mark.parametrize("kind,attr", [("pth_quant", "int8_weight"), ("st_bf16", "weight")])
+def test_tensors_stay_memory_mapped(files, kind, attr):
+    model, _ = _load_original(files[kind], dtype=torch.bfloat16)
+    ptr = getattr(model.blocks[2].ffn[2], attr).data_ptr()
     mapped = None
     for line in Path("/proc/self/maps").read_text().splitlines():
         span, *rest = line.split()
         lo, hi = (int(x, 16) for x in span.split("-"))
         if lo <= ptr < hi:
             mapped = rest[-1] if len(rest) >= 5 else None
-    assert mapped == str(files["pth_quant"])  # assigned in place: no second copy in RAM
+    assert mapped == str(files[kind])  # assigned in place: no second copy in RAM
 
 
 class _Payload:
