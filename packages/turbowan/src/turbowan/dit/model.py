@@ -8,8 +8,6 @@ engine may swap their parameters for views of a device slot at any time.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -298,11 +296,3 @@ class WanDiT(nn.Module):
             h = block(h, e0, ctx, cos, sin)
         out = self.head(h, e)
         return unpatchify(out, grid, self.config.out_dim)
-
-    def param_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
-
-
-def count_params(module: nn.Module) -> int:
-    """Elements of every tensor in the state dict (parameters and int8/scale buffers)."""
-    return sum(math.prod(t.shape) for t in module.state_dict().values())
