@@ -12,7 +12,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
-DEFAULT_TOKENS = {"tiny": 512, "small": 2048}
+DEFAULT_TOKENS = {"tiny": 256, "small": 512}
 DEFAULT_VIDEO = ("480p", "16:9", 81)
 HOMES = ("pinned", "host", "disk")
 
@@ -44,9 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--home", default="host",
                    help="comma list of home tiers for offloadkit runs: pinned, host, disk")
     p.add_argument("--option", action="append", default=[], metavar="STRATEGY.KEY=VALUE",
-                   help="strategy option, e.g. chunkwise.chunk_size=2 or manual.resident=0,3")
+                   help="strategy option, e.g. chunkwise.chunk_size=2 or manual.resident=0,3 "
+                        "(a comma makes a list: manual.resident=0, is [0])")
     work = p.add_argument_group("workload (default: 480p 16:9 81 frames for A14B, "
-                                "2048 tokens for small, 512 for tiny)")
+                                "512 tokens for small, 256 for tiny)")
     work.add_argument("--resolution", help="480, 480p, 512, 720 or 720p")
     work.add_argument("--aspect-ratio", default="16:9", help="W:H, e.g. 16:9, 1:1")
     work.add_argument("--frames", type=int, help="video frames, 4n+1 (81, 77, 33, 1)")

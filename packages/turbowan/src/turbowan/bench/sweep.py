@@ -135,6 +135,7 @@ class Sweep:
         self.resident: list[float] = []  # medians of the all-resident measurements, in order
         self.resident_min: list[float] = []  # and their fastest steps
         self.reference = None  # all-resident twin for paired timing
+        self._plans: dict[tuple, str] = {}  # plan -> first budget label it was measured at
 
     # ---------------------------------------------------------------- building
     def _build(self):
@@ -316,12 +317,29 @@ class Sweep:
             return
         if budget_bytes < need:
             self._skip(strategy, budget, None,
-                       f"budget {budget_bytes / 2**20:.1f} MiB is below the "
-                       f"{need / 2**20:.1f} MiB this strategy needs")  # fmt: skip
+                       f"budget {budget_bytes / 2**20:.2f} MiB is below the "
+                       f"{need / 2**20:.2f} MiB this strategy needs")  # fmt: skip
+            return
+        same = self._same_plan_as(instance, profile, strategy, budget, budget_bytes)
+        if same is not None:
+            self._skip(strategy, budget, None, f"same plan as {strategy} @ {same}: measured once")
             return
         for home in s.homes:
             self._one_offloadkit_run(model, inputs, strategy, budget, budget_bytes, home)
             self._progress()
+
+    def _same_plan_as(self, instance, profile, strategy: str, budget: str,
+                      budget_bytes: int) -> str | None:  # fmt: skip
+        """The budget label already measured with an identical plan (e.g. layerwise, which
+        ignores extra budget), so a sweep does not time the same placement twice."""
+        try:
+            plan = instance.plan(profile, budget_bytes)
+        except Exception:  # the run itself reports why it cannot plan
+            return None
+        key = (strategy, plan.resident, plan.streamed, plan.group_size, plan.prefetch_depth,
+               plan.num_slots)  # fmt: skip
+        first = self._plans.setdefault(key, budget)
+        return None if first == budget else first
 
     def _one_offloadkit_run(self, model, inputs, strategy: str, budget: str, budget_bytes: int,
                             home: str) -> None:  # fmt: skip
