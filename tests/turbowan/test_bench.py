@@ -204,3 +204,29 @@ def test_cli_errors_name_the_problem(argv, message, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("turbowan-bench: error:") and message in err
+
+
+# ------------------------------------------------------------------ argument helpers
+
+
+def test_percent_budgets_are_a_share_of_the_model_and_pairs_expand():
+    from turbowan.bench.sweep import resolve_budget, strategy_budget_pairs
+
+    assert resolve_budget("25%", 1000, "cpu") == 250
+    assert resolve_budget("512MiB", 1000, "cpu") == 512 * 2**20
+    assert strategy_budget_pairs(["layerwise", "adaptive@8GB"], ["50%", "100%"]) == [
+        ("layerwise", "50%"), ("layerwise", "100%"), ("adaptive", "8GB")]
+
+
+def test_peer_names_expand_and_options_parse():
+    from turbowan.bench.peers import parse_peers
+
+    assert parse_peers("diffusers") == ["diffusers_group", "diffusers_group_stream",
+                                        "diffusers_group_disk"]
+    assert parse_peers("accelerate_disk_offload,accelerate") == [
+        "accelerate_disk_offload", "accelerate_cpu_offload"]
+    assert cli.parse_options(["manual.resident=0,4", "chunkwise.chunk_size=2",
+                              "manual.resident_file=x.json"]) == {
+        "manual": {"resident": [0, 4], "resident_file": "x.json"},
+        "chunkwise": {"chunk_size": 2}}
+    assert cli.parse_options(["manual.resident=3,"]) == {"manual": {"resident": [3]}}
