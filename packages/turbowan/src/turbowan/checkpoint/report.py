@@ -232,7 +232,10 @@ def describe_specs(found: Mapping[str, Any]) -> str:
     layout = _detect_dit(found)
     if layout is not None:
         return layout.describe()
-    best = _best_non_dit_match(found, source="")
+    return _describe_match(_best_non_dit_match(found, source=""))
+
+
+def _describe_match(best: tuple[str, dict[str, str], MismatchReport] | None) -> str:
     if best is None:
         return "nothing turbowan knows (no DiT, VAE or text-encoder preset is close)"
     preset, options, report = best
@@ -286,9 +289,9 @@ def check_specs(
     opts = {k: v for k, v in options.items() if v is not None}
     found, _prefix, _dropped = normalize_dit_keys(found)
     layout = _detect_dit(found)
-    looks_like = describe_specs(found)
+    best = _best_non_dit_match(found, source=source) if layout is None else None
+    looks_like = layout.describe() if layout is not None else _describe_match(best)
     if preset is None and layout is None:
-        best = _best_non_dit_match(found, source=source)
         if best is None:
             report = MismatchReport(source=source, expected_label="any known preset")
             report.unexpected = list(found)
@@ -320,6 +323,12 @@ def _check_dit(
 ) -> MismatchReport:
     from turbowan.dit.config import build_manifest_model
 
+    extra = sorted(set(options) - {"quant", "attention"})
+    if extra:
+        raise ValueError(
+            f"option(s) {', '.join(extra)} do not apply to a DiT preset; DiT options are "
+            "quant and attention"
+        )
     detected = (
         {"quant": layout.quant, "attention": layout.attention}
         if layout is not None
