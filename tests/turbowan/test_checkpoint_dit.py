@@ -224,6 +224,15 @@ def test_sla_attention_calls_the_op_with_proj_l(files, golden, monkeypatch):
     torch.testing.assert_close(out, _run(dense, golden), rtol=0, atol=0)
 
 
+def test_detect_layout_from_header(files):
+    from turbowan.dit.loading import detect_layout
+
+    quant = detect_layout(files["pth_quant"])
+    assert (quant.quant, quant.attention, quant.preset_name()) == ("int8", "sla", "tiny")
+    plain = detect_layout(files["st_bf16"])
+    assert (plain.quant, plain.config.num_layers, plain.config.ffn_dim) == ("none", 3, 512)
+
+
 def test_quantize_refuses_quantized_input(files):
     quant = torch.load(files["pth_quant"], weights_only=True)
     with pytest.raises(ValueError, match="already int8"):

@@ -70,7 +70,8 @@ def load_dit(
     width/128) and the quantisation come from the file. ``attention="original"`` accepts
     and ignores the SLA ``proj_l`` weights that every TurboWan file carries (one warning).
     ``dtype`` is the compute dtype (default: the file's, bf16 for the real files); norm
-    weights stay fp32. ``int8_mode`` picks the Int8Linear path ("fast" or "reference").
+    weights stay fp32. ``int8_mode`` picks the Int8Linear path: "fast" (dequantise, default),
+    "reference" (upstream W8A8 numerics in torch) or "triton" (the same on a Triton kernel).
     """
     _validate_args(attention, sla_topk, dtype, int8_mode)
     device = torch.device(device)
