@@ -90,6 +90,12 @@ def load_state_dict(path: str | os.PathLike[str], *, mmap: bool = True) -> dict[
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:
+        text = str(exc)
+        if "zip archive" in text or "PytorchStreamReader" in text or "central directory" in text:
+            raise CheckpointReadError(
+                f"{path}: truncated or corrupt .pth archive ({text.splitlines()[0]}); "
+                "re-download the file"
+            ) from exc
         # weights_only refuses pickles that would import or call anything: report, never run
         raise CheckpointReadError(
             f"{path}: refused or unreadable as a weights-only checkpoint ({exc}). "

@@ -245,6 +245,16 @@ def _describe_match(best: tuple[str, dict[str, str], MismatchReport] | None) -> 
     return f"closest is {label} ({report.summary()})"
 
 
+def _family_keys(module: Any, found: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Let a family drop its wrapper prefixes (e.g. ComfyUI's ``first_stage_model.``) first.
+
+    A family module may define ``normalize_checkpoint_keys(specs) -> specs``; its loader
+    accepts those prefixes, so the header check must too.
+    """
+    normalize = getattr(module, "normalize_checkpoint_keys", None)
+    return normalize(found) if normalize is not None else found
+
+
 def _best_non_dit_match(
     found: Mapping[str, Any], *, source: str
 ) -> tuple[str, dict[str, str], MismatchReport] | None:
@@ -266,7 +276,10 @@ def _best_non_dit_match(
             except Exception:  # a family that cannot build this variant is simply not a match
                 continue
             report = compare_specs(
-                expected, found, source=source, expected_label=_option_label(preset, options)
+                expected,
+                _family_keys(module, found),
+                source=source,
+                expected_label=_option_label(preset, options),
             )
             if best is None or _score(report) < _score(best[2]):
                 best = (preset, dict(options), report)
@@ -284,7 +297,7 @@ def check_specs(
     only a preset compares shapes; give them to insist on a layout.
     """
     from turbowan.dit.keys import normalize_dit_keys
-    from turbowan.presets import PRESET_FAMILIES
+    from turbowan.presets import PRESET_FAMILIES, family_module
 
     opts = {k: v for k, v in options.items() if v is not None}
     found, _prefix, _dropped = normalize_dit_keys(found)
@@ -306,7 +319,10 @@ def check_specs(
         )
     expected = expected_specs(preset, **opts)
     report = compare_specs(
-        expected, found, source=source, expected_label=_option_label(preset, opts)
+        expected,
+        _family_keys(family_module(preset), found),
+        source=source,
+        expected_label=_option_label(preset, opts),
     )
     report.looks_like = looks_like
     return report

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -187,3 +188,19 @@ def build_manifest_model(
     if fp8 == "scaled":
         view.register_buffer("scaled_fp8", torch.empty(0, dtype=torch.float8_e4m3fn, device="meta"))
     return view
+
+
+T = TypeVar("T")
+
+
+def normalize_checkpoint_keys(specs: Mapping[str, T]) -> dict[str, T]:
+    """Drop a wrapper prefix (e.g. ``text_encoders.umt5xxl.transformer.``) from a header.
+
+    The naming scheme (wan or comfy) is kept: `turbowan check` compares against both.
+    """
+    from turbowan.text_encoder.naming import strip_prefix
+
+    _naming, prefix = strip_prefix(list(specs))
+    if not prefix:
+        return dict(specs)
+    return {k[len(prefix) :]: v for k, v in specs.items() if k.startswith(prefix)}

@@ -78,6 +78,9 @@ def strip_prefix(state: Mapping[str, T]) -> dict[str, T]:
     return dict(state)
 
 
+normalize_checkpoint_keys = strip_prefix  # the hook `turbowan check` applies to a header
+
+
 def _shape(value: Any) -> tuple[int, ...]:
     """Shape of a tensor or of a TensorSpec (both have ``.shape``)."""
     return tuple(int(s) for s in value.shape)
