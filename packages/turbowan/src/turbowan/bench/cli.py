@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure all-resident only at the start and end (saves time on CUDA)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", metavar="PATH", help="write peak memory vs slowdown as PNG")
+    p.add_argument("--markdown", metavar="PATH", help="write the runs as a markdown table")
     plan = p.add_argument_group("plan mode")
     plan.add_argument("--plan", action="store_true",
                       help="predict each strategy's plan per card size for the full A14B (meta)")
@@ -337,6 +338,14 @@ def run_sweep(args, argv: list[str]) -> int:
     if args.json:
         write_json(args.json, document)
         log(f"wrote {args.json}")
+    if args.markdown:
+        from pathlib import Path
+
+        from turbowan.bench.report import markdown_runs
+
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(markdown_runs(document) + "\n")
+        log(f"wrote {args.markdown}")
     if args.plot:
         title = f"{args.preset} {args.quant} {args.attention}, {workload.description}, {device}"
         write_plot(args.plot, result["runs"], title)

@@ -166,3 +166,34 @@ def write_plot(path: str | Path, runs: Sequence[dict], title: str) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _mib(n) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def markdown_runs(document: dict) -> str:
+    """The runs of a sweep document as a markdown table (MiB, seconds, ratios), for results/."""
+    lines = [
+        "| strategy | home | budget | budget MiB | peak device MiB | peak RSS MiB | RSS in steps MiB "
+        "| s/step (median) | x resident (median) | x resident (fastest) | MB moved/step | GB/s "
+        "| stall s | OOM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in document["runs"]:
+        moved = r.get("bytes_per_step")
+        lines.append(
+            f"| {r['strategy']} | {r.get('home') or '-'} | {r.get('budget') or '-'} "
+            f"| {_mib(r.get('budget_bytes'))} | {_mib(r.get('peak_device_bytes'))} "
+            f"| {_mib(r.get('peak_rss_bytes'))} | {_mib(r.get('steady_rss_bytes'))} "
+            f"| {_fmt(r.get('seconds_per_step'), '.2f')} | {_fmt(r.get('ratio_to_resident'), '.3f')} "
+            f"| {_fmt(r.get('min_ratio_to_resident'), '.3f')} "
+            f"| {'-' if moved is None else format(moved / 1e6, '.1f')} "
+            f"| {_fmt(r.get('achieved_gbps'), '.1f')} | {_fmt(r.get('stall_seconds'), '.3f')} "
+            f"| {_fmt(r.get('oom_recoveries'), 'd')} |"
+        )
+    skipped = document.get("skipped", [])
+    if skipped:
+        lines.append("")
+        lines += [f"- skipped {s['strategy']} @ {s['budget']}: {s['reason']}" for s in skipped]
+    return "\n".join(lines)
