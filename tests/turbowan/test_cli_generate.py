@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from turbowan.cli.main import main
 from turbowan.pipeline.video_io import read_video
 
 SMALL = ["--frames", "5", "--width", "32", "--height", "16", "--steps", "2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    """What `turbowan generate` uses for the demo: tiny tensors run faster on one thread,
+    and generate/decode must use the same count to give the same pixels."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_demo_writes_the_video_and_says_it_is_noise(tmp_path, capsys):
@@ -38,7 +49,10 @@ def test_bad_input_exits_2_before_any_work(tmp_path, capsys, monkeypatch):
     assert "unknown video extension '.mkv'" in capsys.readouterr().err
     assert main(["generate", "-o", str(tmp_path / "v.mp4"), "--offload", "nope"]) == 2
     assert "unknown strategy 'nope'" in capsys.readouterr().err
+    assert main(["generate", "-o", str(tmp_path / "v.mp4"), "--threads", "0"]) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+    assert torch.get_num_threads() == 1  # the command restored the caller's thread count
 
 
 def test_some_but_not_all_checkpoints(tmp_path, capsys):

@@ -21,6 +21,16 @@ RUN = dict(frames=5, width=32, height=32, steps=4, seed=1)
 TINY = dict(frames=5, width=16, height=16, steps=1, seed=1)  # for runs that only test plumbing
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    """What `turbowan generate` uses for the demo: tiny tensors run faster on one thread,
+    and generate/decode must use the same count to give the same pixels."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("demo_weights")
@@ -88,6 +98,7 @@ def test_stage_summary_has_every_stage_with_memory(first):
     for stage in first.timings.stages[:-1]:
         assert stage.seconds > 0
         assert stage.peak_device_bytes is not None and stage.peak_device_bytes > 0
+    assert "read in the background" in first.timings.get("sampling (low expert)").note
     text = first.timings.summary(device="cpu")
     assert "sampling (low expert)" in text and "KiB" in text
 

@@ -26,17 +26,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", default="auto", help="device memory for the VAE's weights")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: as recorded)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: as recorded")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; "
+                   "1 for demo latents)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from turbowan.cli.generate import cpu_threads
     from turbowan.pipeline.decode import decode_latents_file
+    from turbowan.pipeline.latents_io import load_latents
 
     budget = int(args.budget) if str(args.budget).isdigit() else args.budget
     try:
-        path, timings = decode_latents_file(
-            args.latents, output=args.output, vae=args.vae, fps=args.fps, quality=args.quality,
-            strategy=args.offload, budget=budget, device=args.device, dtype=args.dtype,
-        )
+        demo = bool(load_latents(args.latents)[1].get("demo")) and args.vae is None
+        with cpu_threads(args.threads, demo):
+            path, timings = decode_latents_file(
+                args.latents, output=args.output, vae=args.vae, fps=args.fps,
+                quality=args.quality, strategy=args.offload, budget=budget, device=args.device,
+                dtype=args.dtype,
+            )
     except ValueError as exc:
         print(f"turbowan decode: error: {exc}", file=sys.stderr)
         return 2

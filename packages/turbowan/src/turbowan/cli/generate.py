@@ -71,6 +71,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     place.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if present; demo: cpu)")
     place.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
                        help="compute dtype (default bf16 on CUDA, fp32 on CPU)")
+    place.add_argument("--threads", type=int,
+                       help="CPU threads for torch (default: torch's choice; demo: 1, because "
+                       "its tiny tensors gain nothing from more and busy cores make them slower)")
 
 
 def _progress(total: int):
@@ -85,12 +88,47 @@ def _progress(total: int):
     return bar, callback
 
 
+def cpu_threads(requested: int | None, demo: bool):
+    """Context manager: set torch's CPU thread count for this command, restore it after."""
+    import contextlib
+
+    import torch
+
+    @contextlib.contextmanager
+    def scope():
+        before = torch.get_num_threads()
+        wanted = requested if requested is not None else (1 if demo else None)
+        if wanted is not None:
+            if wanted < 1:
+                raise ValueError(f"--threads must be at least 1, got {wanted}")
+            torch.set_num_threads(wanted)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    return scope()
+
+
 def run(args: argparse.Namespace) -> int:
+    given = [f for f in MODEL_FLAGS if getattr(args, f) is not None]
+    demo = not given
+    try:
+        threads = cpu_threads(args.threads, demo)
+        threads.__enter__()
+    except ValueError as exc:
+        print(f"turbowan generate: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        return _run(args, demo)
+    finally:
+        threads.__exit__(None, None, None)
+
+
+def _run(args: argparse.Namespace, demo: bool) -> int:
     from turbowan.pipeline.i2v import DecodeFailedError, DecodeInterrupted, I2VPipeline
     from turbowan.pipeline.preflight import PreflightError
 
-    given = [f for f in MODEL_FLAGS if getattr(args, f) is not None]
-    demo = not given
     budget = int(args.budget) if str(args.budget).isdigit() else args.budget
     try:
         if demo:

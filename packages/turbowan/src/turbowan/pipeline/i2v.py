@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -564,8 +565,11 @@ class _ExpertRunner:
                 self._thread.start()  # read the low expert while the high one samples
         else:
             if self._thread is not None:
+                start = time.perf_counter()
                 self._thread.join()
                 self._thread = None
+                self.stage.note = (f"read in the background while the high expert sampled; "
+                                   f"waited {time.perf_counter() - start:.2f} s at the switch")
             if "error" in self._staged:
                 raise self._staged.pop("error")
             model = self._staged.pop("model", None) or self.pipe._load_expert(self.pipe.files.low)
