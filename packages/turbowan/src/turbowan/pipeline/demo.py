@@ -22,8 +22,9 @@ DEMO_HEIGHT = 128
 DEMO_PROMPT = "a red kite drifts over green hills under a low sun, the camera pans slowly right"
 DEMO_VAE_PRESET = "wan2.1-vae-tiny"
 DEMO_TEXT_PRESET = "umt5-tiny"
-# SLA keeps floor(topk * key blocks); a 128x128 clip has only a few 64-token key blocks, so
-# the demo keeps half of them (the real default 0.1 would keep none and give NaN).
+# SLA keeps floor(topk * key blocks), at least one; a 128x128 clip has only 5 key blocks of
+# 64 tokens, where the real default 0.1 would keep a single block. The demo keeps half, so the
+# block selection really chooses.
 DEMO_SLA_TOPK = 0.5
 # bf16 weights like the non-quant TurboWan files: on the CPU the int8 path dequantises every
 # weight at every call, which costs more than the tiny matmuls themselves.
