@@ -50,11 +50,16 @@ EOF
 if [ -n "${SKIP_INSTALL:-}" ]; then
     stamp "SKIP_INSTALL set: using the packages already installed"
 elif [ -d "$WHEELS" ]; then
-    stamp "installing wheels from $WHEELS (one by one; a missing one is reported, not fatal)"
-    grep -v '^\s*#' benchmarks/gpu_requirements.txt | grep -v '^\s*$' | while read -r req; do
-        "$VPY" -m pip install -q --no-index --no-deps --find-links "$WHEELS" "$req" >/dev/null 2>&1 \
-            || echo "warning: could not install $req from $WHEELS"
-    done
+    stamp "installing wheels from $WHEELS"
+    REQS=$(grep -v '^\s*#' benchmarks/gpu_requirements.txt | grep -v '^\s*$')
+    # shellcheck disable=SC2086
+    if ! "$VPY" -m pip install -q --no-index --no-deps --find-links "$WHEELS" $REQS >/dev/null 2>&1; then
+        echo "one install failed; installing one by one (a missing wheel is reported, not fatal)"
+        for req in $REQS; do
+            "$VPY" -m pip install -q --no-index --no-deps --find-links "$WHEELS" "$req" >/dev/null 2>&1 \
+                || echo "warning: could not install $req from $WHEELS"
+        done
+    fi
 else
     stamp "no $WHEELS/ directory: using what is installed (peers may be skipped)"
 fi
