@@ -400,6 +400,9 @@ class I2VPipeline:
     ) -> GenerationResult:
         """Generate one clip. With ``output`` the video is written there (atomically); if
         decoding fails the latents are saved as ``<output>.latents.safetensors``."""
+        if save_latents and output is None:
+            raise preflight.PreflightError(
+                ["save_latents=True needs output= (the latents go next to the video)"])
         settings, pil = self._check_inputs(
             image, prompt, frames, resolution, aspect_ratio, width, height, steps, sigma_max,
             boundary, seed, ode, resize, output, fps, quality,
@@ -560,7 +563,9 @@ class _ExpertRunner:
         self._stage_cm = self.timings.stage(f"sampling ({name} expert)")
         self.stage = self._stage_cm.__enter__()
         if name == "high":
+            start = time.perf_counter()
             model = self.pipe._load_expert(self.pipe.files.high)
+            self.stage.note = f"loaded in {time.perf_counter() - start:.2f} s"
             if self._thread is not None:
                 self._thread.start()  # read the low expert while the high one samples
         else:
