@@ -21,12 +21,18 @@ import offloadkit
 from turbowan.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from turbowan.comfyui.conditioning import conditioning_to_context
 from turbowan.comfyui.install import SHIM, install
-from turbowan.pipeline.demo import DEMO_PROMPT, DEMO_SLA_TOPK, demo_image, write_demo_checkpoints
-from turbowan.pipeline.i2v import I2VPipeline
+from turbowan.pipeline.demo import (
+    DEMO_PROMPT,
+    DEMO_SLA_TOPK,
+    demo_files,
+    demo_image,
+    write_demo_checkpoints,
+)
+from turbowan.pipeline.i2v import I2VPipeline, ModelFiles
 from turbowan.pipeline.video_io import read_video
 
 RUN = dict(num_frames=5, num_steps=4, resolution="480p", aspect_ratio="16:9", boundary=0.9,
-           sigma_max=200.0, seed=1, use_ode=False, width=32, height=32, resize="crop")
+           sigma_max=200.0, seed=1, use_ode=False, width=16, height=16, resize="crop")
 
 
 class ComfyStandIn:
@@ -65,10 +71,39 @@ class ComfyStandIn:
                 standin.progress.append((value, total or self.total))
 
         utils.ProgressBar = ProgressBar
+
+        # for offloadkit's comfy_native strategy: a patcher that loads the module whole
+        self.full_loads: list[int] = []
+
+        class ModelPatcher:
+            def __init__(self, model, load_device, offload_device, size=0):
+                self.model, self.load_device, self.offload_device, self.size = (
+                    model, load_device, offload_device, size)
+                model.model_loaded_weight_memory = 0
+
+            def loaded_size(self):
+                return self.model.model_loaded_weight_memory
+
+            def unpatch_model(self, device_to=None, unpatch_weights=True):
+                self.model.to(device_to)
+                self.model.model_loaded_weight_memory = 0
+
+        def load_models_gpu(models, memory_required=0, force_patch_weights=False,
+                            minimum_memory_required=None, force_full_load=False):
+            for patcher in models:
+                assert force_full_load
+                patcher.model.to(patcher.load_device)
+                patcher.model.model_loaded_weight_memory = patcher.size
+                self.full_loads.append(patcher.size)
+
+        mm.unet_offload_device = lambda: torch.device("cpu")
+        mm.load_models_gpu = load_models_gpu
+        patcher_mod = types.ModuleType("comfy.model_patcher")
+        patcher_mod.ModelPatcher = ModelPatcher
         comfy = types.ModuleType("comfy")
-        comfy.model_management, comfy.utils = mm, utils
+        comfy.model_management, comfy.utils, comfy.model_patcher = mm, utils, patcher_mod
         self.modules = {"folder_paths": fp, "comfy": comfy, "comfy.model_management": mm,
-                        "comfy.utils": utils}
+                        "comfy.utils": utils, "comfy.model_patcher": patcher_mod}
 
     def _soft_empty_cache(self, force: bool = False) -> None:
         self.empty_cache_calls += 1
@@ -103,10 +138,13 @@ def comfy(models_dir, tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def reference(models_dir):
     """The same run through I2VPipeline directly, and the demo prompt's text states."""
-    pipe = I2VPipeline.demo(directory=models_dir, sla_topk=DEMO_SLA_TOPK)
+    files = demo_files(models_dir)
+    pipe = I2VPipeline(ModelFiles(high=files.high, low=files.low, vae=files.vae,
+                                  text_encoder=files.text_encoder, tokenizer="demo"),
+                       device=torch.device("cpu"), dtype=torch.float32, sla_topk=DEMO_SLA_TOPK)
     context = pipe.encode_prompt(DEMO_PROMPT)
-    result = pipe.generate(demo_image(), DEMO_PROMPT, frames=RUN["num_frames"], width=32,
-                           height=32, steps=4, seed=1, sigma_max=200.0, boundary=0.9, ode=False)
+    result = pipe.generate(demo_image(), DEMO_PROMPT, frames=RUN["num_frames"], width=16,
+                           height=16, steps=4, seed=1, sigma_max=200.0, boundary=0.9, ode=False)
     frames = ((result.video[0].permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1)
     return context, frames
 
@@ -154,9 +192,14 @@ def test_input_types_match_the_original_nodes_without_their_bugs(comfy):
     assert saver.OUTPUT_NODE is True and saver.RETURN_TYPES == ()
 
 
-def test_nodes_give_the_same_frames_as_the_pipeline(comfy, reference):
+def test_nodes_give_the_same_frames_as_the_pipeline(comfy, reference, monkeypatch):
     context, expected = reference
     high, low, vae = load_models()
+    import turbowan.dit.loading
+
+    loaded, real_load_dit = [], turbowan.dit.loading.load_dit
+    monkeypatch.setattr(turbowan.dit.loading, "load_dit",
+                        lambda path, **kw: loaded.append(Path(path).name) or real_load_dit(path, **kw))
     image = comfy_image(demo_image())
     # ComfyUI's umT5 rows: the prompt rows then zeros; hand over only the rows up to the last
     # non-zero one, so the node's padding back to 512 rows is exercised too
@@ -166,9 +209,11 @@ def test_nodes_give_the_same_frames_as_the_pipeline(comfy, reference):
     assert torch.equal(conditioning_to_context(conditioning, context.shape[-1]), context.to(torch.bfloat16).float())
     conditioning = [[context[:, :rows].clone(), {"pooled_output": None}]]
     (frames,) = NODE_CLASS_MAPPINGS["TurboDiffusionI2VSampler"]().sample(high, low, conditioning, vae, image, **RUN)
-    assert frames.shape == (5, 32, 32, 3) and frames.dtype == torch.float32
+    assert frames.shape == (5, 16, 16, 3) and frames.dtype == torch.float32
     assert float(frames.min()) >= 0.0 and float(frames.max()) <= 1.0
-    assert torch.equal(frames, expected)
+    assert torch.equal(frames, expected) and float(frames.std()) > 0.01
+    # 4 steps: t = 0.995, 0.934 (high expert), 0.853, 0.609 (low expert, t < boundary 0.9)
+    assert sorted(loaded) == ["demo_dit_high.safetensors", "demo_dit_low.safetensors"]
     # ComfyUI saw the progress of every step and was asked to make room for the weights
     assert comfy.progress == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert len(comfy.free_memory_calls) == 1
@@ -177,12 +222,17 @@ def test_nodes_give_the_same_frames_as_the_pipeline(comfy, reference):
     assert comfy.empty_cache_calls >= 1
 
 
-def test_other_offload_strategy_gives_the_same_frames(comfy, reference):
+def test_comfy_native_strategy_gives_the_same_frames(comfy, reference):
     context, expected = reference
-    high, low, vae = load_models(strategy="layerwise", budget="1GiB")
+    high, low, vae = load_models(strategy="comfy_native", budget="1GiB")
     (frames,) = NODE_CLASS_MAPPINGS["TurboDiffusionI2VSampler"]().sample(
         high, low, [[context, {}]], vae, comfy_image(demo_image()), **RUN)
     assert torch.equal(frames, expected)
+    # ComfyUI loaded each model whole: VAE (encode), high, low, VAE (decode); on the CPU the
+    # bf16 weights run in float32, so more bytes than the file holds
+    assert len(comfy.full_loads) == 4
+    assert comfy.full_loads[1] == comfy.full_loads[2] > high.nbytes
+    assert comfy.full_loads[0] == comfy.full_loads[3] > 0
 
 
 def test_cancel_button_stops_sampling_between_steps(comfy, reference):
@@ -240,7 +290,7 @@ def test_mismatched_loaders_and_bad_images_are_refused(comfy, reference):
         sampler.sample(high, _low, [[context, {}]], "not a vae", image, **RUN)
     # two steps never reach the low expert: a mismatched low loader does not matter then
     (frames,) = sampler.sample(high, low_other, [[context, {}]], vae, image,
-                               **{**RUN, "num_steps": 1, "width": 16, "height": 16})
+                               **{**RUN, "num_steps": 1})
     assert frames.shape == (5, 16, 16, 3)
 
 
