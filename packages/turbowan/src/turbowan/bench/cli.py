@@ -329,7 +329,10 @@ def run_sweep(args, argv: list[str]) -> int:
         if args.json:
             write_json(args.json, {**document, "runs": runs, "skipped": skipped})
 
-    result = Sweep(spec, log=log, on_progress=save_partial).run()
+    try:
+        result = Sweep(spec, log=log, on_progress=save_partial).run()
+    except MemoryError as exc:
+        raise UsageError(str(exc)) from None
     print()
     print(runs_table(result["runs"]))
     if result["skipped"]:

@@ -64,6 +64,17 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def estimate_model_bytes(preset: str, *, quant: str = "int8", attention: str = "sla",
+                         dtype: torch.dtype = torch.float32) -> int:  # fmt: skip
+    """Bytes of the preset's weights at this compute dtype, from a ``meta`` build."""
+    from turbowan.dit.config import get_preset
+    from turbowan.dit.model import WanDiT
+
+    with torch.device("meta"):
+        model = WanDiT(get_preset(preset), quant=quant, attention=attention, dtype=dtype)
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
 def build_bench_model(
     preset: str, *, quant: str = "int8", attention: str = "sla", dtype: torch.dtype = torch.float32,
     seed: int = 0,

@@ -177,6 +177,37 @@ class Sweep:
         self.log(f"resident: {record['seconds_per_step']:.3f} s/step")
         return record
 
+    def _resident_run(self, model, inputs: BenchInputs) -> None:
+        """All-resident baseline; a model that does not fit on the device leaves ratios empty."""
+        try:
+            self.runs.append(self.measure_resident(model, inputs))
+        except torch.OutOfMemoryError as exc:
+            model.to("cpu")
+            torch.cuda.empty_cache()
+            self._skip("resident", "-", None, f"all weights do not fit on {self.spec.device} ({exc})"
+                       "; ratios to all-resident are left empty")  # fmt: skip
+
+    def _check_host_memory(self) -> None:
+        """Refuse before building a model the host cannot hold; drop the paired copy if only
+        one fits. Figures come from the model built on meta (no allocation)."""
+        import psutil
+
+        from turbowan.bench.models import estimate_model_bytes
+
+        s = self.spec
+        need = estimate_model_bytes(s.preset, quant=s.quant, attention=s.attention, dtype=s.dtype)
+        available = psutil.virtual_memory().available
+        if need > 0.9 * available:
+            raise MemoryError(
+                f"{s.preset} with {str(s.dtype).removeprefix('torch.')} compute needs "
+                f"{need / 2**30:.1f} GiB of host RAM for its weights, {available / 2**30:.1f} GiB "
+                "is available: use a smaller --preset, --dtype bfloat16, or --plan (no weights)"
+            )
+        if s.paired and 2 * need > 0.9 * available:
+            s.paired = False
+            self.log(f"paired timing off: a second copy ({need / 2**30:.1f} GiB) does not fit in "
+                     f"{available / 2**30:.1f} GiB of free RAM")  # fmt: skip
+
     @property
     def _between(self) -> bool:
         """Resident timings between runs are only needed when steps are not paired."""
@@ -258,12 +289,9 @@ class Sweep:
         from offloadkit.engine.profile import profile_model
 
         s = self.spec
+        self._check_host_memory()
         model = self._build()
-        config = model.config if hasattr(model, "config") else None
-        if config is None:
-            from turbowan.dit.config import get_preset
-
-            config = get_preset(s.preset)
+        config = model.config
         inputs = bench_inputs(config, s.workload, dtype=s.dtype, seed=s.seed).to(s.device)
         profile = profile_model(model, device=s.device)
         self.model_bytes = profile.total_bytes
@@ -275,12 +303,12 @@ class Sweep:
         if s.paired:
             self.reference = self._build().to(s.device)
             self.log("paired timing: every step alternates with an all-resident copy")
-        self.runs.append(self.measure_resident(model, inputs))
+        self._resident_run(model, inputs)
         self._progress()
         for strategy, budget in s.runs:
             self._offloadkit_runs(model, inputs, profile, strategy, budget)
-        if len(self.resident) < 2 or not self._between:
-            self.runs.append(self.measure_resident(model, inputs))
+        if self.resident and (len(self.resident) < 2 or not self._between):
+            self._resident_run(model, inputs)
 
         if s.peers:
             del model
@@ -353,8 +381,8 @@ class Sweep:
         self.runs.append(record)
         self.log(f"{label}: {record['seconds_per_step']:.3f} s/step, peak "
                  f"{record['peak_device_bytes'] / 2**20:.1f} MiB of {budget_bytes / 2**20:.1f} MiB")  # fmt: skip
-        if self._between:
-            self.runs.append(self.measure_resident(model, inputs))
+        if self._between and self.resident:
+            self._resident_run(model, inputs)
 
     def _skip(self, strategy: str, budget: str, home: str | None, reason) -> None:
         text = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
@@ -369,6 +397,8 @@ class Sweep:
                 record["resident_seconds_per_step"] = record["seconds_per_step"]
                 record["ratio_to_resident"] = record["min_ratio_to_resident"] = 1.0
                 continue
+            if not self.resident and not record.get("paired_resident_step_seconds"):
+                continue  # no baseline could be measured: ratios stay empty
             if index is None or index < 0:
                 baseline = statistics.median(self.resident)
                 fastest = min(self.resident_min)
