@@ -298,7 +298,8 @@ class I2VPipeline:
         return self._vae
 
     def _vae_blocks(self, vae: torch.nn.Module) -> list[torch.nn.Module]:
-        # encoder, decoder and the two 1x1x1 convs: four placement units, each run whole
+        # the encoder and the decoder are the two streamable blocks; the small 1x1x1 convs
+        # around them stay on the device while the VAE is placed
         return [vae.encoder, vae.decoder]
 
     def encode_image(self, image: Any, frames: int, width: int, height: int, resize: str,
