@@ -76,16 +76,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        "its tiny tensors gain nothing from more and busy cores make them slower)")
 
 
-def _progress(total: int):
-    from tqdm import tqdm
+class _Progress:
+    """Stage announcements on stderr, and a tqdm bar over the sampling steps that starts
+    when sampling starts (so its rate is not skewed by the text encoder and VAE)."""
 
-    bar = tqdm(total=total, desc="sampling", unit="step", file=sys.stderr, leave=True)
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.bar = None
 
-    def callback(info) -> None:
-        bar.set_postfix_str(f"{info.expert} expert, t={info.t:.3f}")
-        bar.update(1)
+    def on_stage(self, name: str) -> None:
+        if name.startswith("sampling"):
+            if self.bar is None:
+                from tqdm import tqdm
 
-    return bar, callback
+                self.bar = tqdm(total=self.total, desc="sampling", unit="step", file=sys.stderr)
+            return
+        self.close()
+        print(f"{name} ...", file=sys.stderr, flush=True)
+
+    def on_step(self, info) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{info.expert} expert, t={info.t:.3f}")
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def cpu_threads(requested: int | None, demo: bool):
@@ -147,18 +164,20 @@ def _run(args: argparse.Namespace, demo: bool) -> int:
                 device=args.device, dtype=args.dtype, attention=args.attention,
                 sla_topk=0.1 if args.sla_topk is None else args.sla_topk,
             )
-        bar, callback = _progress(args.steps if 1 <= args.steps <= 4 else 0)
+        from turbowan.pipeline.timings import Timings
+
+        progress = _Progress(args.steps if 1 <= args.steps <= 4 else 0)
         try:
             result = pipe.generate(
                 args.image, args.prompt, frames=args.frames, resolution=args.resolution,
                 aspect_ratio=args.aspect_ratio, width=args.width, height=args.height,
                 steps=args.steps, sigma_max=args.sigma_max, boundary=args.boundary,
-                seed=args.seed, ode=args.ode, resize=args.resize, callback=callback,
+                seed=args.seed, ode=args.ode, resize=args.resize, callback=progress.on_step,
                 output=args.output, fps=args.fps, quality=args.quality,
-                save_latents=args.save_latents,
+                save_latents=args.save_latents, timings=Timings(on_start=progress.on_stage),
             )
         finally:
-            bar.close()
+            progress.close()
     except (PreflightError, ValueError) as exc:
         print(f"turbowan generate: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

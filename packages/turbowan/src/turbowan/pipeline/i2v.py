@@ -398,9 +398,13 @@ class I2VPipeline:
         quality: int = DEFAULT_QUALITY,
         save_latents: bool = False,
         decode: bool = True,
+        timings: Timings | None = None,
     ) -> GenerationResult:
         """Generate one clip. With ``output`` the video is written there (atomically); if
-        decoding fails the latents are saved as ``<output>.latents.safetensors``."""
+        decoding fails the latents are saved as ``<output>.latents.safetensors``.
+
+        ``callback`` gets a :class:`StepInfo` after every sampling step; ``timings`` (e.g.
+        ``Timings(on_start=print)``) collects the stages and can announce each one."""
         if save_latents and output is None:
             raise preflight.PreflightError(
                 ["save_latents=True needs output= (the latents go next to the video)"])
@@ -408,7 +412,7 @@ class I2VPipeline:
             image, prompt, frames, resolution, aspect_ratio, width, height, steps, sigma_max,
             boundary, seed, ode, resize, output, fps, quality,
         )
-        timings = Timings()
+        timings = timings if timings is not None else Timings()
         self._ensure_demo_files()
         context = self.encode_prompt(settings["prompt"], timings)
         y = self.encode_image(pil, settings["frames"], settings["width"], settings["height"],

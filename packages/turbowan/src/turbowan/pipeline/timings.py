@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -20,12 +20,16 @@ class Stage:
 
 @dataclass
 class Timings:
-    """Ordered stages of one run."""
+    """Ordered stages of one run; ``on_start`` (optional) is told each stage's name as it
+    begins, so a front end can show what a long run is doing."""
 
     stages: list[Stage] = field(default_factory=list)
+    on_start: Callable[[str], None] | None = None
 
     @contextmanager
     def stage(self, name: str) -> Iterator[Stage]:
+        if self.on_start is not None:
+            self.on_start(name)
         record = Stage(name)
         start = time.perf_counter()
         try:
