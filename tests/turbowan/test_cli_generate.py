@@ -31,6 +31,10 @@ def test_demo_writes_the_video_and_says_it_is_noise(tmp_path, capsys):
     assert "--high" in captured.err  # says how to point it at real checkpoints
     for stage in ("text encoder", "VAE encode", "sampling (high expert)", "VAE decode", "total"):
         assert stage in captured.err
+    # each stage is announced as it starts, then the progress bar runs over the 2 steps
+    announced = [line for line in captured.err.splitlines() if line.endswith(" ...")]
+    assert announced == ["text encoder ...", "VAE encode ...", "VAE decode ...", "write video ..."]
+    assert "2/2" in captured.err
     assert f"wrote {out} (5 frames, 32x16, 16 fps, seed 7)" in captured.out
     assert sorted(p.name for p in out.parent.iterdir()) == ["demo.mp4"]
 
