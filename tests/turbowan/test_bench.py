@@ -148,9 +148,10 @@ def test_predicted_peak_is_what_adaptive_places_on_tiny():
 
 
 def test_tiny_sweep_json_schema(tmp_path):
-    out = tmp_path / "sweep.json"
+    out, png, md = tmp_path / "sweep.json", tmp_path / "sweep.png", tmp_path / "sweep.md"
     rc = cli.main(["--preset", "tiny", "--attention", "original", "--tokens", "16",
-                   "--strategies", "layerwise,cpu_only", "--budgets", "100%",
+                   "--strategies", "layerwise,cpu_only", "--budgets", "95%,100%",
+                   "--plot", str(png), "--markdown", str(md),
                    "--home", "host,disk", "--steps", "1", "--warmup", "0",
                    "--no-resident-between", "--peers", "accelerate_disk_offload",
                    "--json", str(out)])  # fmt: skip
@@ -167,7 +168,7 @@ def test_tiny_sweep_json_schema(tmp_path):
         assert set(RUN_KEYS) <= set(run)
         assert run["seconds_per_step"] > 0 and run["ratio_to_resident"] > 0
     for run in (r for r in runs if r["kind"] == "offloadkit"):
-        assert run["budget_bytes"] == doc["model_bytes"]
+        assert run["budget"] == "95%" and run["budget_bytes"] == int(doc["model_bytes"] * 0.95)
         assert run["peak_device_bytes"] <= run["budget_bytes"] and run["within_budget"]
         assert run["oom_recoveries"] == 0
         # on CPU every step is paired with a step of an all-resident copy
@@ -177,6 +178,12 @@ def test_tiny_sweep_json_schema(tmp_path):
     layerwise = [r for r in runs if r["strategy"] == "layerwise"]
     assert all(r["streamed_blocks"] == 3 and r["bytes_transferred"] > 0 for r in layerwise)
     assert {r["home"] for r in layerwise} == {"host", "disk"}
+    # layerwise and cpu_only ignore the extra 5 %: the same plan is measured once
+    same = [s for s in doc["skipped"] if s["budget"] == "100%"]
+    assert {s["strategy"] for s in same} == {"layerwise", "cpu_only"}
+    assert all("same plan as" in s["reason"] for s in same)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert md.read_text().count("\n| layerwise |") == 2
     peer = [r for r in runs if r["kind"] == "peer"]
     if peer:  # accelerate installed (the `peers` extra)
         assert peer[0]["strategy"] == "accelerate_disk_offload" and peer[0]["peak_rss_bytes"] > 0

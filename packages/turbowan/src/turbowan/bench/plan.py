@@ -9,12 +9,18 @@ compute time, measured here or given by the user.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 from turbowan.bench.simulate import simulate_step
 from turbowan.bench.workload import Workload
+
+if TYPE_CHECKING:
+    from offloadkit import ModelProfile, Plan
+
+    from turbowan.dit.config import DiTConfig
 
 DEFAULT_CARDS = "8GB,12GB,16GB,20GB,24GB,48GB,80GB"
 # CUDA context, cuBLAS workspaces and allocator slack that no weight may use (estimate).
@@ -48,7 +54,7 @@ def parse_cards(text: str) -> list[Card]:
     return cards
 
 
-def activation_bytes(config, tokens: int, *, dtype_bytes: int = 2, batch: int = 1) -> int:
+def activation_bytes(config: DiTConfig, tokens: int, *, dtype_bytes: int = 2, batch: int = 1) -> int:
     """Estimate of the largest activation working set inside one DiT block (bytes).
 
     Counted: the fp32 residual stream, the normalised/modulated input, q, k, v and attention
@@ -62,7 +68,7 @@ def activation_bytes(config, tokens: int, *, dtype_bytes: int = 2, batch: int = 
     return int(batch * tokens * per_token + dequantised_weight)
 
 
-def block_flops(config, tokens: int, *, attention: str = "sla", batch: int = 1) -> float:
+def block_flops(config: DiTConfig, tokens: int, *, attention: str = "sla", batch: int = 1) -> float:
     """FLOPs of one block's forward at ``tokens`` tokens (matmuls only)."""
     dim, ffn, text = config.dim, config.ffn_dim, config.text_len
     linear = 2 * tokens * (4 * dim * dim + 2 * dim * dim + 2 * dim * ffn) + 2 * text * 2 * dim * dim
@@ -74,7 +80,7 @@ def block_flops(config, tokens: int, *, attention: str = "sla", batch: int = 1) 
 
 
 def plan_strategy_rows(
-    profile,
+    profile: ModelProfile,
     strategies: Sequence[str],
     cards: Sequence[Card],
     *,
@@ -135,7 +141,7 @@ def plan_strategy_rows(
     return rows
 
 
-def plan_summary(plan) -> dict:
+def plan_summary(plan: Plan) -> dict:
     """The fields of an offloadkit Plan that the table and the JSON show."""
     return {
         "resident_count": len(plan.resident),
@@ -151,7 +157,7 @@ def plan_summary(plan) -> dict:
     }
 
 
-def meta_profile(preset: str, *, quant: str, attention: str, device: str = "cuda"):
+def meta_profile(preset: str, *, quant: str, attention: str, device: str = "cuda") -> ModelProfile:
     """Profile of ``preset`` built on ``meta``: byte counts only, no memory, no device."""
     from offloadkit.engine.profile import profile_model
     from turbowan.dit.config import build_manifest_model
@@ -170,9 +176,7 @@ def measured_rates(device: str) -> tuple[float, float, str]:
     return bandwidth, flops, f"measured on this machine's {device}"
 
 
-def block_seconds_for(config, workload: Workload, attention: str, flops_rate: float) -> float:
+def block_seconds_for(config: DiTConfig, workload: Workload, attention: str,
+                      flops_rate: float) -> float:  # fmt: skip
+    """Predicted compute seconds of one block: its matmul FLOPs at a measured rate."""
     return block_flops(config, workload.tokens, attention=attention, batch=workload.batch) / flops_rate
-
-
-def round_up_gib(n: int) -> float:
-    return math.ceil(n / 2**30 * 100) / 100

@@ -68,7 +68,8 @@ def _count(blocks) -> str:
 def runs_table(runs: Sequence[dict]) -> str:
     """One line per run: memory, time and traffic side by side."""
     headers = [
-        "strategy", "home", "budget GiB", "peak dev GiB", "peak RSS GiB", "s/step", "x resident",
+        "strategy", "home", "budget GiB", "peak dev GiB", "peak RSS GiB", "RSS steps GiB",
+        "s/step", "x resident", "x res. fastest",
         "res/str", "GB/step", "GB/s", "stall s", "OOM",
     ]  # fmt: skip
     rows = []
@@ -79,8 +80,10 @@ def runs_table(runs: Sequence[dict]) -> str:
             gib(r.get("budget_bytes")),
             gib(r.get("peak_device_bytes")),
             gib(r.get("peak_rss_bytes")),
+            gib(r.get("steady_rss_bytes")),
             _fmt(r.get("seconds_per_step"), ".3f"),
             _fmt(r.get("ratio_to_resident"), ".3f"),
+            _fmt(r.get("min_ratio_to_resident"), ".3f"),
             f"{_count(r.get('resident_blocks'))}/{_count(r.get('streamed_blocks'))}",
             _fmt(None if r.get("bytes_per_step") is None else r["bytes_per_step"] / 1e9, ".2f"),
             _fmt(r.get("achieved_gbps"), ".1f"),
