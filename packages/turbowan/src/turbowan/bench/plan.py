@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 from turbowan.bench.simulate import simulate_step
@@ -19,7 +18,6 @@ from turbowan.bench.workload import Workload
 
 if TYPE_CHECKING:
     from offloadkit import ModelProfile, Plan
-
     from turbowan.dit.config import DiTConfig
 
 DEFAULT_CARDS = "8GB,12GB,16GB,20GB,24GB,48GB,80GB"
