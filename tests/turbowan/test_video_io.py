@@ -59,6 +59,18 @@ def test_gif_loops_forever(tmp_path):
         assert img.n_frames == 3
 
 
+def test_written_file_has_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        path = write_video(_frames(3), tmp_path / "p.mp4")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
 def test_failure_leaves_no_file(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt

@@ -148,6 +148,13 @@ def _write_gif(frames: np.ndarray, target: str, fps: float) -> None:
     )
 
 
+def _new_file_mode() -> int:
+    """The mode an ordinary new file gets under the current umask (usually 0644)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_video(
     frames: np.ndarray | torch.Tensor,
     path: str | os.PathLike[str],
@@ -169,6 +176,7 @@ def write_video(
             _write_gif(frames, tmp, fps)
         else:
             _write_av(frames, tmp, suffix[1:], fps, quality)
+        os.chmod(tmp, _new_file_mode())  # mkstemp makes 0600; a video should be like any file
         os.replace(tmp, path)
     except BaseException:  # includes KeyboardInterrupt: never leave the partial file behind
         Path(tmp).unlink(missing_ok=True)
