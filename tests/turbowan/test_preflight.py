@@ -213,6 +213,23 @@ def test_missing_tokenizer(files, nothing_loads, tmp_path):
     _from_files(files, nothing_loads, r"--tokenizer .* does not exist", tokenizer=tmp_path / "tok")
 
 
+def test_no_tokenizer_anywhere(files, nothing_loads):
+    # the demo text encoder embeds no tokenizer and none lies next to it
+    _from_files(files, nothing_loads, r"no tokenizer for the text encoder .*pass --tokenizer",
+                tokenizer=None)
+
+
+def test_tokenizer_found_next_to_the_text_encoder(files, tmp_path):
+    from turbowan.text_encoder.tokenizer import DEMO_TOKENIZER
+
+    te = tmp_path / "umt5.safetensors"
+    shutil.copy(files.text_encoder, te)
+    shutil.copy(DEMO_TOKENIZER, tmp_path / "spiece.model")
+    pipe = I2VPipeline.from_files(high=files.high, low=files.low, vae=files.vae,
+                                  text_encoder=te, tokenizer=None, device="cpu")
+    assert pipe.files.tokenizer is None
+
+
 def test_bad_attention_settings(files, nothing_loads):
     _from_files(files, nothing_loads, r"sla_topk .* in \(0, 1\]", sla_topk=0.0)
     _from_files(files, nothing_loads, r"unknown attention 'flash'", attention="flash")

@@ -190,6 +190,9 @@ def _run(args: argparse.Namespace, demo: bool) -> int:
     except DecodeFailedError as exc:
         print(f"turbowan generate: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as exc:  # e.g. a tokenizer or checkpoint that vanished after the checks
+        print(f"turbowan generate: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     s = result.settings
     print(result.timings.summary(device=s["device"]), file=sys.stderr)
     if result.latents_path is not None:

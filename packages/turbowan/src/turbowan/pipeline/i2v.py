@@ -179,7 +179,7 @@ class I2VPipeline:
                 c.add(f"{preflight.FLAG[role]} is required with real checkpoints: pass "
                       f"{preflight.MODEL_ROLES[role][1]} (or give no paths at all for the demo)")
         paths = {"high": high, "low": low, "vae": vae, "text_encoder": text_encoder}
-        descriptions = preflight.check_model_files(paths, collector=c)
+        descriptions = preflight.check_model_files(paths, collector=c, tokenizer=tokenizer)
         preflight.check_tokenizer(tokenizer, collector=c)
         dev = preflight.check_placement(strategy, budget, device, collector=c)
         preflight.check_attention(attention, sla_topk, collector=c)

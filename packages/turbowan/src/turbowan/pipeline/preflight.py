@@ -170,8 +170,29 @@ def check_attention(attention: str, sla_topk: float, collector: _Collector | Non
         c.raise_if_any()
 
 
-def check_model_file(role: str, path: str | os.PathLike[str]) -> str:
-    """Header check of one checkpoint against the family its role needs; returns a summary."""
+# where the text-encoder loader looks for a tokenizer when none is given
+TOKENIZER_BESIDE = ("spiece.model", "tokenizer.json", "google/umt5-xxl/spiece.model",
+                    "google/umt5-xxl/tokenizer.json")
+EMBEDDED_TOKENIZER_SUFFIX = "spiece_model"
+
+
+def _check_tokenizer_found(p: Path, specs: dict[str, Any]) -> None:
+    """No --tokenizer: the text encoder must embed one or have one next to it."""
+    if any(k.rpartition(".")[2] == EMBEDDED_TOKENIZER_SUFFIX for k in specs):
+        return
+    if any((p.parent / name).is_file() for name in TOKENIZER_BESIDE):
+        return
+    raise ValueError(
+        f"no tokenizer for the text encoder {str(p)!r}: it embeds none and there is no "
+        "spiece.model or tokenizer.json next to it; pass --tokenizer PATH (the umT5 tokenizer, "
+        "e.g. spiece.model or tokenizer.json from google/umt5-xxl)"
+    )
+
+
+def check_model_file(role: str, path: str | os.PathLike[str], *, tokenizer: Any = "given") -> str:
+    """Header check of one checkpoint against the family its role needs; returns a summary.
+
+    For the text encoder with ``tokenizer=None`` it also checks that a tokenizer will be found."""
     family, expected = MODEL_ROLES[role]
     flag = FLAG[role]
     p = Path(path)
@@ -190,6 +211,8 @@ def check_model_file(role: str, path: str | os.PathLike[str]) -> str:
             f"{flag} {str(p)!r} does not match the model it claims to be "
             f"(`turbowan check {p}` prints the full comparison):\n{report.format(limit=6)}"
         )
+    if role == "text_encoder" and tokenizer is None:
+        _check_tokenizer_found(p, specs)
     return summary
 
 
@@ -252,15 +275,17 @@ def _family_summary(family: str, specs: dict[str, Any], p: Path, flag: str) -> t
 
 
 def check_model_files(paths: dict[str, str | os.PathLike[str] | None],
-                      collector: _Collector | None = None) -> dict[str, str]:
-    """Check every given checkpoint; returns role -> one-line description."""
+                      collector: _Collector | None = None, *, tokenizer: Any = "given"
+                      ) -> dict[str, str]:
+    """Check every given checkpoint; returns role -> one-line description. Pass the
+    ``tokenizer`` argument of the run to also check that one will be found."""
     own = collector is None
     c = collector or _Collector()
     found: dict[str, str] = {}
     for role, path in paths.items():
         if path is None:
             continue
-        summary = c.check(lambda role=role, path=path: check_model_file(role, path))
+        summary = c.check(lambda role=role, path=path: check_model_file(role, path, tokenizer=tokenizer))
         if summary is not None:
             found[role] = summary
     if own:
