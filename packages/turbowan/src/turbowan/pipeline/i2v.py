@@ -547,8 +547,9 @@ class _ExpertRunner:
         try:
             model = self.pipe._load_expert(self.pipe.files.low)
             for tensor in model.state_dict().values():  # fault the mmap pages in now
-                if tensor.numel():
-                    tensor.view(-1)[:: max(1, 4096 // max(1, tensor.element_size()))].sum()
+                if tensor.numel() and tensor.is_contiguous():
+                    step = max(1, 4096 // tensor.element_size())  # one element per 4 KiB page
+                    tensor.view(-1)[::step].sum()
             self._staged["model"] = model
         except BaseException as exc:  # re-raised in the sampling thread at the switch
             self._staged["error"] = exc
