@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="TurboDiffusion Wan2.2 image-to-video with offloadkit placement.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module_name in COMMANDS.items():
+    for module_name in COMMANDS.values():
         module = importlib.import_module(module_name)
         module.add_parser(sub)
     return parser
