@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from turbowan.ops.block_map import BlockSelection, select_blocks
-from turbowan.ops.sla_linear import linear_branch, project_linear_branch, rounder
+from turbowan.ops.sla_linear import projected_linear_branch, rounder
 from turbowan.ops.sla_torch import block_sparse_attention_torch
 
 BACKENDS = ("auto", "torch", "triton")
@@ -191,12 +191,13 @@ def sparse_linear_attention(
 
     out = o_sparse
     if proj_weight is not None:
-        o_linear = linear_branch(qh, kh, vh, compute_dtype=cdtype, arith_dtype=arith)
-        projected = project_linear_branch(
-            o_linear, proj_weight, proj_bias, compute_dtype=cdtype, arith_dtype=arith
+        projected = projected_linear_branch(
+            qh, kh, vh, proj_weight, proj_bias, compute_dtype=cdtype, arith_dtype=arith
         )
-        out = rnd(o_sparse + projected)
-    return out.to(q.dtype).transpose(1, 2).contiguous()
+        # o_sparse is a fresh buffer: add in place unless autograd needs it untouched.
+        out = rnd(o_sparse + projected if needs_grad else o_sparse.add_(projected))
+    # A (B, L, H, D) view, like SDPA's output; callers merge heads with flatten/reshape.
+    return out.to(q.dtype).transpose(1, 2)
 
 
 def block_selection(

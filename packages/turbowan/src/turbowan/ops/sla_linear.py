@@ -60,3 +60,34 @@ def project_linear_branch(
     if bias is not None:
         out = out + rnd(bias.to(arith_dtype))
     return rnd(out)
+
+
+def projected_linear_branch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    *,
+    compute_dtype: torch.dtype,
+    arith_dtype: torch.dtype,
+) -> Tensor:
+    """proj_l(o_l) for (B, H, L, D) q, k, v.
+
+    In float32 the projection is folded into the D x D state, (phi_q kv / den) W^T + b =
+    phi_q (kv W^T) / den + b, which saves an L x D x D GEMM and two passes over L x D tensors.
+    Reduced precision keeps upstream's order (o_l is rounded before it is projected).
+    """
+    if compute_dtype != torch.float32 or arith_dtype != torch.float32:
+        o_linear = linear_branch(q, k, v, compute_dtype=compute_dtype, arith_dtype=arith_dtype)
+        return project_linear_branch(
+            o_linear, weight, bias, compute_dtype=compute_dtype, arith_dtype=arith_dtype
+        )
+    phi_q = torch.softmax(q.float(), dim=-1)
+    phi_k = torch.softmax(k.float(), dim=-1)
+    kv = phi_k.transpose(-1, -2) @ v.float()  # (B, H, D, D)
+    k_sum = phi_k.sum(dim=-2).unsqueeze(-1)  # (B, H, D, 1)
+    numerator = phi_q @ (kv @ weight.float().t())
+    denominator = (phi_q @ k_sum).add_(LINEAR_EPS)
+    out = numerator.div_(denominator)
+    return out if bias is None else out.add_(bias.float())
