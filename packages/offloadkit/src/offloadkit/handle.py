@@ -52,7 +52,7 @@ class OffloadHandle:
     def export_trace(self, path: str | Path) -> Path:
         """Write the per-block timeline as Chrome-trace JSON (open in chrome://tracing or
         ui.perfetto.dev) and return the path."""
-        tracks = {"compute": 1, "transfer": 2, "stall": 3}
+        tracks = {"compute": 1, "transfer": 2, "stall": 3, "stage": 4}
         events: list[dict[str, Any]] = [
             {"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": track}}
             for track, tid in tracks.items()
@@ -64,7 +64,7 @@ class OffloadHandle:
                     "cat": ev.track,
                     "ph": "X",
                     "pid": 1,
-                    "tid": tracks.get(ev.track, 4),
+                    "tid": tracks.get(ev.track, 5),
                     "ts": round(ev.start_s * 1e6, 3),
                     "dur": round(ev.duration_s * 1e6, 3),
                     "args": ev.args,

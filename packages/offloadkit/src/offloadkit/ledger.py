@@ -39,6 +39,8 @@ class OffloadStats:
     host_pageable_bytes: int
     disk_bytes: int
     mispredicted_loads: int = 0
+    stage_seconds: float = 0.0  # packing into the home tier (stage(); may run on another thread)
+    place_seconds: float = 0.0  # place(): non-block weights, resident blocks, slots
     block_compute_seconds: dict[int, float] = field(default_factory=dict)  # mean per block
 
     @property
@@ -52,7 +54,7 @@ class TraceEvent:
     """One span on the timeline (Chrome-trace 'complete' event)."""
 
     name: str
-    track: str  # "compute", "transfer" or "stall"
+    track: str  # "compute", "transfer", "stall" or "stage"
     start_s: float
     duration_s: float
     args: dict = field(default_factory=dict)
@@ -78,6 +80,8 @@ class Ledger:
         self.oom_recoveries = 0
         self.replans = 0
         self.mispredicted_loads = 0
+        self.stage_seconds = 0.0
+        self.place_seconds = 0.0
         self._block_time: dict[int, list[float]] = {}  # index -> [total seconds, count]
         self.trace: list[TraceEvent] = []
         self.max_trace_events = max_trace_events
@@ -130,6 +134,18 @@ class Ledger:
             self.stall_seconds += seconds
             self._add_event(TraceEvent(f"wait block {index}", "stall", start_s, seconds))
 
+    def record_stage(self, name: str, start_s: float, seconds: float) -> None:
+        """Time spent packing the model into its home tier (the "pack now" half)."""
+        with self._lock:
+            self.stage_seconds += seconds
+            self._add_event(TraceEvent(name, "stage", start_s, seconds))
+
+    def record_place(self, start_s: float, seconds: float) -> None:
+        """Time spent putting a staged model on the device (the "place later" half)."""
+        with self._lock:
+            self.place_seconds += seconds
+            self._add_event(TraceEvent("place", "stage", start_s, seconds))
+
     def now(self) -> float:
         """Seconds since the ledger started (the trace's time base)."""
         return time.perf_counter() - self.t0
@@ -160,4 +176,6 @@ class Ledger:
                 "host_pageable_bytes": self.host_pageable_bytes,
                 "disk_bytes": self.disk_bytes,
                 "mispredicted_loads": self.mispredicted_loads,
+                "stage_seconds": self.stage_seconds,
+                "place_seconds": self.place_seconds,
             }

@@ -18,6 +18,7 @@ from offloadkit.errors import BudgetError
 if TYPE_CHECKING:
     import torch
 
+    from offloadkit.engine.core import Engine
     from offloadkit.handle import OffloadHandle
     from offloadkit.ledger import OffloadStats
 
@@ -201,7 +202,44 @@ class Strategy:
                 "Raise the budget, or choose strategy='layerwise' or 'cpu_only'."
             )
 
+    def make_plan(self, profile: ModelProfile, budget_bytes: int) -> Plan:
+        """:meth:`plan`, checked: the budget holds the minimum, the plan covers every block,
+        and its predicted peak is within the budget. Raises before anything moves."""
+        self.require_budget(profile, budget_bytes)
+        plan = self.plan(profile, budget_bytes)
+        plan.validate(profile)
+        if plan.predicted_peak_device_bytes > budget_bytes:
+            raise BudgetError(
+                f"strategy {self.name!r} planned {describe_bytes(plan.predicted_peak_device_bytes)}"
+                f" for a budget of {describe_bytes(budget_bytes)}; this is a bug in the strategy"
+            )
+        return plan
+
     # -- mechanism ------------------------------------------------------------------------
+    def stage(
+        self,
+        model: torch.nn.Module,
+        *,
+        device: torch.device,
+        budget_bytes: int,
+        profile: ModelProfile,
+        **engine_options: Any,
+    ) -> Engine:
+        """Plan, then pack ``model`` into its home tier without touching the device (safe on
+        a background thread). ``Engine.place()`` finishes the job later."""
+        from offloadkit.engine import Engine
+
+        plan = self.make_plan(profile, budget_bytes)
+        return Engine(
+            model,
+            profile=profile,
+            plan=plan,
+            strategy=self,
+            device=device,
+            budget_bytes=budget_bytes,
+            **engine_options,
+        )
+
     def apply(
         self,
         model: torch.nn.Module,
@@ -211,27 +249,14 @@ class Strategy:
         profile: ModelProfile,
         **engine_options: Any,
     ) -> OffloadHandle:
-        """Place ``model`` by this strategy's plan using the shared engine."""
-        from offloadkit.engine import Engine
+        """Place ``model`` by this strategy's plan using the shared engine: stage, then
+        place at once. A strategy with its own mechanism overrides this (and then
+        ``offloadkit.stage`` only checks the budget and defers the whole of it to place())."""
         from offloadkit.handle import OffloadHandle
 
-        self.require_budget(profile, budget_bytes)
-        plan = self.plan(profile, budget_bytes)
-        plan.validate(profile)
-        if plan.predicted_peak_device_bytes > budget_bytes:
-            raise BudgetError(
-                f"strategy {self.name!r} planned {describe_bytes(plan.predicted_peak_device_bytes)}"
-                f" for a budget of {describe_bytes(budget_bytes)}; this is a bug in the strategy"
-            )
-        engine = Engine(
-            model,
-            profile=profile,
-            plan=plan,
-            strategy=self,
-            device=device,
-            budget_bytes=budget_bytes,
-            **engine_options,
-        )
+        engine = self.stage(model, device=device, budget_bytes=budget_bytes, profile=profile,
+                            **engine_options)
+        engine.place()
         return OffloadHandle(engine)
 
     def __repr__(self) -> str:

@@ -1,11 +1,16 @@
 """The engine: carries a plan out on a real model and keeps it running.
 
-Lifecycle: non-block tensors go to the device once; every block is packed into its home tier
-(host buffer or disk file) block by block, freeing the originals as it goes; resident blocks
-get their own device buffer; streamed blocks share ``num_slots`` pre-allocated slots. Each
-block's ``forward`` is wrapped: before it runs, its group must be in a slot (prefetched
-earlier, or loaded now on a misprediction) and the transfers for the next groups are issued;
-after the last block of a group runs, its slot is released for reuse.
+Two phases, so a model can be prepared while another one runs ("pack now, place later"):
+
+- **stage** (the constructor; safe on a background thread, touches no device): every block
+  is packed into its home tier (host buffer, pinned on CUDA, or disk file) block by block,
+  freeing the originals as it goes; the model's block tensors point at CPU stand-ins.
+- **place** (:meth:`Engine.place`, on the thread that will run the model): non-block tensors
+  go to the device once; resident blocks get their own device buffer; streamed blocks share
+  ``num_slots`` pre-allocated slots. Each block's ``forward`` is wrapped: before it runs, its
+  group must be in a slot (prefetched earlier, or loaded now on a misprediction) and the
+  transfers for the next groups are issued; after the last block of a group runs, its slot
+  is released for reuse.
 """
 
 from __future__ import annotations
@@ -81,8 +86,8 @@ class Engine:
         self._outside: list[tuple[TensorRef, torch.Tensor]] = []
         self._resident: dict[int, torch.Tensor] = {}
         self._resident_views: dict[int, list[torch.Tensor]] = {}
-        self._placeholders: dict[int, list[torch.Tensor]] = {}
-        self._placeholder_seed: dict[torch.dtype, torch.Tensor] = {}
+        self._placeholders: dict[tuple[int, str], list[torch.Tensor]] = {}
+        self._placeholder_seed: dict[tuple[torch.dtype, str], torch.Tensor] = {}
         self._slots: list[Slot] = []
         self._groups: list[tuple[int, ...]] = []
         self._group_of: dict[int, int] = {}
@@ -91,11 +96,8 @@ class Engine:
         self._packed: set[int] = set()
         self._last_block = max((b.index for b in self.blocks), default=-1)
 
-        self.transport: CpuTransport | CudaTransport
-        if self.device.type == "cuda":
-            self.transport = CudaTransport(self.ledger, self.device, disk=plan.home == "disk")
-        else:
-            self.transport = CpuTransport(self.ledger)
+        self.placed = False
+        self.transport: CpuTransport | CudaTransport | None = None
         self.store: HostStore | DiskStore
         if plan.home == "disk":
             self.store = DiskStore(self.ledger, list(self.blocks), disk_path)
@@ -107,14 +109,44 @@ class Engine:
             self.store = HostStore(self.ledger, pin=self.device.type == "cuda",
                                    pin_limit_bytes=pin_limit_bytes)
         try:
-            self._place_outside()
             self._pack_blocks()
-            self._configure(plan)
-            for block_layout, module in zip(self.blocks, layout.block_modules, strict=True):
+        except BaseException:
+            self.remove()
+            raise
+
+    def place(self, plan: Plan | None = None, budget_bytes: int | None = None) -> None:
+        """Put the staged model on the device: non-block tensors, resident blocks, slots,
+        forward wrappers. ``plan``/``budget_bytes`` replace the staged ones (a budget read
+        at placement time); the home tier stays the staged one. Call it on the thread that
+        runs the model. On failure the model is restored and the engine is spent."""
+        if self._removed:
+            raise OffloadError("this staged model was discarded or removed; stage it again")
+        if self.placed:
+            raise OffloadError("this staged model is already placed; place() runs once")
+        if plan is not None:
+            if plan.home != self.plan.home:
+                plan = dataclasses.replace(plan, home=self.plan.home)
+            self.plan = plan
+        if budget_bytes is not None:
+            self.budget_bytes = budget_bytes
+        start, t = self.ledger.now(), time.perf_counter()
+        try:
+            if self.device.type == "cuda":
+                self.transport = CudaTransport(self.ledger, self.device,
+                                               disk=self.plan.home == "disk")
+            else:
+                self.transport = CpuTransport(self.ledger)
+            self._place_outside()
+            for block in self.blocks:  # device stand-ins until a block's bytes arrive
+                self._bind_block(block.index, self._placeholders_for(block))
+            self._configure(self.plan)
+            for block_layout, module in zip(self.blocks, self.layout.block_modules, strict=True):
                 self._wrappers.append(ForwardWrapper(module, block_layout.index, self._run_block))
         except BaseException:
             self.remove()
             raise
+        self.placed = True
+        self.ledger.record_place(start, time.perf_counter() - t)
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
@@ -158,33 +190,41 @@ class Engine:
             _set_tensor(ref, moved[id(original)])
 
     def _pack_blocks(self) -> None:
-        """Block by block: pack into the home tier, then drop the originals."""
-        for block in self.blocks:
-            self.store.add(block)
-            self._packed.add(block.index)
-            for entry, placeholder in zip(block.entries, self._placeholders_for(block),
-                                          strict=True):
-                _set_tensor(entry.ref, placeholder)
+        """Block by block: pack into the home tier, then drop the originals (the block's
+        tensors point at CPU stand-ins until :meth:`place` binds device ones)."""
+        start, t = self.ledger.now(), time.perf_counter()
+        with torch.no_grad():
+            for block in self.blocks:
+                self.store.add(block)
+                self._packed.add(block.index)
+                stand_ins = self._placeholders_for(block, torch.device("cpu"))
+                for entry, placeholder in zip(block.entries, stand_ins, strict=True):
+                    _set_tensor(entry.ref, placeholder)
         if isinstance(self.store, DiskStore):
             self.store.finish()
             release_memory()
+        self.ledger.record_stage(f"pack {len(self.blocks)} blocks ({self.plan.home})",
+                                 start, time.perf_counter() - t)
 
-    def _placeholders_for(self, block: BlockLayout) -> list[torch.Tensor]:
+    def _placeholders_for(self, block: BlockLayout, device: torch.device | None = None
+                          ) -> list[torch.Tensor]:
         """Stand-ins while a block is not on the device: NaN (or 0) broadcast views, so a
         block run without its weights gives NaN rather than silently stale numbers."""
-        cached = self._placeholders.get(block.index)
+        device = self.device if device is None else device
+        key = (block.index, str(device))
+        cached = self._placeholders.get(key)
         if cached is None:
             with torch.inference_mode(False):
-                cached = [self._placeholder(e) for e in block.entries]
-            self._placeholders[block.index] = cached
+                cached = [self._placeholder(e, device) for e in block.entries]
+            self._placeholders[key] = cached
         return cached
 
-    def _placeholder(self, entry: TensorEntry) -> torch.Tensor:
-        seed = self._placeholder_seed.get(entry.dtype)
+    def _placeholder(self, entry: TensorEntry, device: torch.device) -> torch.Tensor:
+        seed = self._placeholder_seed.get((entry.dtype, str(device)))
         if seed is None:
             fill = float("nan") if entry.dtype.is_floating_point or entry.dtype.is_complex else 0
-            seed = torch.full((1,), fill, dtype=entry.dtype, device=self.device)
-            self._placeholder_seed[entry.dtype] = seed
+            seed = torch.full((1,), fill, dtype=entry.dtype, device=device)
+            self._placeholder_seed[(entry.dtype, str(device))] = seed
         return seed.view([1] * len(entry.shape)).expand(entry.shape)
 
     # ------------------------------------------------------------------ plan in force
@@ -427,7 +467,8 @@ class Engine:
                                    device_free_bytes=memory.free_bytes)
 
     def stats(self) -> OffloadStats:
-        self.transport.resolve()
+        if self.transport is not None:
+            self.transport.resolve()
         snap = self.ledger.snapshot()
         return OffloadStats(
             strategy=self.strategy.name,
@@ -444,7 +485,8 @@ class Engine:
         )
 
     def trace_events(self) -> list[TraceEvent]:
-        self.transport.resolve()
+        if self.transport is not None:
+            self.transport.resolve()
         return list(self.ledger.trace)
 
     def remove(self) -> None:
@@ -454,7 +496,8 @@ class Engine:
             return
         self._removed = True
         try:
-            self.transport.close()
+            if self.transport is not None:
+                self.transport.close()
         finally:
             for wrapper in self._wrappers:
                 wrapper.uninstall()
