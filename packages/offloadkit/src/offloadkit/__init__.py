@@ -7,7 +7,7 @@ strategy; strategies are pluggy plugins found through the ``offloadkit`` entry-p
 
 from __future__ import annotations
 
-from offloadkit.api import apply, offloaded
+from offloadkit.api import apply, offloaded, stage
 from offloadkit.budget import parse_budget
 from offloadkit.engine import profile_model
 from offloadkit.errors import (
@@ -20,6 +20,7 @@ from offloadkit.handle import OffloadHandle
 from offloadkit.ledger import OffloadStats
 from offloadkit.probe import DeviceMemory, probe
 from offloadkit.registry import get_strategy, list_strategies
+from offloadkit.staged import StagedModel
 from offloadkit.strategy import ModelProfile, Plan, Strategy
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "OffloadStats",
     "Plan",
     "PluginError",
+    "StagedModel",
     "Strategy",
     "UnknownStrategyError",
     "apply",
@@ -40,5 +42,6 @@ __all__ = [
     "parse_budget",
     "probe",
     "profile_model",
+    "stage",
 ]
 __version__ = "0.1.0"
