@@ -39,9 +39,11 @@ class ManualStrategy(Strategy):
         )
 
     def min_device_bytes(self, profile: ModelProfile) -> int:
+        """No fallback: the listed set is the plan, so its peak is the minimum."""
         return self._plan(profile).predicted_peak_device_bytes
 
     def require_budget(self, profile: ModelProfile, budget_bytes: int) -> None:
+        """The base message suggests other strategies; here the fix is a shorter list."""
         need = self.min_device_bytes(profile)
         if budget_bytes < need:
             raise BudgetError(
@@ -52,6 +54,7 @@ class ManualStrategy(Strategy):
             )
 
     def plan(self, profile: ModelProfile, budget_bytes: int) -> Plan:
+        """Checked here too, because planners (turbowan-bench) call plan() without apply()."""
         self.require_budget(profile, budget_bytes)
         return self._plan(profile)
 
