@@ -303,3 +303,12 @@ def test_trace_env_prints_hook_calls(
     err = capsys.readouterr().err
     assert "offloadkit_find_blocks [hook]" in err and "model: 'not a model'" in err
     assert "finish offloadkit_find_blocks --> None" in err
+
+
+@pytest.mark.parametrize("value", ["0", "", "false", "no"])
+def test_disable_plugins_only_takes_a_yes(
+    make_plugin: MakePlugin, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    make_plugin("offloadkit-good", strategy_module("good_one"))
+    monkeypatch.setenv(registry.DISABLE_ENV, value)
+    assert "good_one" in offloadkit.list_strategies()
