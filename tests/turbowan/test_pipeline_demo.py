@@ -98,7 +98,10 @@ def test_stage_summary_has_every_stage_with_memory(first):
     for stage in first.timings.stages[:-1]:
         assert stage.seconds > 0
         assert stage.peak_device_bytes is not None and stage.peak_device_bytes > 0
-    assert "read in the background" in first.timings.get("sampling (low expert)").note
+    low = first.timings.get("sampling (low expert)")
+    assert "staged in the background" in low.note and "waited" in low.note
+    assert low.switch["staged_by"] == "turbowan-stage-low"
+    assert low.switch["staged_at"] < low.switch["switch_at"]  # packed before the switch
     text = first.timings.summary(device="cpu")
     assert "sampling (low expert)" in text and "KiB" in text
 
@@ -106,7 +109,7 @@ def test_stage_summary_has_every_stage_with_memory(first):
 def test_same_seed_same_frames_one_model_at_a_time_and_background_staging(pipe, first, monkeypatch):
     """A second run with the same seed gives identical frames. During it: the text encoder is
     released before any DiT is placed; never two experts are placed at once; the low expert
-    is read in another thread while the high one samples."""
+    is read and staged in another thread while the high one samples, and placed at the switch."""
     import offloadkit
 
     events: list[str] = []
@@ -118,8 +121,12 @@ def test_same_seed_same_frames_one_model_at_a_time_and_background_staging(pipe, 
         name = type(model).__name__
         return {"WanDiT": "dit", "TextEncoder": "text", "WanVAE": "vae"}.get(name, name)
 
-    def apply(model, *a, **k):
-        handle = real_apply(model, *a, **k)
+    tracked: set[int] = set()
+
+    def track(model, handle):
+        if id(handle) in tracked:  # apply() is stage() + place(): count the handle once
+            return handle
+        tracked.add(id(handle))
         what = kind(model)
         events.append(f"apply {what}")
         live.append(what)
@@ -134,6 +141,20 @@ def test_same_seed_same_frames_one_model_at_a_time_and_background_staging(pipe, 
         handle.remove = remove
         return handle
 
+    def apply(model, *a, **k):
+        return track(model, real_apply(model, *a, **k))
+
+    real_place = offloadkit.StagedModel.place
+    staged_in: list[str] = []
+    real_stage = offloadkit.stage
+
+    def stage(model, *a, **k):
+        staged_in.append(threading.current_thread().name)
+        return real_stage(model, *a, **k)
+
+    def place(staged):
+        return track(staged.model, real_place(staged))
+
     loads: list[tuple[str, str]] = []
     real_load = pipe._load_expert
 
@@ -142,6 +163,8 @@ def test_same_seed_same_frames_one_model_at_a_time_and_background_staging(pipe, 
         return real_load(path)
 
     monkeypatch.setattr(offloadkit, "apply", apply)
+    monkeypatch.setattr(offloadkit, "stage", stage)
+    monkeypatch.setattr(offloadkit.StagedModel, "place", place)
     monkeypatch.setattr(pipe, "_load_expert", load_expert)
     again = pipe.generate(**RUN)
     assert torch.equal(again.latents, first.latents)
@@ -154,6 +177,7 @@ def test_same_seed_same_frames_one_model_at_a_time_and_background_staging(pipe, 
     assert "high" in high_name and "low" in low_name
     assert high_thread == threading.main_thread().name
     assert low_thread == "turbowan-stage-low"
+    assert staged_in == ["turbowan-stage-low"]  # packed there too, not at the switch
 
 
 def test_decode_failure_keeps_latents_and_decode_cli_finishes(pipe, first, out_dir, monkeypatch):

@@ -32,6 +32,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     io.add_argument("--quality", type=int, default=8, help="1 (small file) .. 10 (near lossless)")
     io.add_argument("--save-latents", action="store_true",
                     help="also keep <output>.latents.safetensors (always kept if decoding fails)")
+    io.add_argument("--vae-tiling", dest="vae_tiling", action="store_true",
+                    help="decode in overlapping spatial tiles: far less device memory for the "
+                    "VAE at 720p, pixels close to (not equal to) an untiled decode")
+    io.add_argument("--vae-tile", dest="vae_tile", type=int, default=256,
+                    help="tile size in pixels with --vae-tiling (multiple of 8; 720p: 7x4 tiles)")
+    io.add_argument("--vae-overlap", dest="vae_overlap", type=int, default=64,
+                    help="pixels blended at each seam with --vae-tiling (multiple of 8)")
 
     models = p.add_argument_group("checkpoints (all or none; none = embedded demo)")
     models.add_argument("--high", help="high-noise expert, e.g. TurboWan2.2-I2V-A14B-high-720P-quant.pth")
@@ -68,6 +75,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="offload strategy (see `offloadkit list`)")
     place.add_argument("--budget", default="auto",
                        help="device memory for weights: auto, 12GiB, 500MB, 80%% or bytes")
+    place.add_argument("--home", choices=["host", "pinned", "disk"], default="host",
+                       help="where the DiT experts' streamed weights live: host RAM (pinned up "
+                       "to half the free RAM on CUDA), pinned (all page-locked: fastest uploads), "
+                       "or disk (a temporary file in $TMPDIR: least host RAM)")
     place.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if present; demo: cpu)")
     place.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
                        help="compute dtype (default bf16 on CUDA, fp32 on CPU)")
@@ -147,6 +158,8 @@ def _run(args: argparse.Namespace, demo: bool) -> int:
     from turbowan.pipeline.preflight import PreflightError
 
     budget = int(args.budget) if str(args.budget).isdigit() else args.budget
+    placement = dict(home=args.home, vae_tiling=args.vae_tiling, vae_tile=args.vae_tile,
+                     vae_overlap=args.vae_overlap)
     try:
         if demo:
             print("turbowan: no checkpoints given, running the embedded demo.", file=sys.stderr)
@@ -156,13 +169,14 @@ def _run(args: argparse.Namespace, demo: bool) -> int:
             pipe = I2VPipeline.demo(
                 strategy=args.offload, budget=budget, device=args.device or "cpu",
                 dtype=args.dtype, attention=args.attention, sla_topk=args.sla_topk,
+                **placement,
             )
         else:
             pipe = I2VPipeline.from_files(
                 high=args.high, low=args.low, vae=args.vae, text_encoder=args.text_encoder,
                 tokenizer=args.tokenizer, strategy=args.offload, budget=budget,
                 device=args.device, dtype=args.dtype, attention=args.attention,
-                sla_topk=0.1 if args.sla_topk is None else args.sla_topk,
+                sla_topk=0.1 if args.sla_topk is None else args.sla_topk, **placement,
             )
         from turbowan.pipeline.timings import Timings
 

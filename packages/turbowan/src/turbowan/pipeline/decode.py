@@ -48,6 +48,10 @@ def decode_latents_file(
     device = device or settings.get("device") or None
     dev = preflight.check_placement(strategy, budget, device, collector=c)
     torch_dtype = c.check(lambda: _parse_dtype(dtype or settings.get("dtype"), dev))
+    # the run's VAE tiling is recorded: the same tiles give the video the run would have made
+    tiling = {k: settings[k] for k in ("vae_tiling", "vae_tile", "vae_overlap") if k in settings}
+    preflight.check_vae_tiling(bool(tiling.get("vae_tiling")), tiling.get("vae_tile", 256),
+                               tiling.get("vae_overlap", 64), collector=c)
     c.raise_if_any()
 
     with tempfile.TemporaryDirectory(prefix="turbowan-decode-") as tmp:
@@ -56,7 +60,8 @@ def decode_latents_file(
 
             vae = write_demo_vae(tmp)
         files = ModelFiles(high=Path(), low=None, vae=Path(vae), text_encoder=Path())
-        pipe = I2VPipeline(files, strategy=strategy, budget=budget, device=dev, dtype=torch_dtype)
+        pipe = I2VPipeline(files, strategy=strategy, budget=budget, device=dev, dtype=torch_dtype,
+                           **tiling)
         timings = Timings()
         video = pipe.decode(latents, timings)
         from turbowan.pipeline.video_io import to_uint8_frames

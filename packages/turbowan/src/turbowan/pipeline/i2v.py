@@ -4,8 +4,10 @@ Order of a run, chosen so the device never holds two large models at once:
 1. text encoder: loaded, placed, run, released (handle removed, model dropped) before the DiT;
 2. VAE encode of the whole [image, grey...] clip; the VAE's placement is released after;
 3. dual-expert rCM sampling: the high-noise expert is placed and samples its steps while a
-   background thread reads the low-noise expert into host memory; at the switch the high
-   expert is released and the staged low expert placed, so the switch does not wait on disk;
+   background thread reads the low-noise expert and stages it with ``offloadkit.stage``
+   (packed into the home tier: pinned host buffers on CUDA, or the disk tier); at the switch
+   the high expert is removed and the staged low expert placed, so the switch waits neither
+   on the checkpoint nor on packing, only on the device copies;
 4. VAE decode. If decoding fails (out of memory, Ctrl-C) the latents are saved next to the
    output and the error says how to finish with `turbowan decode`.
 
@@ -51,6 +53,11 @@ from turbowan.sampler.rcm import (
 )
 
 DEFAULT_FRAMES = 81  # upstream default
+HOME_CHOICES = ("host", "pinned", "disk")  # offloadkit home tiers for the DiT experts
+#: tiled VAE decode: 256-pixel tiles with 64-pixel seams cut a 720p frame (1280x720) into
+#: 7x4 tiles, so the decoder's activations are those of a 256x256 clip
+DEFAULT_VAE_TILE = 256
+DEFAULT_VAE_OVERLAP = 64
 
 
 class DecodeFailedError(RuntimeError):
@@ -138,6 +145,10 @@ class I2VPipeline:
         strategy_options: dict[str, Any] | None = None,
         is_demo: bool = False,
         descriptions: dict[str, str] | None = None,
+        home: str = "host",
+        vae_tiling: bool = False,
+        vae_tile: int = DEFAULT_VAE_TILE,
+        vae_overlap: int = DEFAULT_VAE_OVERLAP,
     ) -> None:
         self.files = files
         self.strategy = strategy
@@ -149,6 +160,10 @@ class I2VPipeline:
         self.strategy_options = dict(strategy_options or {})
         self.is_demo = is_demo
         self.descriptions = dict(descriptions or {})
+        self.home = home
+        self.vae_tiling = vae_tiling
+        self.vae_tile = vae_tile
+        self.vae_overlap = vae_overlap
         self._vae: Any = None
         self._demo_dir: Path | None = None
         self._demo_written = False
@@ -169,10 +184,18 @@ class I2VPipeline:
         dtype: torch.dtype | str | None = None,
         attention: str = "sla",
         sla_topk: float = 0.1,
+        home: str = "host",
+        vae_tiling: bool = False,
+        vae_tile: int = DEFAULT_VAE_TILE,
+        vae_overlap: int = DEFAULT_VAE_OVERLAP,
         **strategy_options: Any,
     ) -> I2VPipeline:
         """Check every file (header only), the placement and the attention settings; load
-        nothing. ``low`` may be None only for runs of 1-2 steps (which never use it)."""
+        nothing. ``low`` may be None only for runs of 1-2 steps (which never use it).
+
+        ``home`` is the offloadkit home tier of the DiT experts ("host", "pinned" or "disk":
+        disk keeps the streamed weights in a temporary file instead of host RAM);
+        ``vae_tiling`` decodes in overlapping spatial tiles of ``vae_tile`` pixels."""
         c = preflight.new_collector()
         for role, path in (("high", high), ("vae", vae), ("text_encoder", text_encoder)):
             if path is None:
@@ -183,6 +206,8 @@ class I2VPipeline:
         preflight.check_tokenizer(tokenizer, collector=c)
         dev = preflight.check_placement(strategy, budget, device, collector=c)
         preflight.check_attention(attention, sla_topk, collector=c)
+        preflight.check_home(home, collector=c)
+        preflight.check_vae_tiling(vae_tiling, vae_tile, vae_overlap, collector=c)
         torch_dtype = c.check(lambda: _parse_dtype(dtype, dev or torch.device("cpu")))
         c.raise_if_any()
         files = ModelFiles(
@@ -191,7 +216,8 @@ class I2VPipeline:
         )
         return cls(files, strategy=strategy, budget=budget, device=dev, dtype=torch_dtype,
                    attention=attention, sla_topk=sla_topk, strategy_options=strategy_options,
-                   descriptions=descriptions)
+                   descriptions=descriptions, home=home, vae_tiling=vae_tiling,
+                   vae_tile=vae_tile, vae_overlap=vae_overlap)
 
     @classmethod
     def demo(
@@ -204,6 +230,10 @@ class I2VPipeline:
         attention: str = "sla",
         sla_topk: float | None = None,
         directory: str | os.PathLike[str] | None = None,
+        home: str = "host",
+        vae_tiling: bool = False,
+        vae_tile: int = DEFAULT_VAE_TILE,
+        vae_overlap: int = DEFAULT_VAE_OVERLAP,
         **strategy_options: Any,
     ) -> I2VPipeline:
         """The embedded demo: tiny models with deterministic random weights (noise video).
@@ -218,6 +248,8 @@ class I2VPipeline:
         topk = demo_mod.DEMO_SLA_TOPK if sla_topk is None else sla_topk
         dev = preflight.check_placement(strategy, budget, device, collector=c)
         preflight.check_attention(attention, topk, collector=c)
+        preflight.check_home(home, collector=c)
+        preflight.check_vae_tiling(vae_tiling, vae_tile, vae_overlap, collector=c)
         torch_dtype = c.check(lambda: _parse_dtype(dtype, dev or torch.device("cpu")))
         c.raise_if_any()
         owned = directory is None
@@ -227,7 +259,8 @@ class I2VPipeline:
             ModelFiles(high=files.high, low=files.low, vae=files.vae,
                        text_encoder=files.text_encoder, tokenizer="demo"),
             strategy=strategy, budget=budget, device=dev, dtype=torch_dtype, attention=attention,
-            sla_topk=topk, strategy_options=strategy_options, is_demo=True,
+            sla_topk=topk, strategy_options=strategy_options, is_demo=True, home=home,
+            vae_tiling=vae_tiling, vae_tile=vae_tile, vae_overlap=vae_overlap,
         )
         pipe._demo_dir = where
         if owned:
@@ -328,7 +361,8 @@ class I2VPipeline:
             with self._placed(vae, stage, blocks=self._vae_blocks(vae)):
                 vae.compute_device = self.device
                 try:
-                    video = vae.decode(latents, output_device="cpu")
+                    video = vae.decode(latents, output_device="cpu", tiled=self.vae_tiling,
+                                       tile=self.vae_tile, overlap=self.vae_overlap)
                 finally:
                     vae.compute_device = None
             self._release_device_cache()
@@ -510,6 +544,8 @@ class I2VPipeline:
             "vae": "demo" if self.is_demo else str(self.files.vae),
             "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
             "strategy": self.strategy, "attention": self.attention, "sla_topk": self.sla_topk,
+            "home": self.home, "vae_tiling": self.vae_tiling, "vae_tile": self.vae_tile,
+            "vae_overlap": self.vae_overlap,
             "output": str(output) if output is not None else None,
         }
         return settings, pil
@@ -528,7 +564,8 @@ def save_latents_file(output: Path, latents: torch.Tensor, settings: dict[str, A
 
 class _ExpertRunner:
     """Hands the sampler one callable per expert; places each on first use, releases the
-    previous one, and stages the low expert in host memory in a background thread."""
+    previous one, and stages the low expert (read and packed by ``offloadkit.stage``) in a
+    background thread while the high one samples."""
 
     def __init__(self, pipe: I2VPipeline, timings: Timings, *, stage_low: bool) -> None:
         self.pipe = pipe
@@ -539,20 +576,33 @@ class _ExpertRunner:
         self.stage: Stage | None = None
         self._stage_cm: Any = None
         self._staged: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._cancelled = False
         self._thread: threading.Thread | None = None
         if stage_low:
             self._thread = threading.Thread(target=self._stage_low, name="turbowan-stage-low", daemon=True)
 
+    def _offload_kwargs(self) -> dict[str, Any]:
+        pipe = self.pipe
+        return dict(device=pipe.device, budget=pipe.budget, blocks="blocks", home=pipe.home,
+                    **pipe.strategy_options)
+
     def _stage_low(self) -> None:
+        """Background thread: read the low expert and pack it into the home tier now, so the
+        switch only has to place it."""
+        import offloadkit
+
         try:
             model = self.pipe._load_expert(self.pipe.files.low)
-            for tensor in model.state_dict().values():  # fault the mmap pages in now
-                if tensor.numel() and tensor.is_contiguous():
-                    step = max(1, 4096 // tensor.element_size())  # one element per 4 KiB page
-                    tensor.view(-1)[::step].sum()
-            self._staged["model"] = model
+            staged = offloadkit.stage(model, self.pipe.strategy, **self._offload_kwargs())
         except BaseException as exc:  # re-raised in the sampling thread at the switch
             self._staged["error"] = exc
+            return
+        with self._lock:
+            if self._cancelled:  # the run ended first: give the memory (or temp file) back
+                staged.discard()
+            else:
+                self._staged["staged"] = staged
 
     def expert(self, name: str) -> Callable[..., torch.Tensor]:
         def run(x, t, context, y):
@@ -568,28 +618,52 @@ class _ExpertRunner:
 
         self._stage_cm = self.timings.stage(f"sampling ({name} expert)")
         self.stage = self._stage_cm.__enter__()
+        home = self.pipe.home
         if name == "high":
             start = time.perf_counter()
             model = self.pipe._load_expert(self.pipe.files.high)
-            self.stage.note = f"loaded in {time.perf_counter() - start:.2f} s"
+            loaded = time.perf_counter() - start
             if self._thread is not None:
-                self._thread.start()  # read the low expert while the high one samples
+                self._thread.start()  # stage the low expert while the high one samples
+            self.handle = offloadkit.apply(model, self.pipe.strategy, **self._offload_kwargs())
+            stats = self.handle.stats()
+            self.stage.note = (f"loaded in {loaded:.2f} s, packed ({home}) in "
+                               f"{stats.stage_seconds:.2f} s, placed in {stats.place_seconds:.2f} s")
         else:
-            if self._thread is not None:
-                start = time.perf_counter()
-                self._thread.join()
-                self._thread = None
-                self.stage.note = (f"read in the background while the high expert sampled; "
-                                   f"waited {time.perf_counter() - start:.2f} s at the switch")
-            if "error" in self._staged:
-                raise self._staged.pop("error")
-            model = self._staged.pop("model", None) or self.pipe._load_expert(self.pipe.files.low)
-        self.handle = offloadkit.apply(
-            model, self.pipe.strategy, device=self.pipe.device, budget=self.pipe.budget,
-            blocks="blocks", **self.pipe.strategy_options,
-        )
+            model, self.handle = self._place_staged_low()
         self.model = model
         self.active = name
+
+    def _place_staged_low(self) -> tuple[torch.nn.Module, Any]:
+        """At the switch: wait for the staging thread (measured), then place its result."""
+        import offloadkit
+
+        assert self.stage is not None
+        switch_at = time.perf_counter()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        waited = time.perf_counter() - switch_at
+        if "error" in self._staged:
+            raise self._staged.pop("error")
+        staged = self._staged.pop("staged", None)
+        background = staged is not None
+        if staged is None:  # not staged ahead (no thread): stage now, on this thread
+            model = self.pipe._load_expert(self.pipe.files.low)
+            staged = offloadkit.stage(model, self.pipe.strategy, **self._offload_kwargs())
+        start = time.perf_counter()
+        handle = staged.place()
+        placed = time.perf_counter() - start
+        self.stage.switch = {
+            "staged_by": staged.staged_by, "staged_at": staged.staged_at,
+            "switch_at": switch_at, "waited_seconds": waited,
+            "stage_seconds": staged.stage_seconds, "place_seconds": placed,
+        }
+        where = ("staged in the background while the high expert sampled" if background
+                 else "staged at the switch")
+        self.stage.note = (f"{where} (packed ({self.pipe.home}) in {staged.stage_seconds:.2f} s); "
+                           f"waited {waited:.2f} s at the switch, placed in {placed:.2f} s")
+        return staged.model, handle
 
     def _deactivate(self) -> None:
         if self.handle is not None:
@@ -607,9 +681,14 @@ class _ExpertRunner:
             self.pipe._release_device_cache()
 
     def close(self, wait: bool = True) -> None:
-        """Release the placed expert; ``wait=False`` leaves a staging read running (it is a
-        daemon thread, and its result is dropped)."""
+        """Release the placed expert and any staged one; ``wait=False`` leaves a staging
+        thread running (a daemon; it discards its result when it finishes)."""
         self._deactivate()
         if wait and self._thread is not None and self._thread.is_alive():
             self._thread.join()
+        with self._lock:
+            self._cancelled = True
+            staged = self._staged.pop("staged", None)
+        if staged is not None:
+            staged.discard()
         self._staged.clear()

@@ -170,6 +170,39 @@ def check_attention(attention: str, sla_topk: float, collector: _Collector | Non
         c.raise_if_any()
 
 
+def check_home(home: str, collector: _Collector | None = None) -> None:
+    """The offloadkit home tier for the DiT experts."""
+    from offloadkit.strategy import HOME_TIERS
+
+    own = collector is None
+    c = collector or _Collector()
+    if home not in HOME_TIERS:
+        c.add(f"unknown home tier {home!r} for the experts; choose one of {', '.join(HOME_TIERS)} "
+              "(host: RAM; pinned: page-locked RAM, fastest uploads; disk: a temporary file, "
+              "least RAM)")
+    if own:
+        c.raise_if_any()
+
+
+def check_vae_tiling(tiled: bool, tile: int, overlap: int,
+                     collector: _Collector | None = None) -> None:
+    """Tile and overlap of a tiled VAE decode: multiples of 8 pixels, overlap < tile."""
+    from turbowan.vae.tiling import _check_tiling
+
+    own = collector is None
+    c = collector or _Collector()
+    if tiled:
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (tile, overlap)):
+            c.add(f"VAE tile and overlap must be whole pixels, got {tile!r} and {overlap!r}")
+        else:
+            try:
+                _check_tiling(tile, overlap)
+            except ValueError as exc:
+                c.add(f"VAE tiling: {exc} (--vae-tile/--vae-overlap)")
+    if own:
+        c.raise_if_any()
+
+
 # where the text-encoder loader looks for a tokenizer when none is given
 TOKENIZER_BESIDE = ("spiece.model", "tokenizer.json", "google/umt5-xxl/spiece.model",
                     "google/umt5-xxl/tokenizer.json")

@@ -16,6 +16,9 @@ class Stage:
     seconds: float = 0.0
     peak_device_bytes: int | None = None
     note: str = ""
+    #: the expert switch (low-expert stage only): when staging finished and the switch
+    #: began (perf_counter), seconds waited on the staging thread, packing and placing
+    switch: dict[str, object] | None = None
 
 
 @dataclass
