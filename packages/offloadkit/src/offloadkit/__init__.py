@@ -17,6 +17,7 @@ from offloadkit.errors import (
     UnknownStrategyError,
 )
 from offloadkit.handle import OffloadHandle
+from offloadkit.hookspecs import hookimpl
 from offloadkit.ledger import OffloadStats
 from offloadkit.probe import DeviceMemory, probe
 from offloadkit.registry import get_strategy, list_strategies
@@ -37,6 +38,7 @@ __all__ = [
     "UnknownStrategyError",
     "apply",
     "get_strategy",
+    "hookimpl",
     "list_strategies",
     "offloaded",
     "parse_budget",

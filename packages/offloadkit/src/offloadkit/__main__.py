@@ -1,0 +1,5 @@
+import sys
+
+from offloadkit.cli import main
+
+sys.exit(main())
