@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3, help="timed DiT steps per run (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--peers", help="comma list: diffusers, accelerate (or single variants)")
     p.add_argument("--paired", choices=["auto", "on", "off"], default="auto",
                    help="time each step against an all-resident copy kept in memory, step by "
@@ -299,6 +300,10 @@ def run_sweep(args, argv: list[str]) -> int:
         raise UsageError(str(exc)) from None
     if args.steps < 1 or args.warmup < 0:
         raise UsageError("--steps must be >= 1 and --warmup >= 0")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     if args.plot:
         import importlib.util
 

@@ -78,6 +78,8 @@ def machine_info(device: str) -> dict:
         "cpu_count": os.cpu_count(),
         "ram_bytes": _total_ram_bytes(),
         "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "gpu": None,
         "gpu_memory_bytes": None,
     }
