@@ -198,3 +198,37 @@ def test_trace_shows_packing_and_placement(reference, tmp_path):
     first_compute = min(e["ts"] for e in data["traceEvents"]
                         if e["ph"] == "X" and e["cat"] == "compute")
     assert place["ts"] + place["dur"] <= first_compute
+
+
+def test_remove_or_discard_without_restore_frees_memory_and_copies_nothing(tmp_path,
+                                                                          monkeypatch):
+    """For a model dropped right after (the pipeline's expert switch): memory is given back
+    and no weight is copied out of the home tier."""
+    from offloadkit.engine.core import Engine
+
+    def no_restore(self, block):
+        raise AssertionError("a block was restored")
+
+    monkeypatch.setattr(Engine, "_restore_block", no_restore)
+    model = make_model(seed=9)
+    tokens, mask = make_inputs()
+    profile = profile_model(model)
+    handle = offloadkit.apply(model, "adaptive", device="cpu", budget=profile.total_bytes // 2)
+    with torch.no_grad():
+        model(tokens, mask=mask)
+    handle.remove(restore=False)
+    stats = handle.stats()
+    assert stats.current_device_bytes == 0 and stats.host_pageable_bytes == 0
+    assert handle.removed and "forward" not in model.blocks[0].__dict__
+    for block in model.blocks:  # stand-ins: no memory of their own, nothing stale
+        assert torch.isnan(block.qkv.weight).all() and block.qkv.weight.device.type == "cpu"
+        assert block.qkv.weight.untyped_storage().nbytes() == block.qkv.weight.element_size()
+
+    other = make_model(seed=10)
+    staged = offloadkit.stage(other, "layerwise", device="cpu", budget=10**9, home="disk",
+                              disk_path=str(tmp_path))
+    assert staged.stats().disk_bytes == profile.block_bytes
+    staged.discard(restore=False)
+    assert staged.state == "discarded" and staged.stats().disk_bytes == 0
+    assert list(tmp_path.iterdir()) == []
+    assert torch.isnan(other.blocks[3].qkv.weight).all()

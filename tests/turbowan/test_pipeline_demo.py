@@ -133,10 +133,10 @@ def test_same_seed_same_frames_one_model_at_a_time_and_background_staging(pipe, 
         peak_live[0] = max(peak_live[0], live.count("dit"))
         real_remove = handle.remove
 
-        def remove():
+        def remove(**kwargs):
             events.append(f"remove {what}")
             live.remove(what)
-            real_remove()
+            real_remove(**kwargs)
 
         handle.remove = remove
         return handle

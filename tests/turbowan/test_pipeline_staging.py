@@ -78,9 +78,22 @@ def test_switch_places_the_expert_packed_in_the_background_and_measures_the_wait
         if info.expert == "high" and info.step == 1:
             threading.Timer(0.3, release.set).start()
 
+    from offloadkit.engine.core import Engine
+
+    restored = []
+    real_restore = Engine._restore_block
+
+    def restore_block(self, block):
+        restored.append(type(self.model).__name__)
+        return real_restore(self, block)
+
+    monkeypatch.setattr(Engine, "_restore_block", restore_block)
     monkeypatch.setattr(pipe, "_load_expert", load_expert)
     res = pipe.generate(decode=False, callback=on_step, **RUN)
     assert torch.equal(res.latents, host_run.latents)
+    # experts and text encoder are dropped after use: their weights are not copied back
+    # (a full copy of a 14B expert at the switch otherwise); the cached VAE is restored
+    assert set(restored) == {"WanVAE"}
 
     pipeline_stages = [s for s in staged if s["thread"] == "turbowan-stage-low"]
     assert len(pipeline_stages) == 1

@@ -75,11 +75,20 @@ class OffloadHandle:
         out.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
         return out
 
-    def remove(self) -> None:
-        """Undo the offload: weights back where they were, hooks gone. Idempotent."""
+    def remove(self, *, restore: bool = True) -> None:
+        """Undo the offload: weights back where they were, hooks gone. Idempotent.
+
+        ``restore=False`` is for a model the caller drops right after (a pipeline switching
+        models): device and home-tier memory are freed but the weights are not copied back,
+        so the model is left unusable (NaN stand-ins). Strategies with their own mechanism
+        always restore."""
         if self._removed:
             return
-        self._placement.remove()
+        release = None if restore else getattr(self._placement, "release", None)
+        if release is not None:
+            release()
+        else:
+            self._placement.remove()
         self._removed = True
         for finalize in reversed(self._finalizers):
             finalize()

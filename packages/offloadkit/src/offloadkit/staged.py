@@ -156,17 +156,20 @@ class StagedModel:
         plan = self.strategy.make_plan(profile, budget_bytes)
         return budget_bytes, plan
 
-    def discard(self) -> None:
+    def discard(self, *, restore: bool = True) -> None:
         """Drop the staged copy and put the model back exactly as it was. Idempotent; a
-        no-op once placed (remove the handle instead)."""
+        no-op once placed (remove the handle instead). ``restore=False`` only frees the
+        home tier, for a model the caller drops anyway (it is left unusable)."""
         with self._lock:
             if self._state != "staged":
                 return
             if self._engine is not None:
-                self._engine.remove()
+                self._engine.remove(restore=restore)
             self._finish("discarded")
 
-    remove = discard
+    def remove(self, *, restore: bool = True) -> None:
+        """Same as :meth:`discard` (the name handles use)."""
+        self.discard(restore=restore)
 
     def _finish(self, state: str) -> None:
         self._state = state

@@ -489,9 +489,16 @@ class Engine:
             self.transport.resolve()
         return list(self.ledger.trace)
 
-    def remove(self) -> None:
+    def release(self) -> None:
+        """:meth:`remove` without restoring the weights, for a model about to be dropped:
+        blocks keep NaN stand-ins (the model is unusable after), saving a full copy of its
+        weights out of the home tier."""
+        self.remove(restore=False)
+
+    def remove(self, restore: bool = True) -> None:
         """Put every tensor back where it was (values, device, dtype, requires_grad), drop
-        the wrappers, free device memory and the home tier. Safe after a failed set-up."""
+        the wrappers, free device memory and the home tier. Safe after a failed set-up.
+        ``restore=False`` leaves the blocks' weights as stand-ins (see :meth:`release`)."""
         if self._removed:
             return
         self._removed = True
@@ -504,7 +511,10 @@ class Engine:
             self._wrappers = []
             for block in self.blocks:
                 if block.index in self._packed:
-                    self._restore_block(block)
+                    if restore:
+                        self._restore_block(block)
+                    else:
+                        self._drop_block(block)
             for slot in self._slots:
                 self.ledger.device_free(slot.buffer.numel())
             self._slots = []
@@ -523,6 +533,13 @@ class Engine:
             self.store.close()
             self._placeholders.clear()
             release_memory()
+
+    def _drop_block(self, block: BlockLayout) -> None:
+        """Free a block's home-tier copy; its tensors point at CPU stand-ins (no memory), so
+        nothing keeps the device slots or resident buffers alive."""
+        self._bind_block(block.index, self._placeholders_for(block, torch.device("cpu")))
+        self.store.drop(block.index)
+        self._packed.discard(block.index)
 
     def _restore_block(self, block: BlockLayout) -> None:
         """Each tensor gets its own fresh memory again, filled from the home tier."""

@@ -276,8 +276,10 @@ class I2VPipeline:
 
     # ------------------------------------------------------------------ placement
     @contextmanager
-    def _placed(self, model: torch.nn.Module, stage: Stage | None, **extra: Any):
-        """Place ``model`` with offloadkit for the duration of the block; record its peak."""
+    def _placed(self, model: torch.nn.Module, stage: Stage | None, *, restore: bool = True,
+                **extra: Any):
+        """Place ``model`` with offloadkit for the duration of the block; record its peak.
+        ``restore=False`` for a model dropped after the block (no copy of its weights back)."""
         import offloadkit
 
         handle = offloadkit.apply(
@@ -292,7 +294,7 @@ class I2VPipeline:
                 if stage is not None:
                     stage.peak_device_bytes = max(stage.peak_device_bytes or 0, peak)
             finally:
-                handle.remove()
+                handle.remove(restore=restore)
 
     def _release_device_cache(self) -> None:
         # between models only, never inside a model's run; on the CPU dropping the last
@@ -315,7 +317,7 @@ class I2VPipeline:
         with timings.stage("text encoder") as stage:
             encoder = self._load_text_encoder()
             try:
-                with self._placed(encoder, stage, blocks=encoder.blocks):
+                with self._placed(encoder, stage, restore=False, blocks=encoder.blocks):
                     context = encoder.encode([prompt]).to("cpu", torch.float32)
             finally:
                 del encoder
@@ -600,7 +602,7 @@ class _ExpertRunner:
             return
         with self._lock:
             if self._cancelled:  # the run ended first: give the memory (or temp file) back
-                staged.discard()
+                staged.discard(restore=False)
             else:
                 self._staged["staged"] = staged
 
@@ -671,7 +673,7 @@ class _ExpertRunner:
                 if self.stage is not None:
                     self.stage.peak_device_bytes = self.handle.stats().peak_device_bytes
             finally:
-                self.handle.remove()
+                self.handle.remove(restore=False)  # the expert is dropped: no copy back
                 self.handle = None
         self.model = None
         self.active = None
@@ -690,5 +692,5 @@ class _ExpertRunner:
             self._cancelled = True
             staged = self._staged.pop("staged", None)
         if staged is not None:
-            staged.discard()
+            staged.discard(restore=False)
         self._staged.clear()
