@@ -232,3 +232,30 @@ def test_remove_or_discard_without_restore_frees_memory_and_copies_nothing(tmp_p
     assert staged.state == "discarded" and staged.stats().disk_bytes == 0
     assert list(tmp_path.iterdir()) == []
     assert torch.isnan(other.blocks[3].qkv.weight).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("home", ["host", "disk"])
+def test_cuda_staging_on_a_thread_uses_no_device_memory_and_pins(home):
+    model = make_model(seed=12, dim=256, hidden=1024, heads=4)
+    tokens, mask = make_inputs(batch=2, length=64)
+    with torch.no_grad():
+        expected = make_model(seed=12, dim=256, hidden=1024, heads=4).cuda()(
+            tokens.cuda(), mask=mask.cuda()).cpu()
+    profile = profile_model(model)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    staged = _stage_in_thread(model, "adaptive", device="cuda", budget=profile.total_bytes // 2,
+                              home=home, replan_every=0)
+    assert torch.cuda.memory_allocated() == before  # packing touched host memory only
+    stats = staged.stats()
+    if home == "host":
+        assert stats.host_pinned_bytes == profile.block_bytes
+    else:
+        assert stats.disk_bytes == profile.block_bytes
+    with staged.place() as handle:
+        assert torch.cuda.memory_allocated() > before
+        with torch.no_grad():
+            out = model(tokens.cuda(), mask=mask.cuda()).cpu()
+        assert torch.equal(out, expected)
+        assert handle.stats().peak_device_bytes <= profile.total_bytes // 2

@@ -156,6 +156,12 @@ class Engine:
         if got != want:
             raise OffloadError("the profile does not describe this model's blocks; build the "
                                "profile from the same model (offloadkit.engine.profile_model)")
+        for ref in layout.outside:  # checked here too, so staging fails before packing
+            if ref.get().device.type == "meta":
+                raise OffloadError(
+                    f"{ref.qualname!r} is on the meta device (no data). Load the weights "
+                    "(load_state_dict(..., assign=True)) before offloadkit.apply() or stage()."
+                )
         for block in layout.blocks:
             for entry in block.entries:
                 t = entry.ref.get()
