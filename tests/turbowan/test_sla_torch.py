@@ -251,3 +251,14 @@ def test_sagesla_without_spargeattn_explains_install_and_alternative(monkeypatch
         sagesla_attention(q, k, v, topk=0.1)
     text = str(info.value)
     assert "pip install SpargeAttn" in text and "CUDA" in text and "attention='sla'" in text
+
+
+def test_auto_backend_choice():
+    from turbowan.ops.sla import resolve_backend
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_backend("auto", cpu) == "torch"
+    assert resolve_backend("auto", cuda) == "triton"  # triton is a dependency on Linux
+    assert resolve_backend("auto", cuda, needs_grad=True) == "torch"  # kernels: forward only
+    assert resolve_backend("auto", cuda, tileable=False) == "torch"  # e.g. head_dim 48
+    assert resolve_backend("torch", cuda) == "torch"

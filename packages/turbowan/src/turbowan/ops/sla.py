@@ -95,11 +95,19 @@ def _check_options(
         )
 
 
-def resolve_backend(backend: str, device: torch.device, needs_grad: bool = False) -> str:
+def _tileable(*sizes: int) -> bool:
+    """The kernels tile head_dim and both block sizes with powers of two >= 16."""
+    return all(n >= 16 and n & (n - 1) == 0 for n in sizes)
+
+
+def resolve_backend(
+    backend: str, device: torch.device, needs_grad: bool = False, tileable: bool = True
+) -> str:
     """'auto' -> Triton kernels on CUDA when Triton imports, the PyTorch path otherwise.
 
-    The kernels are forward-only, so 'auto' takes the (differentiable) PyTorch path when
-    gradients are wanted, and an explicit 'triton' then fails with the fix.
+    The kernels are forward-only and tile powers of two, so 'auto' takes the PyTorch path
+    when gradients are wanted or the sizes do not tile; an explicit 'triton' then fails with
+    the fix.
     """
     if backend == "triton" and needs_grad:
         raise RuntimeError(
@@ -109,7 +117,7 @@ def resolve_backend(backend: str, device: torch.device, needs_grad: bool = False
         )
     if backend != "auto":
         return backend
-    if device.type != "cuda" or needs_grad:
+    if device.type != "cuda" or needs_grad or not tileable:
         return "torch"
     try:
         import triton  # noqa: F401
@@ -149,7 +157,8 @@ def sparse_linear_attention(
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, proj_weight, proj_bias)
     )
-    backend = resolve_backend(backend, q.device, needs_grad)
+    tileable = _tileable(q.shape[-1], block_q, block_k)
+    backend = resolve_backend(backend, q.device, needs_grad, tileable)
     cdtype = compute_dtype or q.dtype
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
 

@@ -154,10 +154,6 @@ def _block_sparse_attn_fwd_kernel(
     )
 
 
-def _is_pow2(n: int) -> bool:
-    return n >= 16 and (n & (n - 1)) == 0
-
-
 def check_usable(q: Tensor, *, block_q: int, block_k: int) -> None:
     """Fail early, with the fix, where the kernels cannot run these inputs."""
     if q.device.type != "cuda" and not INTERPRETED:
@@ -168,7 +164,7 @@ def check_usable(q: Tensor, *, block_q: int, block_k: int) -> None:
         )
     dim = q.shape[-1]
     for name, value in (("head_dim", dim), ("block_q", block_q), ("block_k", block_k)):
-        if not _is_pow2(value):
+        if not (value >= 16 and value & (value - 1) == 0):
             raise ValueError(
                 f"sparse_linear_attention(backend='triton'): {name} must be a power of two >= 16, "
                 f"got {value}; use backend='torch' for other sizes"
