@@ -14,6 +14,8 @@ nox.options.reuse_existing_virtualenvs = True
 TORCH = "torch==2.13.0"
 PACKAGES = ["-e", "packages/offloadkit", "-e", "packages/turbowan"]
 TEST_DEPS = ["pytest>=8", "pytest-benchmark>=4", "psutil>=5.9"]
+# Optional extras the tests exercise for real: bench plots and the accelerate peer.
+EXTRAS_UNDER_TEST = ["matplotlib>=3.8", "accelerate>=0.30"]
 
 
 def _install_project(session: nox.Session, *extra: str) -> None:
@@ -24,7 +26,7 @@ def _install_project(session: nox.Session, *extra: str) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite (slow tests excluded; pass `-- -m slow` to run them)."""
-    _install_project(session, *TEST_DEPS)
+    _install_project(session, *TEST_DEPS, *EXTRAS_UNDER_TEST)
     # The example plugin is installed the way a user installs it: with pip, as a package.
     session.install("./plugins/offloadkit-manual")
     session.run("pytest", *session.posargs, env={"TRITON_INTERPRET": "1"})
@@ -40,7 +42,7 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Run the pytest-benchmark suites in benchmarks/ and keep their JSON per machine."""
-    _install_project(session, *TEST_DEPS, "accelerate>=0.30", "matplotlib>=3.8")
+    _install_project(session, *TEST_DEPS, *EXTRAS_UNDER_TEST)
     session.install("./plugins/offloadkit-manual")
     session.run(
         "pytest",
