@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from turbowan.ops import block_selection, sparse_linear_attention
-from turbowan.ops.sla_linear import linear_branch, project_linear_branch
+from turbowan.ops.sla_linear import linear_branch, project_linear_branch, rounder
+from turbowan.ops.sla_torch import block_sparse_attention_torch
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden" / "sla_L384.safetensors"
 CASES = [  # (case prefix, topk, block_q, block_k)
@@ -81,3 +82,24 @@ def test_linear_branch_and_proj_l_match_upstream(golden, mode):
     )
     expected_post = golden[f"L384.{mode}.o_linear_BHLD"].float()
     assert (projected - expected_post).abs().max().item() <= atol / 2
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize(("case", "topk", "block_q", "block_k"), CASES)
+def test_sparse_branch_matches_upstream_kernel_output(golden, case, topk, block_q, block_k, mode):
+    q, k, v, _, _ = _inputs(golden)
+    dtype, atol = MODES[mode]
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+    lut = block_selection(q, k, topk=topk, block_q=block_q, block_k=block_k).lut
+    rnd = rounder(dtype, torch.float32)
+    o_sparse = block_sparse_attention_torch(
+        rnd(qh),
+        rnd(kh),
+        rnd(vh),
+        lut,
+        block_q=block_q,
+        block_k=block_k,
+        round_to=None if dtype == torch.float32 else dtype,
+    )
+    expected = golden[f"{case}.{mode}.o_sparse_BHLD"].float()
+    assert (rnd(o_sparse) - expected).abs().max().item() <= atol
