@@ -10,15 +10,7 @@ from turbowan.pipeline.video_io import read_video
 
 SMALL = ["--frames", "5", "--width", "32", "--height", "16", "--steps", "2"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """What `turbowan generate` uses for the demo: tiny tensors run faster on one thread,
-    and generate/decode must use the same count to give the same pixels."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_demo_writes_the_video_and_says_it_is_noise(tmp_path, capsys):

@@ -20,16 +20,8 @@ from turbowan.pipeline.video_io import read_video
 RUN = dict(frames=5, width=32, height=32, steps=4, seed=1)
 TINY = dict(frames=5, width=16, height=16, steps=1, seed=1)  # for runs that only test plumbing
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """What `turbowan generate` uses for the demo: tiny tensors run faster on one thread,
-    and generate/decode must use the same count to give the same pixels."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):

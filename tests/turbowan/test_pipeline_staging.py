@@ -20,14 +20,7 @@ from turbowan.pipeline.video_io import read_video
 RUN = dict(frames=5, width=32, height=32, steps=4, seed=2)
 SMALL = ["--frames", "5", "--width", "32", "--height", "16", "--steps", "4", "--seed", "4"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """What `turbowan generate` uses for the demo (same pixels in generate and decode)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,7 @@ from turbowan.vae.config import VAECheckpointError, build_manifest_model
 from turbowan.vae.frames import FrameCountError, check_frame_count, check_spatial_size
 from turbowan.vae.loading import check_frame_count as exported_check
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny convolutions run faster on one thread, and far faster on a loaded shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize(("frames", "latent"), [(1, 1), (5, 2), (9, 3), (77, 20), (81, 21)])

@@ -8,14 +8,7 @@ import torch
 from turbowan.vae.cache import FIRST_CHUNK, CausalCache
 from turbowan.vae.layers import CausalConv3d, Resample, ResidualBlock
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny convolutions run faster on one thread, and far faster on a loaded shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _seeded(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -15,14 +15,7 @@ from turbowan.vae import offload as vae_offload_hooks
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden" / "vae_tiny.safetensors"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny convolutions run faster on one thread, and far faster on a loaded shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

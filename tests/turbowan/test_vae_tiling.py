@@ -11,14 +11,7 @@ from turbowan.vae.cache import CausalCache
 from turbowan.vae.config import build_manifest_model
 from turbowan.vae.tiling import decode_tiles_stream, tile_starts
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny convolutions run faster on one thread, and far faster on a loaded shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class PointwiseDecoder(nn.Module):
