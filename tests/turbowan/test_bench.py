@@ -196,6 +196,7 @@ def test_tiny_sweep_json_schema(tmp_path):
     assert all(r["peak_device_bytes"] == 0 for r in cpu_only)
     layerwise = [r for r in runs if r["strategy"] == "layerwise"]
     assert all(r["streamed_blocks"] == 3 and r["bytes_transferred"] > 0 for r in layerwise)
+    assert all(r["predicted_slowdown"] >= 1.0 for r in layerwise)
     assert {r["home"] for r in layerwise} == {"host", "disk"}
     # layerwise and cpu_only ignore the extra 5 %: the same plan is measured once
     same = [s for s in doc["skipped"] if s["budget"] == "100%"]

@@ -30,6 +30,7 @@ RUN_KEYS = (
     "resident_seconds_per_step",
     "ratio_to_resident",  # median / mean of the resident medians measured before and after
     "min_ratio_to_resident",  # fastest step / fastest neighbouring resident step (noise-robust)
+    "predicted_slowdown",  # plan mode's simulator on this run's plan and measured rates
     "bytes_transferred",
     "bytes_per_step",
     "transfer_seconds",
@@ -179,9 +180,9 @@ def markdown_runs(document: dict) -> str:
     """The runs of a sweep document as a markdown table (MiB, seconds, ratios), for results/."""
     lines = [
         "| strategy | home | budget | budget MiB | peak device MiB | peak RSS MiB | RSS in steps MiB "
-        "| s/step (median) | x resident (median) | x resident (fastest) | MB moved/step | GB/s "
-        "| stall s | OOM |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| s/step (median) | x resident (median) | x resident (fastest) | predicted x "
+        "| MB moved/step | GB/s | stall s | OOM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in document["runs"]:
         moved = r.get("bytes_per_step")
@@ -191,6 +192,7 @@ def markdown_runs(document: dict) -> str:
             f"| {_mib(r.get('peak_rss_bytes'))} | {_mib(r.get('steady_rss_bytes'))} "
             f"| {_fmt(r.get('seconds_per_step'), '.2f')} | {_fmt(r.get('ratio_to_resident'), '.3f')} "
             f"| {_fmt(r.get('min_ratio_to_resident'), '.3f')} "
+            f"| {_fmt(r.get('predicted_slowdown'), '.3f')} "
             f"| {'-' if moved is None else format(moved / 1e6, '.1f')} "
             f"| {_fmt(r.get('achieved_gbps'), '.1f')} | {_fmt(r.get('stall_seconds'), '.3f')} "
             f"| {_fmt(r.get('oom_recoveries'), 'd')} |"

@@ -41,6 +41,8 @@ class SweepSpec:
     peers: list[str] = field(default_factory=list)
     resident_between: bool = True
     paired: bool = False  # keep an all-resident copy and alternate steps with it (CPU)
+    # measured host-to-device bytes/s per home tier, for the predicted slowdown
+    bandwidths: dict[str, float] = field(default_factory=dict)
     strategy_options: dict[str, dict] = field(default_factory=dict)
 
 
@@ -278,6 +280,8 @@ class Sweep:
         if paired:
             record["paired_resident_step_seconds"] = paired
         record.update(rss_split)
+        if plan is not None:
+            record["plan_streamed_blocks"] = list(plan.streamed)
         record["group_size"] = stats.group_size
         record["prefetch_depth"] = stats.prefetch_depth
         record["num_slots"] = stats.num_slots
@@ -296,6 +300,7 @@ class Sweep:
         profile = profile_model(model, device=s.device)
         self.model_bytes = profile.total_bytes
         self.num_blocks = profile.num_blocks
+        self.block_bytes = [b.nbytes for b in profile.blocks]
         self.log(f"model: {self.model_bytes / 2**30:.3f} GiB of weights in {self.num_blocks} blocks "
                  f"(+{profile.non_block_bytes / 2**20:.1f} MiB outside blocks); "
                  f"workload: {s.workload.description}, {s.workload.tokens} tokens")  # fmt: skip
@@ -412,6 +417,24 @@ class Sweep:
             if record.get("seconds_per_step") is not None and baseline > 0:
                 record["ratio_to_resident"] = record["seconds_per_step"] / baseline
                 record["min_ratio_to_resident"] = record["min_seconds_per_step"] / fastest
+            self._predict(record, fastest)
+
+    def _predict(self, record: dict, resident_seconds: float) -> None:
+        """What plan mode would have predicted for this run, from the measured bandwidth and
+        the resident step split evenly over the blocks: a check of the planner's model."""
+        streamed = record.get("plan_streamed_blocks")
+        bandwidth = self.spec.bandwidths.get(record.get("home") or "")
+        if streamed is None or not bandwidth or resident_seconds <= 0:
+            return
+        from turbowan.bench.simulate import simulate_step
+
+        per_block = resident_seconds / max(1, self.num_blocks)
+        prediction = simulate_step(
+            block_bytes=self.block_bytes, block_seconds=[per_block] * self.num_blocks,
+            streamed=streamed, bandwidth=bandwidth, group_size=record["group_size"],
+            slots=max(1, record["num_slots"]), prefetch_depth=max(1, record["prefetch_depth"]),
+        )  # fmt: skip
+        record["predicted_slowdown"] = prediction.slowdown
 
 
 def strategy_budget_pairs(strategies: Sequence[str], budgets: Sequence[str]) -> list[tuple[str, str]]:
