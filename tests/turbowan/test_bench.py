@@ -67,6 +67,12 @@ def test_simulator_compute_bound_stream_costs_only_the_first_copy():
                                   bandwidth=10.0).slowdown == 1.0
 
 
+def test_simulator_units_that_each_own_a_slot_stay_put():
+    p = simulate.simulate_step(block_bytes=[5] * 8, block_seconds=[1.0] * 8, streamed=range(8),
+                               bandwidth=1.0, group_size=4, slots=2, prefetch_depth=1)
+    assert p.slowdown == 1.0 and p.bytes_moved == 0
+
+
 def test_simulator_interleaving_beats_a_streamed_tail():
     kwargs = dict(block_bytes=[3] * 8, block_seconds=[1.0] * 8, bandwidth=1.0, slots=2,
                   prefetch_depth=1)

@@ -13,7 +13,9 @@ Model (one step, no cross-step prefetch, so it errs on the slow side):
   finished computing;
 - unit ``u`` may be issued once the unit ``u - prefetch_depth`` is being computed (units
   below ``prefetch_depth`` are issued at the start of the step);
-- a streamed block cannot start computing before its unit has arrived.
+- a streamed block cannot start computing before its unit has arrived;
+- when every unit has a slot of its own (units <= slots) they stay in their slots after the
+  first step, as the engine keeps them: the steady-state step moves nothing.
 """
 
 from __future__ import annotations
@@ -58,8 +60,11 @@ def simulate_step(
     if len(block_bytes) != len(block_seconds):
         raise ValueError("block_bytes and block_seconds must have one entry per block")
     units = transfer_units(streamed, group_size)
-    unit_of = {block: u for u, unit in enumerate(units) for block in unit}
     slots = max(1, slots)
+    if len(units) <= slots:
+        total = float(sum(block_seconds))
+        return StepPrediction(seconds=total, compute_seconds=total, stall_seconds=0.0, bytes_moved=0)
+    unit_of = {block: u for u, unit in enumerate(units) for block in unit}
     depth = max(1, prefetch_depth)
 
     arrival = [0.0] * len(units)  # when each unit is on the device
