@@ -10,7 +10,7 @@ import torch
 
 import offloadkit
 from offloadkit.engine.profile import profile_model
-from turbowan.bench import cli, simulate, workload
+from turbowan.bench import cli, plan, simulate, workload
 from turbowan.bench.models import bench_inputs, build_bench_model
 from turbowan.bench.plan import Card, meta_profile, plan_strategy_rows
 from turbowan.bench.report import RUN_KEYS, SCHEMA
@@ -83,7 +83,7 @@ def test_simulator_interleaving_beats_a_streamed_tail():
 
 # ------------------------------------------------------------------ plan arithmetic
 
-CARDS = [Card(label, int(gb * 1e9)) for label, gb in
+CARDS = [Card(label, gb * 2**30) for label, gb in
          [("8GB", 8), ("12GB", 12), ("16GB", 16), ("20GB", 20), ("24GB", 24), ("48GB", 48),
           ("80GB", 80)]]  # fmt: skip
 
@@ -111,8 +111,14 @@ def test_plan_a14b_every_card_peak_within_budget_and_adds_up():
     assert all(r["resident_count"] == 0 and r["streamed_count"] == 40 for r in layerwise)
     adaptive = [r["resident_count"] for r in rows if r["strategy"] == "adaptive"]
     assert adaptive == sorted(adaptive) and adaptive[-1] == 40 and adaptive[0] < 40
-    # 8 GB - 5 GiB leaves ~2.1 GiB: some resident blocks but not all
+    # an 8 GB card (8 GiB) less 5 GiB leaves 3 GiB: some resident blocks but not all
     assert 0 < adaptive[0] < 10
+
+
+def test_card_labels_are_binary_sizes_as_gpus_are_sold():
+    cards = plan.parse_cards("8GB, 24gb,80GiB,1TB,12000000000")
+    assert [c.total_bytes for c in cards] == [8 * 2**30, 24 * 2**30, 80 * 2**30, 2**40,
+                                              12_000_000_000]
 
 
 def test_plan_mode_cli_prints_every_card_and_writes_json(tmp_path, capsys):

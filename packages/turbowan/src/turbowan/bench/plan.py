@@ -9,6 +9,7 @@ compute time, measured here or given by the user.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -33,6 +34,16 @@ class Card:
     total_bytes: int
 
 
+def _as_binary_card_size(label: str) -> str:
+    """GPU memory is sold in binary units: an "8GB" card has 8 GiB, a "24GB" one 24 GiB.
+
+    offloadkit reads "GB" as 10**9 bytes (right for a budget someone typed); for a card label
+    that would understate the card by 7 %, so plan mode reads GB/TB as GiB/TiB here.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([GT])B\s*", label, re.IGNORECASE)
+    return f"{match.group(1)}{match.group(2).upper()}iB" if match else label
+
+
 def parse_cards(text: str) -> list[Card]:
     """``"8GB,12GB"`` -> cards. Sizes only: a percentage or ``auto`` needs a real device."""
     from offloadkit import BudgetError, parse_budget
@@ -46,7 +57,7 @@ def parse_cards(text: str) -> list[Card]:
                 f"--gpu {label!r}: plan mode needs card sizes such as 8GB or 24GiB, "
                 "not a share of this machine's memory"
             )
-        cards.append(Card(label, parse_budget(label, "cpu")))
+        cards.append(Card(label, parse_budget(_as_binary_card_size(label), "cpu")))
     if not cards:
         raise BudgetError(f"--gpu {text!r} names no card size; use e.g. --gpu {DEFAULT_CARDS}")
     return cards
