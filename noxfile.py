@@ -42,7 +42,7 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Run the pytest-benchmark suites in benchmarks/ and keep their JSON per machine."""
-    _install_project(session, *TEST_DEPS, *EXTRAS_UNDER_TEST)
+    _install_project(session, *TEST_DEPS, *EXTRAS_UNDER_TEST, "diffusers>=0.32")
     session.install("./plugins/offloadkit-manual")
     session.run(
         "pytest",
