@@ -32,7 +32,7 @@ def test_video_workload_matches_spec_token_counts():
 
 
 def test_video_workload_rejects_frames_that_are_not_4n_plus_1():
-    with pytest.raises(ValueError, match=r"not 4n\+1.*77 or 81"):
+    with pytest.raises(ValueError, match=r"--frames: .*4n\+1.*80; try 77 or 81"):
         workload.from_video("480p", "16:9", 80)
     with pytest.raises(ValueError, match="unknown --aspect-ratio"):
         workload.from_video("480p", "21:9", 81)

@@ -8,14 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# Width x height per resolution key and W:H aspect (turbowan-spec §8.1).
-RESOLUTIONS: dict[str, dict[str, tuple[int, int]]] = {
-    "480": {"16:9": (768, 432), "9:16": (432, 768), "4:3": (640, 480), "3:4": (480, 640), "1:1": (480, 480)},
-    "480p": {"16:9": (832, 480), "9:16": (480, 832), "4:3": (640, 480), "3:4": (480, 640), "1:1": (640, 640)},
-    "512": {"16:9": (640, 384), "9:16": (384, 640), "4:3": (640, 512), "3:4": (512, 640), "1:1": (512, 512)},
-    "720": {"16:9": (1280, 704), "9:16": (704, 1280), "4:3": (960, 704), "3:4": (704, 960), "1:1": (960, 960)},
-    "720p": {"16:9": (1280, 720), "9:16": (720, 1280), "4:3": (960, 720), "3:4": (720, 960), "1:1": (960, 960)},
-}
+from turbowan.pipeline.resolution import ASPECT_RATIOS, VIDEO_RES_SIZE_INFO, check_frames
 
 VAE_TIME_STRIDE = 4
 VAE_SPACE_STRIDE = 8
@@ -63,18 +56,18 @@ class Workload:
 
 def from_video(resolution: str, aspect_ratio: str, frames: int) -> Workload:
     """Latent geometry of a ``frames``-frame video at a named resolution and W:H aspect."""
-    if resolution not in RESOLUTIONS:
-        known = ", ".join(RESOLUTIONS)
+    # the pipeline's table and frame rule, with the bench's flag names in the messages
+    if resolution not in VIDEO_RES_SIZE_INFO:
+        known = ", ".join(VIDEO_RES_SIZE_INFO)
         raise ValueError(f"unknown --resolution {resolution!r}; use one of: {known}")
-    sizes = RESOLUTIONS[resolution]
-    if aspect_ratio not in sizes:
-        known = ", ".join(sizes)
+    if aspect_ratio not in ASPECT_RATIOS:
+        known = ", ".join(ASPECT_RATIOS)
         raise ValueError(f"unknown --aspect-ratio {aspect_ratio!r}; use one of: {known} (W:H)")
-    if frames < 1 or (frames - 1) % VAE_TIME_STRIDE:
-        lower = max(1, frames - (frames - 1) % VAE_TIME_STRIDE)
-        raise ValueError(
-            f"--frames {frames} is not 4n+1 (the causal VAE needs it); use e.g. {lower} or {lower + 4}"
-        )
+    try:
+        check_frames(frames)
+    except ValueError as exc:
+        raise ValueError(f"--frames: {exc} (the causal VAE needs it)") from None
+    sizes = VIDEO_RES_SIZE_INFO[resolution]
     width, height = sizes[aspect_ratio]
     latent_frames = 1 + (frames - 1) // VAE_TIME_STRIDE
     return Workload(
