@@ -80,6 +80,17 @@ def test_decode_rejects_other_files(tmp_path, capsys):
     assert main(["decode", str(tmp_path / "missing.latents.safetensors")]) == 2
 
 
+def test_decode_bad_device_is_a_clear_error_without_a_recorded_dtype(tmp_path, capsys):
+    from turbowan.pipeline.latents_io import read_latents_settings, save_latents
+
+    settings = {"output": str(tmp_path / "v.mp4"), "demo": True, "vae": "demo"}
+    path = save_latents(tmp_path / "v.latents.safetensors", torch.zeros(1, 16, 1, 2, 2), settings)
+    assert read_latents_settings(path) == settings
+    assert main(["decode", str(path), "--device", "tpu"]) == 2
+    assert "'tpu'" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.latents.safetensors"]
+
+
 @pytest.mark.parametrize("flag", ["--help"])
 def test_help_lists_the_upstream_flags(flag, capsys):
     with pytest.raises(SystemExit):

@@ -33,11 +33,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from turbowan.cli.generate import cpu_threads
     from turbowan.pipeline.decode import decode_latents_file
-    from turbowan.pipeline.latents_io import load_latents
+    from turbowan.pipeline.latents_io import read_latents_settings
 
     budget = int(args.budget) if str(args.budget).isdigit() else args.budget
     try:
-        demo = bool(load_latents(args.latents)[1].get("demo")) and args.vae is None
+        # the header is enough to choose the thread count; the tensor is read once, below
+        demo = bool(read_latents_settings(args.latents).get("demo")) and args.vae is None
         with cpu_threads(args.threads, demo):
             path, timings = decode_latents_file(
                 args.latents, output=args.output, vae=args.vae, fps=args.fps,

@@ -110,13 +110,14 @@ class GenerationResult:
         return write_video(self.frames, path, fps=fps, quality=quality)
 
 
-def _default_dtype(device: torch.device) -> torch.dtype:
+def _default_dtype(device: torch.device | None) -> torch.dtype:
     # bf16 is what the models were trained and distilled in, and what GPUs run fast;
     # on the CPU float32 is faster and exact, which the offload-equality tests rely on.
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    # None: the device was refused (the preflight reports why); any answer will do.
+    return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
 
 
-def _parse_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+def _parse_dtype(dtype: torch.dtype | str | None, device: torch.device | None) -> torch.dtype:
     if dtype is None:
         return _default_dtype(device)
     if isinstance(dtype, torch.dtype):
@@ -208,7 +209,7 @@ class I2VPipeline:
         preflight.check_attention(attention, sla_topk, collector=c)
         preflight.check_home(home, collector=c)
         preflight.check_vae_tiling(vae_tiling, vae_tile, vae_overlap, collector=c)
-        torch_dtype = c.check(lambda: _parse_dtype(dtype, dev or torch.device("cpu")))
+        torch_dtype = c.check(lambda: _parse_dtype(dtype, dev))
         c.raise_if_any()
         files = ModelFiles(
             high=Path(high), low=Path(low) if low is not None else None, vae=Path(vae),
@@ -250,7 +251,7 @@ class I2VPipeline:
         preflight.check_attention(attention, topk, collector=c)
         preflight.check_home(home, collector=c)
         preflight.check_vae_tiling(vae_tiling, vae_tile, vae_overlap, collector=c)
-        torch_dtype = c.check(lambda: _parse_dtype(dtype, dev or torch.device("cpu")))
+        torch_dtype = c.check(lambda: _parse_dtype(dtype, dev))
         c.raise_if_any()
         owned = directory is None
         where = Path(tempfile.mkdtemp(prefix="turbowan-demo-")) if owned else Path(directory)

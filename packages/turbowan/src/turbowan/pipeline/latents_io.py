@@ -43,6 +43,17 @@ def save_latents(path: str | os.PathLike[str], latents: torch.Tensor, settings: 
 
 def load_latents(path: str | os.PathLike[str]) -> tuple[torch.Tensor, dict[str, Any]]:
     """(latents, settings) from a file written by :func:`save_latents`."""
+    latents, settings = _read(path, with_latents=True)
+    assert latents is not None
+    return latents, settings
+
+
+def read_latents_settings(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The settings of a latents file, read from its header only (the tensor stays on disk)."""
+    return _read(path, with_latents=False)[1]
+
+
+def _read(path: str | os.PathLike[str], *, with_latents: bool) -> tuple[torch.Tensor | None, dict[str, Any]]:
     from safetensors import safe_open
 
     path = Path(path)
@@ -53,7 +64,7 @@ def load_latents(path: str | os.PathLike[str]) -> tuple[torch.Tensor, dict[str, 
             meta = fh.metadata() or {}
             if meta.get("format") != FORMAT_TAG or "latents" not in fh.keys():
                 raise ValueError("not a turbowan latents file")
-            latents = fh.get_tensor("latents")
+            latents = fh.get_tensor("latents") if with_latents else None
     except Exception as exc:
         raise ValueError(
             f"{str(path)!r} is not a turbowan latents file ({exc}); pass the "
