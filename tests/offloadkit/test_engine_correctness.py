@@ -238,3 +238,38 @@ def test_replan_changes_placement_and_stays_exact(reference):
         assert stats.current_device_bytes == new.predicted_peak_device_bytes
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("name", ["layerwise", "adaptive"])
+def test_every_copy_into_a_slot_waits_for_a_compute_token(reference, monkeypatch, name):
+    """On CUDA a new slot may get memory that queued compute still reads (a resident block
+    evicted by a re-plan or OOM recovery): every copy into a slot, the first one included,
+    must be ordered after a token from ``release`` (an event on the compute stream)."""
+    from offloadkit.engine.transfer import CpuTransport
+
+    tokens_made: list[object] = []
+    afters: list[object] = []
+    real_submit = CpuTransport.submit
+
+    def release(self, slot_buffer):
+        tokens_made.append(object())
+        return tokens_made[-1]
+
+    def submit(self, label, copies, after=None):
+        afters.append(after)
+        return real_submit(self, label, copies, after)
+
+    monkeypatch.setattr(CpuTransport, "release", release)
+    monkeypatch.setattr(CpuTransport, "submit", submit)
+    model, tokens, mask, expected = reference
+    profile = profile_model(model)
+    handle = offloadkit.apply(model, name, device="cpu", replan_every=0,
+                              budget=profile.non_block_bytes + 4 * profile.max_block_bytes)
+    try:
+        with torch.no_grad():
+            out = model(tokens, mask=mask, scale=0.5)
+    finally:
+        handle.remove()
+    assert torch.equal(out, expected)
+    assert len(afters) >= handle.stats().streamed_blocks > 0
+    assert all(any(a is t for t in tokens_made) for a in afters)

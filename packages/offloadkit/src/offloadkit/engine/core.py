@@ -277,7 +277,10 @@ class Engine:
             later = [g for g, members in enumerate(self._groups) if members[-1] >= position]
             self._next_group_from.append(later[0] if later else 0)
         for _ in range(plan.num_slots if self._groups else 0):
-            self._slots.append(Slot(self._allocate(slot_bytes)))
+            buffer = self._allocate(slot_bytes)
+            # the allocator may hand out memory that queued compute still reads (a resident
+            # block just evicted, an old slot): the first copy in waits for that compute
+            self._slots.append(Slot(buffer, free_token=self.transport.release(buffer)))
         if self._slots:
             self.transport.ensure_staging(slot_bytes)
         self.plan = plan
