@@ -230,19 +230,17 @@ def _check_sampler_inputs(high, low, conditioning, vae, image, num_frames, num_s
 
 def _run(plan: dict[str, Any]) -> torch.Tensor:
     """VAE encode -> dual-expert rCM -> VAE decode, with I2VPipeline's own stages."""
-    from turbowan.pipeline.i2v import I2VPipeline, ModelFiles
+    from turbowan.pipeline.i2v import I2VPipeline, ModelFiles, default_dtype
 
     high: TurboWanModel = plan["high"]
     low: TurboWanModel | None = plan["low"]
     vae: TurboWanVAE = plan["vae"]
     run = plan["run"]
     device = comfy_env.compute_device()
-    # bf16 on the GPU (what the models run in); float32 on the CPU (faster there, and exact)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pipe = I2VPipeline(
         ModelFiles(high=high.path, low=low.path if low is not None else None, vae=vae.path,
                    text_encoder=None),
-        strategy=high.strategy, budget=high.budget, device=device, dtype=dtype,
+        strategy=high.strategy, budget=high.budget, device=device, dtype=default_dtype(device),
         attention=high.attention, sla_topk=high.sla_topk,
     )
     largest = max(high.nbytes, low.nbytes if low is not None else 0, vae.nbytes)

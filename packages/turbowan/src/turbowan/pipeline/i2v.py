@@ -110,7 +110,8 @@ class GenerationResult:
         return write_video(self.frames, path, fps=fps, quality=quality)
 
 
-def _default_dtype(device: torch.device | None) -> torch.dtype:
+def default_dtype(device: torch.device | None) -> torch.dtype:
+    """The compute dtype of a run that names none (also the ComfyUI sampler's)."""
     # bf16 is what the models were trained and distilled in, and what GPUs run fast;
     # on the CPU float32 is faster and exact, which the offload-equality tests rely on.
     # None: the device was refused (the preflight reports why); any answer will do.
@@ -119,7 +120,7 @@ def _default_dtype(device: torch.device | None) -> torch.dtype:
 
 def _parse_dtype(dtype: torch.dtype | str | None, device: torch.device | None) -> torch.dtype:
     if dtype is None:
-        return _default_dtype(device)
+        return default_dtype(device)
     if isinstance(dtype, torch.dtype):
         return dtype
     names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
@@ -128,6 +129,21 @@ def _parse_dtype(dtype: torch.dtype | str | None, device: torch.device | None) -
         return names[str(dtype).lower()]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; use bf16, fp16 or fp32") from None
+
+
+def _check_pipeline_settings(
+    c: Any, *, strategy: str, budget: Any, device: Any, dtype: Any, attention: str,
+    sla_topk: float, home: str, vae_tiling: bool, vae_tile: int, vae_overlap: int,
+) -> tuple[torch.device, torch.dtype]:
+    """The settings every pipeline checks (real or demo), collected into ``c``; raises
+    ``PreflightError`` listing every problem, the caller's own ones included."""
+    dev = preflight.check_placement(strategy, budget, device, collector=c)
+    preflight.check_attention(attention, sla_topk, collector=c)
+    preflight.check_home(home, collector=c)
+    preflight.check_vae_tiling(vae_tiling, vae_tile, vae_overlap, collector=c)
+    torch_dtype = c.check(lambda: _parse_dtype(dtype, dev))
+    c.raise_if_any()
+    return dev, torch_dtype
 
 
 class I2VPipeline:
@@ -205,12 +221,10 @@ class I2VPipeline:
         paths = {"high": high, "low": low, "vae": vae, "text_encoder": text_encoder}
         descriptions = preflight.check_model_files(paths, collector=c, tokenizer=tokenizer)
         preflight.check_tokenizer(tokenizer, collector=c)
-        dev = preflight.check_placement(strategy, budget, device, collector=c)
-        preflight.check_attention(attention, sla_topk, collector=c)
-        preflight.check_home(home, collector=c)
-        preflight.check_vae_tiling(vae_tiling, vae_tile, vae_overlap, collector=c)
-        torch_dtype = c.check(lambda: _parse_dtype(dtype, dev))
-        c.raise_if_any()
+        dev, torch_dtype = _check_pipeline_settings(
+            c, strategy=strategy, budget=budget, device=device, dtype=dtype, attention=attention,
+            sla_topk=sla_topk, home=home, vae_tiling=vae_tiling, vae_tile=vae_tile,
+            vae_overlap=vae_overlap)
         files = ModelFiles(
             high=Path(high), low=Path(low) if low is not None else None, vae=Path(vae),
             text_encoder=Path(text_encoder), tokenizer=tokenizer,
@@ -247,12 +261,10 @@ class I2VPipeline:
 
         c = preflight.new_collector()
         topk = demo_mod.DEMO_SLA_TOPK if sla_topk is None else sla_topk
-        dev = preflight.check_placement(strategy, budget, device, collector=c)
-        preflight.check_attention(attention, topk, collector=c)
-        preflight.check_home(home, collector=c)
-        preflight.check_vae_tiling(vae_tiling, vae_tile, vae_overlap, collector=c)
-        torch_dtype = c.check(lambda: _parse_dtype(dtype, dev))
-        c.raise_if_any()
+        dev, torch_dtype = _check_pipeline_settings(
+            c, strategy=strategy, budget=budget, device=device, dtype=dtype, attention=attention,
+            sla_topk=topk, home=home, vae_tiling=vae_tiling, vae_tile=vae_tile,
+            vae_overlap=vae_overlap)
         owned = directory is None
         where = Path(tempfile.mkdtemp(prefix="turbowan-demo-")) if owned else Path(directory)
         files = demo_mod.demo_files(where)
