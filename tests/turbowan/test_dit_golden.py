@@ -96,3 +96,30 @@ def test_wrong_inputs_are_refused_with_the_fix(model, golden):
         model(x[..., :7], t, ctx, y[..., :7])
     with pytest.raises(ValueError, match="one timestep per sample"):
         model(x, torch.tensor([1.0, 2.0]), ctx, y)
+
+
+def test_rope_tables_are_taken_of_float64_angles():
+    # w reaches 79 at 720p: cos of an angle first rounded to float32 is off by ~2e-6 there
+    from turbowan.dit.rope import rope_cos_sin
+
+    grid = (2, 8, 80)
+    cos, sin = rope_cos_sin(grid)
+    w = torch.arange(80, dtype=torch.float64).repeat(2 * 8)  # token order is t, h, w
+    freqs = 1.0 / 10000.0 ** (torch.arange(0, 42, 2, dtype=torch.float64) / 42)
+    exact = w[:, None] * freqs  # the w pairs are the last 21 columns
+    assert exact.max() > 70
+    assert (cos[:, -21:].double() - exact.cos()).abs().max() < 1e-7
+    assert (sin[:, -21:].double() - exact.sin()).abs().max() < 1e-7
+
+
+def test_rope_tables_are_built_once_per_grid(model):
+    from turbowan.dit.rope import rope_cos_sin
+
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        first = model.rope_tables((3, 4, 6), cpu)
+    assert model.rope_tables((3, 4, 6), cpu) is first  # the second forward reuses them
+    assert not first[0].is_inference()  # usable by a later forward with autograd on
+    other = model.rope_tables((2, 4, 6), cpu)
+    assert other is not first and other[0].shape == (2 * 4 * 6, 64)
+    torch.testing.assert_close(other[0], rope_cos_sin((2, 4, 6))[0], atol=0, rtol=0)

@@ -9,14 +9,9 @@ The maths lives in ``turbowan.ops``; these modules only hold weights and choose 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-def sdpa_blhd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Full softmax attention on (B, L, H, D) tensors, scale 1/sqrt(D)."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
+from turbowan.ops.dense import dense_attention
 
 
 class DenseAttention(nn.Module):
@@ -25,7 +20,7 @@ class DenseAttention(nn.Module):
     kind = "original"
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return sdpa_blhd(q, k, v)
+        return dense_attention(q, k, v)
 
 
 class SparseLinearAttention(nn.Module):

@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from turbowan.dit.attention import make_attention_op, sdpa_blhd
+from turbowan.dit.attention import make_attention_op
 from turbowan.dit.config import DiTConfig
 from turbowan.dit.rope import apply_rope, rope_cos_sin
+from turbowan.ops.dense import dense_attention
 from turbowan.quant.int8_linear import Int8Linear
 
 TIME_THETA = 10000.0
@@ -76,36 +77,8 @@ def _make_linear(
     return nn.Linear(in_f, out_f, dtype=dtype)
 
 
-class WanSelfAttention(nn.Module):
-    def __init__(
-        self, config: DiTConfig, *, quant: str, attention: str, sla_topk: float, dtype: torch.dtype
-    ) -> None:
-        super().__init__()
-        dim = config.dim
-        self.num_heads = config.num_heads
-        self.head_dim = config.head_dim
-        self.q = _make_linear(dim, dim, quant=quant, dtype=dtype)
-        self.k = _make_linear(dim, dim, quant=quant, dtype=dtype)
-        self.v = _make_linear(dim, dim, quant=quant, dtype=dtype)
-        self.o = _make_linear(dim, dim, quant=quant, dtype=dtype)
-        self.norm_q = RMSNorm(dim, config.eps)
-        self.norm_k = RMSNorm(dim, config.eps)
-        self.attn_op = make_attention_op(
-            attention, head_dim=config.head_dim, topk=sla_topk, dtype=dtype
-        )
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        b, seq, _ = x.shape
-        heads = (b, seq, self.num_heads, self.head_dim)
-        q = apply_rope(self.norm_q(self.q(x)).view(heads), cos, sin)
-        k = apply_rope(self.norm_k(self.k(x)).view(heads), cos, sin)
-        v = self.v(x).view(heads)
-        out = self.attn_op(q, k, v)
-        return self.o(out.flatten(2).to(x.dtype))
-
-
-class WanCrossAttention(nn.Module):
-    """Text-only cross-attention (Wan2.2 A14B has no CLIP image branch); no mask, no RoPE."""
+class _Attention(nn.Module):
+    """q, k, v, o projections and the q/k RMSNorms that self- and cross-attention share."""
 
     def __init__(self, config: DiTConfig, *, quant: str, dtype: torch.dtype) -> None:
         super().__init__()
@@ -119,12 +92,35 @@ class WanCrossAttention(nn.Module):
         self.norm_q = RMSNorm(dim, config.eps)
         self.norm_k = RMSNorm(dim, config.eps)
 
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], -1, self.num_heads, self.head_dim)
+
+
+class WanSelfAttention(_Attention):
+    def __init__(
+        self, config: DiTConfig, *, quant: str, attention: str, sla_topk: float, dtype: torch.dtype
+    ) -> None:
+        super().__init__(config, quant=quant, dtype=dtype)
+        self.attn_op = make_attention_op(
+            attention, head_dim=config.head_dim, topk=sla_topk, dtype=dtype
+        )
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        q = apply_rope(self._split_heads(self.norm_q(self.q(x))), cos, sin)
+        k = apply_rope(self._split_heads(self.norm_k(self.k(x))), cos, sin)
+        v = self._split_heads(self.v(x))
+        out = self.attn_op(q, k, v)
+        return self.o(out.flatten(2).to(x.dtype))
+
+
+class WanCrossAttention(_Attention):
+    """Text-only cross-attention (Wan2.2 A14B has no CLIP image branch); no mask, no RoPE."""
+
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
-        q = self.norm_q(self.q(x)).view(b, -1, self.num_heads, self.head_dim)
-        k = self.norm_k(self.k(context)).view(b, -1, self.num_heads, self.head_dim)
-        v = self.v(context).view(b, -1, self.num_heads, self.head_dim)
-        return self.o(sdpa_blhd(q, k, v).flatten(2))
+        q = self._split_heads(self.norm_q(self.q(x)))
+        k = self._split_heads(self.norm_k(self.k(context)))
+        v = self._split_heads(self.v(context))
+        return self.o(dense_attention(q, k, v).flatten(2))
 
 
 class WanBlock(nn.Module):
@@ -232,6 +228,9 @@ class WanDiT(nn.Module):
             for _ in range(config.num_layers)
         )
         self.head = WanHead(config, dtype=dtype)
+        # RoPE tables of the last (grid, device): every step of a generation asks for the same
+        self._rope_key: tuple[tuple[int, int, int], torch.device] | None = None
+        self._rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -280,6 +279,17 @@ class WanDiT(nn.Module):
         e0 = _linear_fp32(self.time_projection[1], F.silu(e))
         return e, e0.unflatten(1, (6, self.config.dim))
 
+    def rope_tables(
+        self, grid: tuple[int, int, int], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE (cos, sin) for ``grid`` on ``device``, built (on the CPU, in float64) once per
+        grid instead of once per forward, with the host-to-device copy that goes with it."""
+        if self._rope_key != (grid, device) or self._rope_tables is None:
+            with torch.inference_mode(False):  # plain tensors: usable under autograd later
+                self._rope_tables = rope_cos_sin(grid, self.config.head_dim, device=device)
+            self._rope_key = (grid, device)
+        return self._rope_tables
+
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor
     ) -> torch.Tensor:
@@ -289,7 +299,7 @@ class WanDiT(nn.Module):
         grid = (frames, height // 2, width // 2)
         tokens = patchify(torch.cat([x, y.to(x.dtype)], dim=1).to(dtype))
         h = self.patch_embedding(tokens)
-        cos, sin = rope_cos_sin(grid, self.config.head_dim, device=h.device)
+        cos, sin = self.rope_tables(grid, h.device)
         e, e0 = self.time_embed(t.to(h.device))
         ctx = self.text_embedding(context.to(device=h.device, dtype=dtype))
         for block in self.blocks:

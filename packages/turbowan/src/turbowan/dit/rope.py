@@ -23,16 +23,14 @@ def _axis_freqs(pairs: int) -> torch.Tensor:
     return 1.0 / THETA ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
 
 
-def rope_angles(
-    grid: tuple[int, int, int], head_dim: int = 128, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """Rotation angle of every (token, pair): (T*H*W, head_dim/2) float32, tokens t-major."""
+def _rope_angles64(grid: tuple[int, int, int], head_dim: int) -> torch.Tensor:
+    """Rotation angle of every (token, pair) in float64, on the CPU."""
     t, h, w = grid
     pt, ph, pw = axis_pairs(head_dim)
     at = torch.outer(torch.arange(t, dtype=torch.float64), _axis_freqs(pt))
     ah = torch.outer(torch.arange(h, dtype=torch.float64), _axis_freqs(ph))
     aw = torch.outer(torch.arange(w, dtype=torch.float64), _axis_freqs(pw))
-    angles = torch.cat(
+    return torch.cat(
         [
             at[:, None, None, :].expand(t, h, w, pt),
             ah[None, :, None, :].expand(t, h, w, ph),
@@ -40,14 +38,21 @@ def rope_angles(
         ],
         dim=-1,
     ).reshape(t * h * w, pt + ph + pw)
-    return angles.to(device=device, dtype=torch.float32)
+
+
+def rope_angles(
+    grid: tuple[int, int, int], head_dim: int = 128, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Rotation angle of every (token, pair): (T*H*W, head_dim/2) float32, tokens t-major."""
+    return _rope_angles64(grid, head_dim).to(device=device, dtype=torch.float32)
 
 
 def rope_cos_sin(
     grid: tuple[int, int, int], head_dim: int = 128, device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables (L, head_dim/2) float32, computed once per forward."""
-    angles = rope_angles(grid, head_dim, device=None).double()
+    """cos and sin tables (L, head_dim/2) float32, taken of the float64 angles (as the
+    reference's complex128 rotation does), not of angles already rounded to float32."""
+    angles = _rope_angles64(grid, head_dim)
     return (
         angles.cos().to(device=device, dtype=torch.float32),
         angles.sin().to(device=device, dtype=torch.float32),
