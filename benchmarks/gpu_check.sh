@@ -85,18 +85,29 @@ echo "sweep exit status: $?"
 
 # ---------------------------------------------------------------- 4. plan with this card's rates
 stamp "plan mode with the rates measured on this machine"
-BLOCK_MS=$("$VPY" - "$OUT_DIR/gpu_check_sweep.json" <<'EOF'
+# block time: the all-resident step over the block count; bandwidth: the sweep's pinned copy
+# rate (GB/s), so the plan measures neither again and models the sweep's preset and attention
+read -r BLOCK_MS BANDWIDTH < <("$VPY" - "$OUT_DIR/gpu_check_sweep.json" <<'EOF'
 import json, sys
 try:
     doc = json.load(open(sys.argv[1]))
-    base = [r for r in doc["runs"] if r["kind"] == "baseline"]
-    print(f"{1000 * base[0]['seconds_per_step'] / doc['num_blocks']:.1f}")
 except Exception:
-    print("")
+    doc = {}
+try:
+    base = [r for r in doc["runs"] if r["kind"] == "baseline"]
+    block_ms = f"{1000 * base[0]['seconds_per_step'] / doc['num_blocks']:.1f}"
+except Exception:
+    block_ms = "-"
+try:
+    bandwidth = f"{doc['rates']['pinned_bandwidth_bytes_per_s'] / 1e9:.2f}"
+except Exception:
+    bandwidth = "-"
+print(block_ms, bandwidth)
 EOF
 )
-PLAN_ARGS=()
-[ -n "$BLOCK_MS" ] && PLAN_ARGS+=(--block-ms "$BLOCK_MS")
+PLAN_ARGS=(--preset "$PRESET" --quant int8 --attention "$ATTENTION")
+[ "${BLOCK_MS:--}" != "-" ] && PLAN_ARGS+=(--block-ms "$BLOCK_MS")
+[ "${BANDWIDTH:--}" != "-" ] && PLAN_ARGS+=(--bandwidth "$BANDWIDTH")
 timeout 120 "${BENCH[@]}" --plan "${WORK[@]}" "${PLAN_ARGS[@]}" --json "$OUT_DIR/gpu_check_plan.json"
 echo "plan exit status: $?"
 stamp "done; results in $OUT_DIR (gpu_check_sweep.json, gpu_check_plan.json, gpu_check.log)"
