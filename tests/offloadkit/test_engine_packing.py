@@ -46,3 +46,33 @@ def test_pinning_falls_back_to_pageable_memory_and_respects_the_cap():
     store.close()
     capped.close()
     assert ledger.host_pinned_bytes == ledger.host_pageable_bytes == 0
+
+
+def test_pin_cap_counts_the_allocators_power_of_two_rounding(monkeypatch):
+    """torch's caching host allocator locks a power of two per pinned request: a cap equal
+    to the blocks' own sizes would let real locked RAM reach almost twice the cap."""
+    from offloadkit.engine import packing
+
+    assert [packing.pinned_footprint(n) for n in (0, 1, 4096, 4097, 700 * 10**6)] == [
+        0, 1, 4096, 8192, 2**30]
+    pin_requests: list[int] = []
+    real_empty = torch.empty
+
+    def empty(*size, pin_memory=False, **kwargs):  # pinning "works" without a GPU
+        if pin_memory:
+            pin_requests.append(size[0])
+        return real_empty(*size, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    blocks = layout_model(make_model(seed=4)).blocks
+    footprint = packing.pinned_footprint(blocks[0].nbytes)
+    assert footprint > blocks[0].nbytes  # the test model's blocks are not powers of two
+    ledger = Ledger()
+    store = HostStore(ledger, pin=True, pin_limit_bytes=blocks[0].nbytes + blocks[1].nbytes)
+    store.add(blocks[0])
+    store.add(blocks[1])
+    assert pin_requests == [blocks[0].nbytes]  # the second would lock past the cap
+    assert store.source(0).pinned and not store.source(1).pinned
+    assert store.pinned_bytes == footprint and ledger.host_pinned_bytes == blocks[0].nbytes
+    store.close()
+    assert store.pinned_bytes == 0 and ledger.host_pinned_bytes == 0

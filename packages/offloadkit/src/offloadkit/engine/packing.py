@@ -29,6 +29,13 @@ def default_pin_limit() -> int:
         return 0
 
 
+def pinned_footprint(nbytes: int) -> int:
+    """Page-locked bytes an ``nbytes`` pinned request really takes: torch's caching host
+    allocator rounds each request up to a power of two by default (a 700 MB block locks
+    1 GiB), so the pin cap is checked against this, not against the block's size."""
+    return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
+
+
 def fill_block_buffer(buffer: torch.Tensor, layout: BlockLayout) -> None:
     """Copy every tensor of ``layout`` (as the model holds it now) into ``buffer``."""
     for entry in layout.entries:
@@ -72,11 +79,11 @@ class HostStore:
         self.ledger = ledger
         self.pin = pin
         self.pin_limit = default_pin_limit() if pin_limit_bytes is None else pin_limit_bytes
-        self.pinned_bytes = 0
+        self.pinned_bytes = 0  # page-locked bytes held, as the allocator rounds them
         self.sources: dict[int, HostSource] = {}
 
     def _allocate(self, nbytes: int) -> tuple[torch.Tensor, bool]:
-        if self.pin and self.pinned_bytes + nbytes <= self.pin_limit:
+        if self.pin and self.pinned_bytes + pinned_footprint(nbytes) <= self.pin_limit:
             try:
                 return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), True
             except RuntimeError:  # pinning refused (locked-memory limit): stay pageable
@@ -89,7 +96,7 @@ class HostStore:
         fill_block_buffer(buffer, layout)
         self.sources[layout.index] = HostSource(buffer, pinned)
         if pinned:
-            self.pinned_bytes += layout.nbytes
+            self.pinned_bytes += pinned_footprint(layout.nbytes)
         self.ledger.host_add(layout.nbytes, pinned=pinned)
 
     def source(self, index: int) -> HostSource:
@@ -102,7 +109,7 @@ class HostStore:
     def drop(self, index: int) -> None:
         source = self.sources.pop(index)
         if source.pinned:
-            self.pinned_bytes -= source.nbytes
+            self.pinned_bytes -= pinned_footprint(source.nbytes)
         self.ledger.host_remove(source.nbytes, pinned=source.pinned)
 
     def close(self) -> None:
