@@ -10,6 +10,7 @@ keeps ``int(topk * Nb)`` blocks, which is 0 on short inputs and turns the sparse
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -67,12 +68,19 @@ class BlockSelection:
 
 
 def select_blocks(
-    q: Tensor, k: Tensor, *, topk: float, block_q: int = 128, block_k: int = 64
+    q: Tensor,
+    k: Tensor,
+    *,
+    topk: float,
+    block_q: int = 128,
+    block_k: int = 64,
+    pool: Callable[[Tensor, int], Tensor] = mean_pool_blocks,
 ) -> BlockSelection:
     """Rank key blocks for every query block of (B, H, L, D) q and k and keep the top kk.
 
     Scores are pooled(q) . pooled(k - mean_tokens(k)), unscaled, computed in float32.
     The input length is not limited: pooling and scoring are O(L * D) and O(Mb * Nb * D).
+    ``pool`` computes the float32 block means (the Triton path passes its kernel).
     """
     if not (isinstance(topk, (int, float)) and math.isfinite(topk) and 0.0 < topk <= 1.0):
         raise ValueError(
@@ -83,8 +91,8 @@ def select_blocks(
     n_key_blocks = num_blocks(length, block_k)
     # pool(k - mean(k)) == pool(k) - mean(k) (every block is an average), so no smoothed copy
     # of k is made: at 720p that copy would be gigabytes.
-    pooled_q = mean_pool_blocks(q, block_q)
-    pooled_k = mean_pool_blocks(k, block_k) - k.mean(dim=2, keepdim=True, dtype=torch.float32)
+    pooled_q = pool(q, block_q)
+    pooled_k = pool(k, block_k) - k.mean(dim=2, keepdim=True, dtype=torch.float32)
     scores = pooled_q @ pooled_k.transpose(-1, -2)
     kk = kept_key_blocks(topk, n_key_blocks)
     lut = torch.topk(scores, kk, dim=-1, sorted=False).indices

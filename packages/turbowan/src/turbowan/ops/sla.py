@@ -95,7 +95,7 @@ def _check_options(
         )
 
 
-def _tileable(*sizes: int) -> bool:
+def tileable(*sizes: int) -> bool:
     """The kernels tile head_dim and both block sizes with powers of two >= 16."""
     return all(n >= 16 and n & (n - 1) == 0 for n in sizes)
 
@@ -157,8 +157,8 @@ def sparse_linear_attention(
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, proj_weight, proj_bias)
     )
-    tileable = _tileable(q.shape[-1], block_q, block_k)
-    backend = resolve_backend(backend, q.device, needs_grad, tileable)
+    tileable_sizes = tileable(q.shape[-1], block_q, block_k)
+    backend = resolve_backend(backend, q.device, needs_grad, tileable_sizes)
     cdtype = compute_dtype or q.dtype
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
 
@@ -166,8 +166,8 @@ def sparse_linear_attention(
         from turbowan.ops import sla_triton
 
         sla_triton.check_usable(q, block_q=block_q, block_k=block_k)
-        selection = sla_triton.select_blocks_triton(
-            qh, kh, topk=topk, block_q=block_q, block_k=block_k
+        selection = select_blocks(
+            qh, kh, topk=topk, block_q=block_q, block_k=block_k, pool=sla_triton.mean_pool_triton
         )
         arith = torch.float32 if sla_triton.INTERPRETED else cdtype
         rnd = rounder(cdtype, arith)

@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from turbowan.ops.block_map import BlockSelection, kept_key_blocks, num_blocks
+from turbowan.ops.block_map import num_blocks
+from turbowan.ops.sla import tileable
 
 # Triton decides interpreted vs compiled when a kernel is decorated, i.e. at this import.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -164,7 +165,7 @@ def check_usable(q: Tensor, *, block_q: int, block_k: int) -> None:
         )
     dim = q.shape[-1]
     for name, value in (("head_dim", dim), ("block_q", block_q), ("block_k", block_k)):
-        if not (value >= 16 and value & (value - 1) == 0):
+        if not tileable(value):
             raise ValueError(
                 f"sparse_linear_attention(backend='triton'): {name} must be a power of two >= 16, "
                 f"got {value}; use backend='torch' for other sizes"
@@ -198,21 +199,6 @@ def mean_pool_triton(x: Tensor, block: int) -> Tensor:
         DIM=dim,
     )
     return out
-
-
-def select_blocks_triton(
-    q: Tensor, k: Tensor, *, topk: float, block_q: int, block_k: int
-) -> BlockSelection:
-    """Same selection as ``block_map.select_blocks``, with the pooling done by the kernel."""
-    length = k.shape[2]
-    n_key_blocks = num_blocks(length, block_k)
-    pooled_q = mean_pool_triton(q, block_q)
-    # pool(k - mean(k)) == pool(k) - mean(k): no smoothed copy of k (gigabytes at 720p).
-    pooled_k = mean_pool_triton(k, block_k) - k.mean(dim=2, keepdim=True, dtype=torch.float32)
-    scores = pooled_q @ pooled_k.transpose(-1, -2)
-    kk = kept_key_blocks(topk, n_key_blocks)
-    lut = torch.topk(scores, kk, dim=-1, sorted=False).indices.sort(dim=-1).values.contiguous()
-    return BlockSelection(lut=lut, n_key_blocks=n_key_blocks, block_q=block_q, block_k=block_k)
 
 
 def block_sparse_attention_triton(
