@@ -35,14 +35,13 @@ def run(args: argparse.Namespace) -> int:
     from turbowan.pipeline.decode import decode_latents_file
     from turbowan.pipeline.latents_io import read_latents_settings
 
-    budget = int(args.budget) if str(args.budget).isdigit() else args.budget
     try:
         # the header is enough to choose the thread count; the tensor is read once, below
         demo = bool(read_latents_settings(args.latents).get("demo")) and args.vae is None
         with cpu_threads(args.threads, demo):
             path, timings = decode_latents_file(
                 args.latents, output=args.output, vae=args.vae, fps=args.fps,
-                quality=args.quality, strategy=args.offload, budget=budget, device=args.device,
+                quality=args.quality, strategy=args.offload, budget=args.budget, device=args.device,
                 dtype=args.dtype,
             )
     except ValueError as exc:

@@ -8,7 +8,9 @@ Flags follow the upstream `wan2.2_i2v_infer.py` where it makes sense (--image, -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 MODEL_FLAGS = ("high", "low", "vae", "text_encoder")
@@ -116,48 +118,39 @@ class _Progress:
             self.bar = None
 
 
-def cpu_threads(requested: int | None, demo: bool):
-    """Context manager: set torch's CPU thread count for this command, restore it after."""
-    import contextlib
-
+@contextlib.contextmanager
+def cpu_threads(requested: int | None, demo: bool) -> Iterator[None]:
+    """Set torch's CPU thread count for this command, restore it after."""
     import torch
 
-    @contextlib.contextmanager
-    def scope():
-        before = torch.get_num_threads()
-        wanted = requested if requested is not None else (1 if demo else None)
-        if wanted is not None:
-            if wanted < 1:
-                raise ValueError(f"--threads must be at least 1, got {wanted}")
-            torch.set_num_threads(wanted)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
-
-    return scope()
+    before = torch.get_num_threads()
+    wanted = requested if requested is not None else (1 if demo else None)
+    if wanted is not None:
+        if wanted < 1:
+            raise ValueError(f"--threads must be at least 1, got {wanted}")
+        torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run(args: argparse.Namespace) -> int:
     given = [f for f in MODEL_FLAGS if getattr(args, f) is not None]
     demo = not given
-    try:
-        threads = cpu_threads(args.threads, demo)
-        threads.__enter__()
-    except ValueError as exc:
-        print(f"turbowan generate: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(cpu_threads(args.threads, demo))
+        except ValueError as exc:
+            print(f"turbowan generate: error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         return _run(args, demo)
-    finally:
-        threads.__exit__(None, None, None)
 
 
 def _run(args: argparse.Namespace, demo: bool) -> int:
     from turbowan.pipeline.i2v import DecodeFailedError, DecodeInterrupted, I2VPipeline
     from turbowan.pipeline.preflight import PreflightError
 
-    budget = int(args.budget) if str(args.budget).isdigit() else args.budget
     placement = dict(home=args.home, vae_tiling=args.vae_tiling, vae_tile=args.vae_tile,
                      vae_overlap=args.vae_overlap)
     try:
@@ -167,14 +160,14 @@ def _run(args: argparse.Namespace, demo: bool) -> int:
 
             print(NOISE_NOTICE, file=sys.stderr)
             pipe = I2VPipeline.demo(
-                strategy=args.offload, budget=budget, device=args.device or "cpu",
+                strategy=args.offload, budget=args.budget, device=args.device or "cpu",
                 dtype=args.dtype, attention=args.attention, sla_topk=args.sla_topk,
                 **placement,
             )
         else:
             pipe = I2VPipeline.from_files(
                 high=args.high, low=args.low, vae=args.vae, text_encoder=args.text_encoder,
-                tokenizer=args.tokenizer, strategy=args.offload, budget=budget,
+                tokenizer=args.tokenizer, strategy=args.offload, budget=args.budget,
                 device=args.device, dtype=args.dtype, attention=args.attention,
                 sla_topk=0.1 if args.sla_topk is None else args.sla_topk, **placement,
             )
