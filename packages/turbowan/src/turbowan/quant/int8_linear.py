@@ -18,6 +18,7 @@ compute dtype. Two compute paths:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -92,6 +93,41 @@ def dequantize_blockwise(
     return (q.float() * _expand_scale(scale, rows, cols)).to(dtype)
 
 
+def w8a8_linear(
+    x: torch.Tensor,
+    q_weight: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    tile_gemm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """The frame both W8A8 paths share: quantise x per 128x128 tile, run
+    ``tile_gemm(q_x, s_x, q_weight, w_scale) -> (M, N) fp32``, cast to x's dtype, add the bias
+    in that dtype, restore x's leading dimensions."""
+    out_dtype = x.dtype
+    lead = x.shape[:-1]
+    q_x, s_x = quantize_blockwise(x.reshape(-1, x.shape[-1]))
+    out = tile_gemm(q_x, s_x, q_weight, w_scale).to(out_dtype)
+    if bias is not None:
+        out = out + bias.to(out_dtype)
+    return out.reshape(*lead, q_weight.shape[0])
+
+
+def _tile_gemm_torch(
+    q_x: torch.Tensor, s_x: torch.Tensor, q_weight: torch.Tensor, w_scale: torch.Tensor
+) -> torch.Tensor:
+    m_dim, k_dim = q_x.shape
+    n_dim = q_weight.shape[0]
+    sx_rows = s_x.repeat_interleave(TILE, 0)[:m_dim]  # (M, Kb) fp32
+    sw_cols = w_scale.float().repeat_interleave(TILE, 0)[:n_dim]  # (N, Kb) fp32
+    qxf, qwf = q_x.float(), q_weight.float()
+    acc = torch.zeros(m_dim, n_dim, dtype=torch.float32, device=q_x.device)
+    for kb in range(_tiles(k_dim)):
+        cols = slice(kb * TILE, min((kb + 1) * TILE, k_dim))
+        int_acc = qxf[:, cols] @ qwf[:, cols].T  # exact integers, |.| <= 2**21
+        acc = acc + (int_acc * sx_rows[:, kb : kb + 1]) * sw_cols[:, kb][None, :]
+    return acc
+
+
 def int8_linear_reference(
     x: torch.Tensor, q_weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
@@ -102,25 +138,7 @@ def int8_linear_reference(
     combined in fp32 as ``acc = acc + (float(int_acc) * sx) * sw`` for K tiles in order.
     The result is cast to x's dtype and the bias is added in that dtype.
     """
-    out_dtype = x.dtype
-    lead = x.shape[:-1]
-    k_dim = x.shape[-1]
-    n_dim = q_weight.shape[0]
-    x2 = x.reshape(-1, k_dim)
-    m_dim = x2.shape[0]
-    qx, sx = quantize_blockwise(x2)
-    sx_rows = sx.repeat_interleave(TILE, 0)[:m_dim]  # (M, Kb) fp32
-    sw_cols = w_scale.float().repeat_interleave(TILE, 0)[:n_dim]  # (N, Kb) fp32
-    qxf, qwf = qx.float(), q_weight.float()
-    acc = torch.zeros(m_dim, n_dim, dtype=torch.float32, device=x.device)
-    for kb in range(_tiles(k_dim)):
-        cols = slice(kb * TILE, min((kb + 1) * TILE, k_dim))
-        int_acc = qxf[:, cols] @ qwf[:, cols].T  # exact integers, |.| <= 2**21
-        acc = acc + (int_acc * sx_rows[:, kb : kb + 1]) * sw_cols[:, kb][None, :]
-    out = acc.to(out_dtype)
-    if bias is not None:
-        out = out + bias.to(out_dtype)
-    return out.reshape(*lead, n_dim)
+    return w8a8_linear(x, q_weight, w_scale, bias, _tile_gemm_torch)
 
 
 class Int8Linear(nn.Module):

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from turbowan.quant.int8_linear import TILE, quantize_blockwise
+from turbowan.quant.int8_linear import TILE, w8a8_linear
 
 # Triton decides interpreted vs compiled when a kernel is decorated, i.e. at this import.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -71,24 +71,13 @@ def _int8_tile_gemm_kernel(
     )
 
 
-def int8_linear_triton(
-    x: torch.Tensor, q_weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+def _tile_gemm_triton(
+    q_x: torch.Tensor, s_x: torch.Tensor, q_weight: torch.Tensor, w_scale: torch.Tensor
 ) -> torch.Tensor:
-    """Same contract and numerics as ``int8_linear_reference``, on the Triton kernel."""
-    if x.device.type != "cuda" and not INTERPRETED:
-        raise RuntimeError(
-            f"Int8Linear mode 'triton' needs CUDA tensors, got {x.device}; use mode='fast' "
-            "(or 'reference'), or set TRITON_INTERPRET=1 before importing turbowan"
-        )
-    out_dtype = x.dtype
-    lead = x.shape[:-1]
-    k_dim = x.shape[-1]
+    m_dim, k_dim = q_x.shape
     n_dim = q_weight.shape[0]
-    x2 = x.reshape(-1, k_dim)
-    m_dim = x2.shape[0]
-    q_x, s_x = quantize_blockwise(x2)
     q_w = q_weight if q_weight.stride(-1) == 1 else q_weight.contiguous()
-    out = torch.empty(m_dim, n_dim, dtype=torch.float32, device=x.device)
+    out = torch.empty(m_dim, n_dim, dtype=torch.float32, device=q_x.device)
     k_tiles = triton.cdiv(k_dim, TILE)
     grid = (triton.cdiv(m_dim, TILE), triton.cdiv(n_dim, TILE))
     _int8_tile_gemm_kernel[grid](
@@ -107,7 +96,16 @@ def int8_linear_triton(
         TILE_SIZE=TILE,
         **({} if INTERPRETED else {"num_warps": 8, "num_stages": 3}),
     )
-    result = out.to(out_dtype)
-    if bias is not None:
-        result = result + bias.to(out_dtype)
-    return result.reshape(*lead, n_dim)
+    return out
+
+
+def int8_linear_triton(
+    x: torch.Tensor, q_weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Same contract and numerics as ``int8_linear_reference``, on the Triton kernel."""
+    if x.device.type != "cuda" and not INTERPRETED:
+        raise RuntimeError(
+            f"Int8Linear mode 'triton' needs CUDA tensors, got {x.device}; use mode='fast' "
+            "(or 'reference'), or set TRITON_INTERPRET=1 before importing turbowan"
+        )
+    return w8a8_linear(x, q_weight, w_scale, bias, _tile_gemm_triton)
