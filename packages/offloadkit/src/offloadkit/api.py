@@ -11,7 +11,12 @@ import torch
 
 from offloadkit.budget import parse_budget
 from offloadkit.engine.options import ENGINE_OPTIONS
-from offloadkit.engine.profile import BlocksArg, layout_model, profile_from_layout
+from offloadkit.engine.profile import (
+    BlocksArg,
+    layout_model,
+    profile_from_layout,
+    with_device_memory,
+)
 from offloadkit.errors import AlreadyOffloadedError, DeviceUnavailableError
 from offloadkit.handle import OffloadHandle
 from offloadkit.registry import get_strategy
@@ -88,15 +93,8 @@ def _stage(model: torch.nn.Module, strategy: str | Strategy, *, device: str | to
             return parse_budget("auto", target)
     else:
         budget_bytes = parse_budget(budget, target)
-    memory = _memory_or_none(target)
     layout = layout_model(model, blocks)
-    profile = profile_from_layout(
-        layout,
-        device=target,
-        home=home,
-        device_total_bytes=memory.total_bytes if memory else None,
-        device_free_bytes=memory.free_bytes if memory else None,
-    )
+    profile = with_device_memory(profile_from_layout(layout, device=target, home=home), target)
     modules = list(model.modules())
 
     def finished(staged: StagedModel) -> None:
@@ -191,15 +189,6 @@ def _make_strategy(strategy: str | Strategy, options: dict[str, Any]
 
 def _needs_budget(strategy: Strategy) -> bool:
     return getattr(strategy, "uses_budget", True)
-
-
-def _memory_or_none(device: torch.device):
-    try:
-        from offloadkit.probe import probe
-
-        return probe(device)
-    except Exception:  # a profile without memory figures still plans; strategies cope
-        return None
 
 
 def _refuse_second_apply(model: torch.nn.Module) -> None:

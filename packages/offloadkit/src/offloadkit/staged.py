@@ -8,7 +8,6 @@ another model computes, so swapping models costs only the placement.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -152,7 +151,9 @@ class StagedModel:
         budget_bytes = self._budget_at_place()
         if budget_bytes == self.budget_bytes:
             return budget_bytes, None
-        profile = _with_memory(self.profile, self.device)
+        from offloadkit.engine.profile import with_device_memory
+
+        profile = with_device_memory(self.profile, self.device)
         plan = self.strategy.make_plan(profile, budget_bytes)
         return budget_bytes, plan
 
@@ -192,13 +193,3 @@ def _has_own_mechanism(strategy: Strategy) -> bool:
     cls = type(strategy)
     return cls.apply is not Strategy.apply and cls.stage is Strategy.stage
 
-
-def _with_memory(profile: ModelProfile, device: torch.device) -> ModelProfile:
-    try:
-        from offloadkit.probe import probe
-
-        memory = probe(device)
-    except Exception:  # noqa: BLE001 - figures are advisory
-        return profile
-    return dataclasses.replace(profile, device_total_bytes=memory.total_bytes,
-                               device_free_bytes=memory.free_bytes)

@@ -29,7 +29,7 @@ from offloadkit.engine.hooks import ForwardWrapper
 from offloadkit.engine.layout import BlockLayout, TensorEntry, TensorRef, tensor_nbytes, view_in
 from offloadkit.engine.oom import is_oom, shrink_plan
 from offloadkit.engine.packing import HostStore, release_memory
-from offloadkit.engine.profile import ModelLayout, layout_model
+from offloadkit.engine.profile import ModelLayout, layout_model, with_device_memory
 from offloadkit.engine.transfer import CpuTransport, CudaTransport, Ticket
 from offloadkit.errors import OffloadError
 from offloadkit.ledger import Ledger, OffloadStats, TraceEvent
@@ -446,7 +446,7 @@ class Engine:
     # ------------------------------------------------------------------ public (via handle)
     def replan(self) -> Plan | None:
         """Ask the strategy for a better plan from measurements; put it in force if any."""
-        profile = self._fresh_profile()
+        profile = with_device_memory(self.profile, self.device)
         proposal = self.strategy.replan(self.plan, self.stats(), profile)
         if proposal is None or _same_placement(proposal, self.plan):
             return None
@@ -464,16 +464,6 @@ class Engine:
         self._configure(proposal)
         self.ledger.replans += 1
         return proposal
-
-    def _fresh_profile(self) -> ModelProfile:
-        try:
-            from offloadkit.probe import probe
-
-            memory = probe(self.device)
-        except Exception:  # noqa: BLE001 - figures are advisory
-            return self.profile
-        return dataclasses.replace(self.profile, device_total_bytes=memory.total_bytes,
-                                   device_free_bytes=memory.free_bytes)
 
     def stats(self) -> OffloadStats:
         if self.transport is not None:

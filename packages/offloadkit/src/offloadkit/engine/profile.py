@@ -6,6 +6,7 @@ can be profiled and planned without a byte of weights in memory.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -199,6 +200,20 @@ def profile_from_layout(
         dtype_bytes=dict(dtype_bytes),
         home=home,
     )
+
+
+def with_device_memory(profile: ModelProfile, device: str | torch.device) -> ModelProfile:
+    """``profile`` with the device's total and free memory as probed now (at staging, at
+    placement, before a re-plan). The figures are advisory: a failed probe keeps the
+    profile as it was, and strategies plan without them."""
+    try:
+        from offloadkit.probe import probe
+
+        memory = probe(device)
+    except Exception:  # noqa: BLE001 - figures are advisory
+        return profile
+    return dataclasses.replace(profile, device_total_bytes=memory.total_bytes,
+                               device_free_bytes=memory.free_bytes)
 
 
 def profile_model(
