@@ -109,6 +109,25 @@ def test_switch_places_the_expert_packed_in_the_background_and_measures_the_wait
     assert f"waited {info['waited_seconds']:.2f} s at the switch" in stage.note
 
 
+def test_boundary_1_runs_the_low_expert_alone_staged_at_the_switch(demo_dir, monkeypatch):
+    """t_rf starts below 1, so boundary=1 gives only low steps: no high step starts the
+    background staging, and the first low step stages the expert itself."""
+    loaded = []
+    pipe = I2VPipeline.demo(directory=demo_dir)
+    real_load = pipe._load_expert
+    monkeypatch.setattr(pipe, "_load_expert", lambda path: loaded.append(path) or real_load(path))
+    staged, placed = _spy_staging(monkeypatch)
+    steps = []
+    res = pipe.generate(decode=False, boundary=1.0, callback=steps.append,
+                        **{**RUN, "steps": 2})
+    assert [s.expert for s in steps] == ["low", "low"]
+    assert loaded == [pipe.files.low]
+    assert [s["thread"] for s in staged] == [threading.main_thread().name]
+    assert [p["staged"] for p in placed].count(staged[0]["staged"]) == 1
+    assert "staged at the switch" in res.timings.get("sampling (low expert)").note
+    assert torch.isfinite(res.latents).all() and res.latents.shape == (1, 16, 2, 4, 4)
+
+
 def test_home_disk_gives_identical_latents_and_keeps_the_experts_in_a_file(
         demo_dir, host_run, tmp_path, monkeypatch):
     staged, _ = _spy_staging(monkeypatch)

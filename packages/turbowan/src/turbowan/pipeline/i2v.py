@@ -656,8 +656,9 @@ class _ExpertRunner:
         assert self.stage is not None
         switch_at = time.perf_counter()
         if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+            if self._thread.ident is not None:  # started by the high expert's first step
+                self._thread.join()
+            self._thread = None  # boundary 1: no high step, so the low expert is staged here
         waited = time.perf_counter() - switch_at
         if "error" in self._staged:
             raise self._staged.pop("error")
