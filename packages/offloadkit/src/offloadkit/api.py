@@ -19,6 +19,7 @@ from offloadkit.engine.profile import (
 )
 from offloadkit.errors import AlreadyOffloadedError, DeviceUnavailableError
 from offloadkit.handle import OffloadHandle
+from offloadkit.probe import cuda_index, parse_device
 from offloadkit.registry import get_strategy
 from offloadkit.staged import StagedModel
 from offloadkit.strategy import HOME_TIERS, Strategy
@@ -140,32 +141,14 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise DeviceUnavailableError(
-            f"{device!r} is not a device name ({exc}). Use 'cpu', 'cuda' or 'cuda:N'."
-        ) from None
+    dev = parse_device(device)
     if dev.type == "cpu":
         return dev
     if dev.type != "cuda":
         raise DeviceUnavailableError(
             f"offloadkit streams to 'cuda' or 'cpu' devices, not {str(dev)!r}. Use one of those."
         )
-    if not torch.cuda.is_available():
-        raise DeviceUnavailableError(
-            f"device={str(device)!r} was requested but CUDA is not available here "
-            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'}). "
-            "Use device='cpu' (or strategy='cpu_only'), or install a CUDA build of torch "
-            "on a machine with an NVIDIA GPU."
-        )
-    index = torch.cuda.current_device() if dev.index is None else dev.index
-    if not 0 <= index < torch.cuda.device_count():
-        raise DeviceUnavailableError(
-            f"device={str(device)!r} does not exist: {torch.cuda.device_count()} CUDA device(s) "
-            "here. Pick cuda:0 .. cuda:N-1."
-        )
-    return torch.device("cuda", index)
+    return torch.device("cuda", cuda_index(dev))
 
 
 def _make_strategy(strategy: str | Strategy, options: dict[str, Any]

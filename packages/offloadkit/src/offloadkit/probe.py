@@ -43,11 +43,11 @@ class DeviceMemory:
 
 def probe(device: str | torch.device = "cuda") -> DeviceMemory:
     """Report total and free memory of ``device`` ("cpu", "cuda" or "cuda:N")."""
-    dev = _parse_device(device)
+    dev = parse_device(device)
     if dev.type == "cpu":
         return _probe_os()
     if dev.type == "cuda":
-        index = _cuda_index(dev)
+        index = cuda_index(dev)
         return _probe_nvml(index) or _probe_torch_cuda(index)
     raise DeviceUnavailableError(
         f"offloadkit cannot probe device {str(device)!r}: only 'cpu', 'cuda' and 'cuda:N' "
@@ -55,7 +55,8 @@ def probe(device: str | torch.device = "cuda") -> DeviceMemory:
     )
 
 
-def _parse_device(device: str | torch.device) -> torch.device:
+def parse_device(device: str | torch.device) -> torch.device:
+    """``torch.device(device)``, with an error that says which names work."""
     if isinstance(device, torch.device):
         return device
     try:
@@ -66,13 +67,15 @@ def _parse_device(device: str | torch.device) -> torch.device:
         ) from None
 
 
-def _cuda_index(dev: torch.device) -> int:
+def cuda_index(dev: torch.device) -> int:
+    """The index of CUDA device ``dev`` (current device if unnumbered), checked to exist."""
     if not torch.cuda.is_available():
         cuda_build = torch.version.cuda or "none (CPU-only build)"
         raise DeviceUnavailableError(
             f"device {str(dev)!r} was requested but CUDA is not available here "
-            f"(torch {torch.__version__}, CUDA build: {cuda_build}). Use device='cpu', or "
-            "install a CUDA build of torch on a machine with an NVIDIA GPU and driver."
+            f"(torch {torch.__version__}, CUDA build: {cuda_build}). Use device='cpu' (or "
+            "strategy='cpu_only'), or install a CUDA build of torch on a machine with an "
+            "NVIDIA GPU and driver."
         )
     count = torch.cuda.device_count()
     index = torch.cuda.current_device() if dev.index is None else dev.index
