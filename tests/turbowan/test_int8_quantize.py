@@ -61,3 +61,26 @@ def test_writer_refuses_a_tensor_that_differs_from_its_header(tmp_path):
     back = load_file(str(tmp_path / "y.safetensors"))
     assert torch.equal(back["a"], torch.ones(2, 3, dtype=torch.bfloat16))
     assert back["b"].item() == 7 and size == (tmp_path / "y.safetensors").stat().st_size
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_a_failed_conversion_leaves_no_partial_file(tmp_path, bf16_state, monkeypatch, suffix):
+    import turbowan.quant.quantize as quantize_module
+
+    src = tmp_path / "in.safetensors"
+    save_file(bf16_state, str(src))
+    calls = []
+    real_quantize = quantize_module.quantize_blockwise
+
+    def fail_on_third_layer(weight):
+        calls.append(weight.shape)
+        if len(calls) == 3:
+            raise MemoryError("simulated: out of memory on the third layer")
+        return real_quantize(weight)
+
+    monkeypatch.setattr(quantize_module, "quantize_blockwise", fail_on_third_layer)
+    dst = tmp_path / ("out" + suffix)
+    with pytest.raises(MemoryError, match="third layer"):
+        quantize_file(src, dst)
+    assert len(calls) == 3  # it failed part-way, after the file was started
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]

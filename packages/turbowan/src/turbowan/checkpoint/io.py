@@ -20,7 +20,8 @@ import torch
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
-_ST_DTYPES = {
+# safetensors dtype names, for reading headers and (inverted) for writing them
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -123,7 +124,7 @@ def _safetensors_header(path: Path) -> dict[str, TensorSpec]:
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        dtype = _ST_DTYPES.get(info.get("dtype", ""))
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype", ""))
         if dtype is None:
             raise CheckpointReadError(f"{path}: tensor {key!r} has unknown dtype {info.get('dtype')}")
         begin, end = info["data_offsets"]

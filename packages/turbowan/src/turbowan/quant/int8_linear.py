@@ -31,14 +31,15 @@ Int8Mode = Literal["fast", "reference", "triton"]
 MODES: tuple[str, ...] = ("fast", "reference", "triton")
 
 
-def _tiles(n: int) -> int:
+def tiles(n: int) -> int:
+    """128-wide tiles needed to cover n rows or columns (the last may be partial)."""
     return math.ceil(n / TILE)
 
 
-def _pad_to_tiles(x: torch.Tensor) -> torch.Tensor:
+def _pad_totiles(x: torch.Tensor) -> torch.Tensor:
     """Zero-pad a 2-D tensor to whole 128x128 tiles (zeros never raise a tile's amax)."""
     rows, cols = x.shape
-    pad_r, pad_c = _tiles(rows) * TILE - rows, _tiles(cols) * TILE - cols
+    pad_r, pad_c = tiles(rows) * TILE - rows, tiles(cols) * TILE - cols
     if pad_r or pad_c:
         x = F.pad(x, (0, pad_c, 0, pad_r))
     return x
@@ -55,7 +56,7 @@ def quantize_blockwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not x.is_floating_point():
         raise ValueError(f"quantize_blockwise expects a floating tensor, got {x.dtype}")
     rows, cols = x.shape
-    padded = _pad_to_tiles(x.float())
+    padded = _pad_totiles(x.float())
     rb, cb = padded.shape[0] // TILE, padded.shape[1] // TILE
     tiles = padded.view(rb, TILE, cb, TILE)
     amax = tiles.abs().amax(dim=(1, 3)).clamp_min(AMAX_FLOOR)  # (rb, cb) fp32
@@ -73,7 +74,7 @@ def dequantize_blockwise(
 ) -> torch.Tensor:
     """w = q * scale[i//128, j//128], computed in fp32 and rounded once to ``dtype``."""
     rows, cols = q.shape
-    rb, cb = _tiles(rows), _tiles(cols)
+    rb, cb = tiles(rows), tiles(cols)
     if tuple(scale.shape) != (rb, cb):
         raise ValueError(
             f"scale has shape {tuple(scale.shape)} but a ({rows}, {cols}) int8 weight needs "
@@ -121,7 +122,7 @@ def _tile_gemm_torch(
     sw_cols = w_scale.float().repeat_interleave(TILE, 0)[:n_dim]  # (N, Kb) fp32
     qxf, qwf = q_x.float(), q_weight.float()
     acc = torch.zeros(m_dim, n_dim, dtype=torch.float32, device=q_x.device)
-    for kb in range(_tiles(k_dim)):
+    for kb in range(tiles(k_dim)):
         cols = slice(kb * TILE, min((kb + 1) * TILE, k_dim))
         int_acc = qxf[:, cols] @ qwf[:, cols].T  # exact integers, |.| <= 2**21
         acc = acc + (int_acc * sx_rows[:, kb : kb + 1]) * sw_cols[:, kb][None, :]
@@ -169,7 +170,7 @@ class Int8Linear(nn.Module):
         self.register_buffer(
             "scale",
             torch.empty(
-                _tiles(out_features), _tiles(in_features), dtype=torch.float32, device=device
+                tiles(out_features), tiles(in_features), dtype=torch.float32, device=device
             ),
         )
         if bias:

@@ -19,7 +19,7 @@ import torch
 from turbowan.checkpoint.io import SAFETENSORS_SUFFIXES, load_state_dict
 from turbowan.dit.config import BLOCK_LINEARS, config_from_state_dict
 from turbowan.dit.keys import normalize_dit_keys
-from turbowan.quant.int8_linear import TILE, quantize_blockwise
+from turbowan.quant.int8_linear import quantize_blockwise, tiles
 from turbowan.quant.safetensors_stream import write_safetensors_streaming
 
 _QUANT_WEIGHT = re.compile(
@@ -53,7 +53,10 @@ def iter_quantized(state: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, tor
 def _require_unquantized(state: Mapping[str, torch.Tensor]) -> None:
     layout = config_from_state_dict(state)
     if layout.quant != "none":
-        raise ValueError("the checkpoint is already int8-quantised (it has .int8_weight keys)")
+        raise ValueError(
+            "the checkpoint is already int8-quantised (it has .int8_weight keys): load it as "
+            "it is, or quantise the bf16 checkpoint it was made from"
+        )
 
 
 def quantize_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -72,7 +75,7 @@ def quantized_plan(
             rows, cols = tensor.shape
             base = key[: -len(".weight")]
             plan.append((base + ".int8_weight", (rows, cols), torch.int8))
-            plan.append((base + ".scale", (-(-rows // TILE), -(-cols // TILE)), torch.float32))
+            plan.append((base + ".scale", (tiles(rows), tiles(cols)), torch.float32))
         else:
             plan.append((key, tuple(tensor.shape), tensor.dtype))
     return plan
@@ -122,13 +125,17 @@ def quantize_file(
     state, _prefix, _dropped = normalize_dit_keys(load_state_dict(src))
     _require_unquantized(state)
     tmp = dst.with_name(dst.name + ".partial")
-    if dst.suffix.lower() in SAFETENSORS_SUFFIXES:
-        _write_safetensors(state, tmp)
-    else:
-        # torch.save pickles the whole dict at once: the int8 result (~14 GB for A14B) is
-        # held in RAM; the input stays memory-mapped
-        torch.save(dict(iter_quantized(state)), tmp)
-    os.replace(tmp, dst)
+    try:
+        if dst.suffix.lower() in SAFETENSORS_SUFFIXES:
+            _write_safetensors(state, tmp)
+        else:
+            # torch.save pickles the whole dict at once: the int8 result (~14 GB for A14B) is
+            # held in RAM; the input stays memory-mapped
+            torch.save(dict(iter_quantized(state)), tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave gigabytes of half-written file behind
+        raise
     return {
         "tensors_in": len(state),
         "tensors_out": len(quantized_plan(state)),
