@@ -302,12 +302,7 @@ class I2VPipeline:
         try:
             yield handle
         finally:
-            try:
-                peak = handle.stats().peak_device_bytes
-                if stage is not None:
-                    stage.peak_device_bytes = max(stage.peak_device_bytes or 0, peak)
-            finally:
-                handle.remove(restore=restore)
+            _remove_recording_peak(handle, stage, restore=restore)
 
     def _release_device_cache(self) -> None:
         # between models only, never inside a model's run; on the CPU dropping the last
@@ -566,6 +561,17 @@ class I2VPipeline:
         return settings, pil
 
 
+def _remove_recording_peak(handle: Any, stage: Stage | None, *, restore: bool) -> None:
+    """Remove an offloadkit placement; its peak device bytes go to ``stage`` (the larger
+    of what the stage already holds and this placement's peak)."""
+    try:
+        if stage is not None:
+            stage.peak_device_bytes = max(stage.peak_device_bytes or 0,
+                                          handle.stats().peak_device_bytes)
+    finally:
+        handle.remove(restore=restore)
+
+
 def _experts_or_empty(steps: Any, sigma_max: Any, boundary: Any) -> tuple[str, ...]:
     try:
         return rcm_schedule(steps, float(sigma_max), float(boundary)).experts
@@ -683,12 +689,8 @@ class _ExpertRunner:
 
     def _deactivate(self) -> None:
         if self.handle is not None:
-            try:
-                if self.stage is not None:
-                    self.stage.peak_device_bytes = self.handle.stats().peak_device_bytes
-            finally:
-                self.handle.remove(restore=False)  # the expert is dropped: no copy back
-                self.handle = None
+            handle, self.handle = self.handle, None
+            _remove_recording_peak(handle, self.stage, restore=False)  # dropped: no copy back
         self.model = None
         self.active = None
         if self._stage_cm is not None:
