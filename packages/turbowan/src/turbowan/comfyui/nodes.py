@@ -24,6 +24,7 @@ from turbowan.pipeline.video_io import (
     DEFAULT_FPS,
     DEFAULT_QUALITY,
     check_fps,
+    check_frame_size,
     check_quality,
     write_video,
 )
@@ -298,12 +299,10 @@ class TurboDiffusionSaveVideo:
             check_fps(fps)
             check_quality(quality)
             pixels = comfy_frames_to_uint8(frames)
+            height, width = pixels.shape[1:3]
+            check_frame_size(format, width, height)  # before save_path takes a file number
         except ValueError as exc:
             raise ValueError(f"TurboDiffusionSaveVideo: {exc}") from None
-        height, width = pixels.shape[1:3]
-        if format == "mp4" and (width % 2 or height % 2):
-            raise ValueError(f"TurboDiffusionSaveVideo: mp4 needs an even width and height, got "
-                             f"{width}x{height}; choose webm or gif")
         folder, stem, counter, subfolder = comfy_env.save_path(filename_prefix, width, height)
         name = f"{stem}_{counter:05}_.{format}"
         write_video(pixels, folder / name, fps=fps, quality=quality)

@@ -79,6 +79,15 @@ def check_fps(fps: float) -> None:
         raise ValueError(f"fps must be a number in (0, 240] (default {DEFAULT_FPS}), got {fps!r}")
 
 
+def check_frame_size(fmt: str, width: int, height: int) -> None:
+    """mp4 stores yuv420p (chroma at half size), so both sides must be even."""
+    if fmt == "mp4" and (width % 2 or height % 2):
+        raise ValueError(
+            f"mp4 needs an even width and height (H.264 yuv420p), got {width}x{height}; "
+            "use webm or gif, or an even size"
+        )
+
+
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     """(3, F, H, W) or (1, 3, F, H, W) in [-1, 1] -> uint8 (F, H, W, 3), clamped and rounded."""
     if video.dim() == 5:
@@ -113,13 +122,9 @@ def _write_av(frames: np.ndarray, target: str, fmt: str, fps: float, quality: in
     import av
 
     height, width = frames.shape[1:3]
+    check_frame_size(fmt, width, height)
     if fmt == "mp4":
         codec, pix_fmt = "libx264", "yuv420p"
-        if height % 2 or width % 2:
-            raise ValueError(
-                f"mp4 (H.264 yuv420p) needs even width and height, got {width}x{height}; "
-                "use .webm or .gif, or an even size"
-            )
         options = {"crf": str(round(40 - 3 * quality)), "preset": "medium"}
     else:
         codec, pix_fmt = "libvpx-vp9", "yuv420p"
