@@ -57,6 +57,13 @@ def cached_conv(conv: CausalConv3d, x: torch.Tensor, cache: CausalCache | None) 
     return out
 
 
+def run_cached(layers: nn.Sequential, x: torch.Tensor, cache: CausalCache | None) -> torch.Tensor:
+    """Run a Sequential, sending its causal convs through ``cached_conv`` in visit order."""
+    for layer in layers:
+        x = cached_conv(layer, x, cache) if isinstance(layer, CausalConv3d) else layer(x)
+    return x
+
+
 class RMSNorm(nn.Module):
     """L2-normalise over channels, times sqrt(C) and a learned per-channel gain (no bias)."""
 
@@ -88,9 +95,7 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         skip = self.shortcut(x)
-        for layer in self.residual:
-            x = cached_conv(layer, x, cache) if isinstance(layer, CausalConv3d) else layer(x)
-        return x + skip
+        return run_cached(self.residual, x, cache) + skip
 
 
 def _frames_to_images(x: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from turbowan.vae.layers import (
     ResidualBlock,
     RMSNorm,
     cached_conv,
+    run_cached,
 )
 
 
@@ -41,12 +42,6 @@ def _middle(dim: int, dropout: float) -> nn.ModuleList:
     return nn.ModuleList(
         [ResidualBlock(dim, dim, dropout), AttentionBlock(dim), ResidualBlock(dim, dim, dropout)]
     )
-
-
-def _run_head(head: nn.Sequential, x: torch.Tensor, cache: CausalCache | None) -> torch.Tensor:
-    for layer in head:
-        x = cached_conv(layer, x, cache) if isinstance(layer, CausalConv3d) else layer(x)
-    return x
 
 
 class Encoder3d(nn.Module):
@@ -75,7 +70,7 @@ class Encoder3d(nn.Module):
             x = block(x, cache)
         for block in self.middle:
             x = block(x, cache)
-        return _run_head(self.head, x, cache)
+        return run_cached(self.head, x, cache)
 
 
 class Decoder3d(nn.Module):
@@ -107,7 +102,7 @@ class Decoder3d(nn.Module):
             x = block(x, cache)
         for block in self.upsamples:
             x = block(x, cache)
-        return _run_head(self.head, x, cache)
+        return run_cached(self.head, x, cache)
 
 
 class WanVAE(nn.Module):
