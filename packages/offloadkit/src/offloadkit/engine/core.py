@@ -26,7 +26,14 @@ import torch
 
 from offloadkit.engine.disk import DiskStore
 from offloadkit.engine.hooks import ForwardWrapper
-from offloadkit.engine.layout import BlockLayout, TensorEntry, TensorRef, tensor_nbytes, view_in
+from offloadkit.engine.layout import (
+    BlockLayout,
+    TensorEntry,
+    TensorRef,
+    require_data,
+    tensor_nbytes,
+    view_in,
+)
 from offloadkit.engine.oom import is_oom, shrink_plan
 from offloadkit.engine.packing import HostStore, release_memory
 from offloadkit.engine.profile import ModelLayout, layout_model, with_device_memory
@@ -157,20 +164,10 @@ class Engine:
             raise OffloadError("the profile does not describe this model's blocks; build the "
                                "profile from the same model (offloadkit.engine.profile_model)")
         for ref in layout.outside:  # checked here too, so staging fails before packing
-            if ref.get().device.type == "meta":
-                raise OffloadError(
-                    f"{ref.qualname!r} is on the meta device (no data). Load the weights "
-                    "(load_state_dict(..., assign=True)) before offloadkit.apply() or stage()."
-                )
+            require_data(ref)
         for block in layout.blocks:
             for entry in block.entries:
-                t = entry.ref.get()
-                if t.device.type == "meta":
-                    raise OffloadError(
-                        f"{entry.ref.qualname!r} is on the meta device (no data). Load the "
-                        "weights (load_state_dict(..., assign=True)) before offloadkit.apply(); "
-                        "meta models can only be profiled and planned."
-                    )
+                t = require_data(entry.ref)
                 if t.layout != torch.strided or t.is_quantized:
                     raise OffloadError(
                         f"{entry.ref.qualname!r} is a {t.layout} / quantized torch tensor; "
@@ -182,12 +179,7 @@ class Engine:
         """Non-block and shared tensors: moved to the device once and kept there."""
         moved: dict[int, torch.Tensor] = {}
         for ref in self.layout.outside:
-            original = ref.get()
-            if original.device.type == "meta":
-                raise OffloadError(
-                    f"{ref.qualname!r} is on the meta device (no data). Load the weights "
-                    "before offloadkit.apply()."
-                )
+            original = require_data(ref)
             if id(original) not in moved:
                 placed = original.to(self.device)
                 moved[id(original)] = placed

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from offloadkit.engine.layout import BlockLayout, TensorEntry
-from offloadkit.engine.packing import fill_block_buffer
+from offloadkit.engine.layout import BlockLayout, TensorEntry, require_data
 from offloadkit.ledger import Ledger
 
 HEADER_ALIGN = 4096  # data section starts on a page boundary
@@ -93,10 +92,7 @@ class DiskStore:
         start, nbytes = self.offsets[layout.index]
         base = self.data_start + start
         for entry in layout.entries:
-            source = entry.ref.get()
-            if source.device.type == "meta":
-                fill_block_buffer(torch.empty(0, dtype=torch.uint8), layout)  # raises clearly
-            _pwrite_all(self.fd, _bytes_of(source), base + entry.offset)
+            _pwrite_all(self.fd, _bytes_of(require_data(entry.ref)), base + entry.offset)
         os.ftruncate(self.fd, max(os.fstat(self.fd).st_size, base + nbytes))
         self.ledger.disk_add(nbytes)
         self.live.add(layout.index)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from offloadkit.errors import OffloadError
+
 ALIGN = 256  # bytes; cudaMalloc itself aligns to 256, so slot views keep that guarantee
 
 
@@ -35,6 +37,19 @@ class TensorRef:
     def get(self) -> torch.Tensor:
         table = self.module._parameters if self.kind == "param" else self.module._buffers
         return table[self.attr]
+
+
+def require_data(ref: TensorRef) -> torch.Tensor:
+    """The tensor ``ref`` points at, refused if it is on ``meta``: there are no bytes to
+    pack or move (the one check staging, packing and placement share)."""
+    t = ref.get()
+    if t.device.type == "meta":
+        raise OffloadError(
+            f"{ref.qualname!r} is on the meta device (no data). Load the weights "
+            "(load_state_dict(..., assign=True)) before offloadkit.apply() or stage(); "
+            "meta models can only be profiled and planned."
+        )
+    return t
 
 
 @dataclass(frozen=True)

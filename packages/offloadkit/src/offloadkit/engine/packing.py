@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from offloadkit.engine.layout import BlockLayout, view_in
+from offloadkit.engine.layout import BlockLayout, require_data, view_in
 from offloadkit.ledger import Ledger
 
 DEFAULT_PIN_FRACTION = 0.5  # of the host's available RAM, when no pin_limit_bytes is given
@@ -39,13 +39,7 @@ def pinned_footprint(nbytes: int) -> int:
 def fill_block_buffer(buffer: torch.Tensor, layout: BlockLayout) -> None:
     """Copy every tensor of ``layout`` (as the model holds it now) into ``buffer``."""
     for entry in layout.entries:
-        source = entry.ref.get()
-        if source.device.type == "meta":
-            raise ValueError(
-                f"tensor {entry.ref.qualname!r} is on the meta device (no data). Load the "
-                "weights first (load_state_dict(..., assign=True)), then call offloadkit.apply()."
-            )
-        view_in(buffer, entry).copy_(source)
+        view_in(buffer, entry).copy_(require_data(entry.ref))
 
 
 def release_memory() -> None:
