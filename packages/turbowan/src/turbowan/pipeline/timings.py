@@ -55,21 +55,15 @@ class Timings:
         }
 
     def summary(self, device: str = "") -> str:
+        from offloadkit.budget import format_bytes  # the units budgets are given in
+
         width = max([len(s.name) for s in self.stages] + [5])
         where = f" on {device}" if device else ""
         lines = [f"time and peak weight memory per stage{where} (peak from offloadkit's ledger):"]
         for s in self.stages:
-            mem = _format_bytes(s.peak_device_bytes) if s.peak_device_bytes is not None else "-"
+            mem = format_bytes(s.peak_device_bytes) if s.peak_device_bytes is not None else "-"
             note = f"  {s.note}" if s.note else ""
             lines.append(f"  {s.name:<{width}}  {s.seconds:8.2f} s  {mem:>10}{note}")
         lines.append(f"  {'total':<{width}}  {self.total_seconds:8.2f} s")
         return "\n".join(lines)
 
-
-def _format_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
-        value /= 1024
-    return f"{value:.1f} GiB"
