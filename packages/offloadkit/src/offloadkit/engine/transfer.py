@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -54,8 +54,6 @@ class _Timing:
     nbytes: int
     start: Any
     end: Any
-    host_start: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 class CpuTransport:
