@@ -21,6 +21,7 @@ from turbowan.checkpoint.io import (
     load_state_dict,
     read_tensor_specs,
 )
+from turbowan.checkpoint.report import compare_specs, module_specs
 from turbowan.text_encoder.config import (
     TextEncoderMismatchError,
     UMT5Config,
@@ -189,20 +190,18 @@ def _default_dtype(specs: Mapping[str, TensorSpec]) -> torch.dtype:
 
 def _check_specs(model: nn.Module, specs: Mapping[str, TensorSpec], source: str) -> None:
     """Keys and shapes against the meta model, before any tensor data is read or converted."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(s.shape) for k, s in specs.items() if not k.endswith(".scale_weight")}
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    wrong = [f"{k} {found[k]} (expected {expected[k]})" for k in expected
-             if k in found and found[k] != expected[k]]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:4])})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:4])})")
-        if wrong:
-            parts.append(f"{len(wrong)} of another shape (e.g. {', '.join(wrong[:3])})")
+    found = {k: s for k, s in specs.items() if not k.endswith(".scale_weight")}
+    report = compare_specs(module_specs(model), found, source=source, expected_label="umT5")
+    missing, unexpected = sorted(report.missing), sorted(report.unexpected)
+    wrong = [f"{k} {got} (expected {want})" for k, want, got in report.wrong_shape]
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:4])})")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:4])})")
+    if wrong:
+        parts.append(f"{len(wrong)} of another shape (e.g. {', '.join(wrong[:3])})")
+    if parts:
         raise TextEncoderMismatchError(
             f"{source}: {'; '.join(parts)}. The file is incomplete or not a umT5 encoder; "
             "re-download it or check it with `turbowan check`."

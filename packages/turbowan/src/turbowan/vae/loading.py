@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import torch
 
 from turbowan.checkpoint import load_state_dict
+from turbowan.checkpoint.report import compare_specs, module_specs
 from turbowan.vae.config import VAECheckpointError, config_from_state_dict, strip_prefix
 from turbowan.vae.frames import FrameCountError, check_frame_count, check_spatial_size
 from turbowan.vae.model import WanVAE
@@ -50,24 +51,21 @@ def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def _compare_keys(path: str, model: WanVAE, state: Mapping[str, torch.Tensor]) -> None:
-    """Fail with a readable report before assigning anything."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(
-        f"{k} {tuple(state[k].shape)} (expected {expected[k]})"
-        for k in set(expected) & set(state)
-        if tuple(state[k].shape) != expected[k]
+    """Fail with a readable report before assigning anything (dtypes are cast on load)."""
+    report = compare_specs(
+        module_specs(model), state, source=path, expected_label="the Wan2.1 VAE layout"
     )
-    if missing or unexpected or wrong:
-        parts = []
+    wrong = sorted(f"{k} {found} (expected {want})" for k, want, found in report.wrong_shape)
+    parts = [
+        f"{len(items)} {label}: {', '.join(items[:10])}"
         for label, items in (
-            ("missing", missing),
-            ("unexpected", unexpected),
+            ("missing", sorted(report.missing)),
+            ("unexpected", sorted(report.unexpected)),
             ("wrong shape", wrong),
-        ):
-            if items:
-                parts.append(f"{len(items)} {label}: {', '.join(items[:10])}")
+        )
+        if items
+    ]
+    if parts:
         raise VAECheckpointError(
             f"{path}: does not match the Wan2.1 VAE layout ({'; '.join(parts)}). "
             "Use the original Wan2.1_VAE.pth or ComfyUI's wan_2.1_vae.safetensors; "
