@@ -84,6 +84,13 @@ def test_chunkwise_groups_blocks(profile):
         get_strategy("chunkwise")(chunk_size=0)
 
 
+@pytest.mark.parametrize("name", ["layerwise", "chunkwise"])
+def test_prefetch_option_must_be_a_bool(name):
+    with pytest.raises(ValueError, match=f"'{name}': option prefetch=1 must be True or False"):
+        get_strategy(name)(prefetch=1)
+    assert get_strategy(name)(prefetch=False).options["prefetch"] is False
+
+
 def test_adaptive_fills_budget_and_interleaves(profile):
     strategy = get_strategy("adaptive")()
     block = profile.max_block_bytes

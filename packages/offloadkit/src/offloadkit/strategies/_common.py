@@ -34,3 +34,9 @@ def positive_int(name: str, value: Any, strategy: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"strategy {strategy!r}: option {name}={value!r} must be an int >= 1")
     return value
+
+
+def boolean(name: str, value: Any, strategy: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"strategy {strategy!r}: option {name}={value!r} must be True or False")
+    return value

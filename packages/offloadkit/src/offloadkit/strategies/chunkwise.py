@@ -4,7 +4,7 @@ Fewer, larger copies; two chunk slots so the next chunk loads while one computes
 from __future__ import annotations
 
 from offloadkit.hookspecs import hookimpl
-from offloadkit.strategies._common import positive_int
+from offloadkit.strategies._common import boolean, positive_int
 from offloadkit.strategy import ModelProfile, Plan, Strategy
 
 
@@ -16,9 +16,7 @@ class ChunkwiseStrategy(Strategy):
     def __init__(self, **options: object) -> None:
         super().__init__(**options)
         positive_int("chunk_size", self.options["chunk_size"], self.name)
-        if not isinstance(self.options["prefetch"], bool):
-            raise ValueError(f"chunkwise: prefetch must be True or False, got "
-                             f"{self.options['prefetch']!r}")
+        boolean("prefetch", self.options["prefetch"], self.name)
 
     def _chunk(self, profile: ModelProfile) -> int:
         return max(1, min(self.options["chunk_size"], profile.num_blocks))

@@ -4,6 +4,7 @@ is prefetched while the current one computes (two slots)."""
 from __future__ import annotations
 
 from offloadkit.hookspecs import hookimpl
+from offloadkit.strategies._common import boolean
 from offloadkit.strategy import ModelProfile, Plan, Strategy
 
 
@@ -14,9 +15,7 @@ class LayerwiseStrategy(Strategy):
 
     def __init__(self, **options: object) -> None:
         super().__init__(**options)
-        if not isinstance(self.options["prefetch"], bool):
-            raise ValueError(f"layerwise: prefetch must be True or False, got "
-                             f"{self.options['prefetch']!r}")
+        boolean("prefetch", self.options["prefetch"], self.name)
 
     def _slots(self) -> int:
         return 2 if self.options["prefetch"] else 1
