@@ -149,14 +149,12 @@ class UMT5Encoder(nn.Module):
         b, length = ids.shape
         ids = ids.to(self.token_embedding.weight.device)
         x = self.token_embedding(ids)
-        if mask is None:
-            key_bias = torch.zeros(b, 1, 1, length, device=ids.device)
-        else:
+        key_bias = torch.zeros(b, 1, 1, length, device=ids.device)
+        if mask is not None:
             if tuple(mask.shape) != (b, length):
                 raise ValueError(
                     f"mask shape {tuple(mask.shape)} does not match token ids {(b, length)}"
                 )
-            key_bias = torch.zeros(b, 1, 1, length, device=ids.device)
             key_bias = key_bias.masked_fill(
                 mask.to(ids.device).view(b, 1, 1, length) == 0, torch.finfo(torch.float32).min
             )
