@@ -46,7 +46,7 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """
     generator = torch.Generator().manual_seed(seed)
     int8_pool = torch.randint(-127, 128, (_POOL_BYTES,), dtype=torch.int8, generator=generator)
-    float_pool = (torch.randn(_POOL_BYTES // 4, generator=generator) * 0.02).float()
+    float_pools = {torch.float32: torch.randn(_POOL_BYTES // 4, generator=generator) * 0.02}
     with torch.no_grad():
         for name, tensor in model.state_dict(keep_vars=True).items():
             data = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
@@ -60,7 +60,9 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             elif "norm" in name and leaf == "weight":
                 data.fill_(1.0)
             else:
-                _fill_from_pool(data, float_pool.to(data.dtype))
+                if data.dtype not in float_pools:  # cast the pool once per dtype, not per tensor
+                    float_pools[data.dtype] = float_pools[torch.float32].to(data.dtype)
+                _fill_from_pool(data, float_pools[data.dtype])
     return model
 
 

@@ -329,7 +329,7 @@ class Sweep:
             "dtype": str(s.dtype).removeprefix("torch."), "device": s.device,
             "workload": s.workload.as_dict(), "steps": s.steps, "warmup": s.warmup,
             "model_bytes": self.model_bytes, "num_blocks": self.num_blocks,
-            "block_bytes": [b.nbytes for b in profile.blocks],
+            "block_bytes": list(self.block_bytes),
             "non_block_bytes": profile.non_block_bytes,
             "resident_seconds_per_step": list(self.resident),
             "runs": self.runs, "skipped": self.skipped,
