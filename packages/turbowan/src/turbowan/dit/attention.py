@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from turbowan.dit.config import ATTENTION_CHOICES, check_choice
 from turbowan.ops.dense import dense_attention
 
 
@@ -85,8 +86,7 @@ class AttentionOp(nn.Module):
 def make_attention_op(
     attention: str, *, head_dim: int, topk: float, dtype: torch.dtype | None
 ) -> AttentionOp:
+    check_choice("attention", attention, ATTENTION_CHOICES)
     if attention == "original":
         return AttentionOp(DenseAttention())
-    if attention in ("sla", "sagesla"):
-        return AttentionOp(SparseLinearAttention(head_dim, topk=topk, kind=attention, dtype=dtype))
-    raise ValueError(f"attention must be one of sla, original, sagesla; got {attention!r}")
+    return AttentionOp(SparseLinearAttention(head_dim, topk=topk, kind=attention, dtype=dtype))

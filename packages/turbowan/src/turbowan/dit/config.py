@@ -93,7 +93,8 @@ def get_preset(name: str) -> DiTConfig:
         ) from None
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """Refuse an option value outside ``choices``, listing them."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
@@ -105,8 +106,8 @@ def build_manifest_model(
     from turbowan.dit.model import WanDiT
 
     config = preset if isinstance(preset, DiTConfig) else get_preset(preset)
-    _check_choice("quant", quant, QUANT_CHOICES)
-    _check_choice("attention", attention, ATTENTION_CHOICES)
+    check_choice("quant", quant, QUANT_CHOICES)
+    check_choice("attention", attention, ATTENTION_CHOICES)
     with torch.device("meta"):
         return WanDiT(config, quant=quant, attention=attention, dtype=torch.bfloat16)
 

@@ -16,7 +16,13 @@ import torch
 
 from turbowan.checkpoint.io import TensorSpec, load_state_dict
 from turbowan.checkpoint.report import CheckpointMismatchError, compare_specs, module_specs
-from turbowan.dit.config import ATTENTION_CHOICES, PROJ_L, DetectedLayout, config_from_state_dict
+from turbowan.dit.config import (
+    ATTENTION_CHOICES,
+    PROJ_L,
+    DetectedLayout,
+    check_choice,
+    config_from_state_dict,
+)
 from turbowan.dit.keys import normalize_dit_keys
 from turbowan.dit.model import WanDiT
 from turbowan.quant.int8_linear import MODES, set_int8_mode
@@ -33,10 +39,7 @@ def _default_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
 def _validate_args(
     attention: str, sla_topk: float, dtype: torch.dtype | None, int8_mode: str
 ) -> None:
-    if attention not in ATTENTION_CHOICES:
-        raise ValueError(
-            f"attention must be one of {', '.join(ATTENTION_CHOICES)}; got {attention!r}"
-        )
+    check_choice("attention", attention, ATTENTION_CHOICES)
     if not 0.0 < sla_topk <= 1.0:
         raise ValueError(
             f"sla_topk must be in (0, 1] (fraction of key blocks kept); got {sla_topk}"
