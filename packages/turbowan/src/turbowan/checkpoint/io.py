@@ -37,6 +37,13 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 
 
+# the fix for every damaged file, said where the damage is found (CLI and loaders alike)
+REDOWNLOAD = (
+    "re-download the file (an interrupted download looks like this) and compare its size "
+    "with the source's"
+)
+
+
 class CheckpointReadError(ValueError):
     """The file cannot be read as a checkpoint (missing, truncated, unsafe or unknown)."""
 
@@ -87,7 +94,9 @@ def load_state_dict(path: str | os.PathLike[str], *, mmap: bool = True) -> dict[
         try:
             return load_file(str(path), device="cpu")
         except Exception as exc:  # safetensors raises several types for a bad header
-            raise CheckpointReadError(f"{path}: not a readable safetensors file ({exc})") from exc
+            raise CheckpointReadError(
+                f"{path}: not a readable safetensors file ({exc}); {REDOWNLOAD}"
+            ) from exc
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:
@@ -95,7 +104,7 @@ def load_state_dict(path: str | os.PathLike[str], *, mmap: bool = True) -> dict[
         if "zip archive" in text or "PytorchStreamReader" in text or "central directory" in text:
             raise CheckpointReadError(
                 f"{path}: truncated or corrupt .pth archive ({text.splitlines()[0]}); "
-                "re-download the file"
+                f"{REDOWNLOAD}"
             ) from exc
         # weights_only refuses pickles that would import or call anything: report, never run
         raise CheckpointReadError(
@@ -111,14 +120,18 @@ def _safetensors_header(path: Path) -> dict[str, TensorSpec]:
     with path.open("rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
-            raise CheckpointReadError(f"{path}: truncated (no safetensors header)")
+            raise CheckpointReadError(f"{path}: truncated (no safetensors header); {REDOWNLOAD}")
         (n,) = struct.unpack("<Q", head)
         if n <= 0 or 8 + n > size:
-            raise CheckpointReadError(f"{path}: truncated or corrupt safetensors header")
+            raise CheckpointReadError(
+                f"{path}: truncated or corrupt safetensors header; {REDOWNLOAD}"
+            )
         try:
             header = json.loads(fh.read(n))
         except json.JSONDecodeError as exc:
-            raise CheckpointReadError(f"{path}: corrupt safetensors header ({exc})") from exc
+            raise CheckpointReadError(
+                f"{path}: corrupt safetensors header ({exc}); {REDOWNLOAD}"
+            ) from exc
     specs: dict[str, TensorSpec] = {}
     data_len = size - 8 - n
     for key, info in header.items():
@@ -131,7 +144,7 @@ def _safetensors_header(path: Path) -> dict[str, TensorSpec]:
         if end > data_len:
             raise CheckpointReadError(
                 f"{path}: truncated: tensor {key!r} ends at byte {end} but only {data_len} "
-                "data bytes are present (re-download the file)"
+                f"data bytes are present; {REDOWNLOAD}"
             )
         specs[key] = TensorSpec(tuple(int(s) for s in info["shape"]), dtype)
     return specs

@@ -37,12 +37,7 @@ def run(args: argparse.Namespace) -> int:
             naming=args.naming,
         )
     except CheckpointReadError as exc:
-        print(f"turbowan check: cannot read the file: {exc}")
-        if "zip archive" in str(exc) or "truncated" in str(exc):
-            print(
-                "hint: the file is truncated or corrupt (an interrupted download looks like "
-                "this): re-download it and compare its size with the source's"
-            )
+        print(f"turbowan check: cannot read the file: {exc}")  # the error carries the fix
         return EXIT_UNREADABLE
     except ValueError as exc:
         print(f"turbowan check: {exc}")
