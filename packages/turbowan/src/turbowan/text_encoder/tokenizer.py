@@ -146,7 +146,9 @@ class UMT5Tokenizer:
             try:
                 backend: _Backend = _HFTokenizerBackend(path)
             except Exception as exc:
-                raise ValueError(f"{path}: not a readable HF tokenizer.json ({exc})") from exc
+                raise ValueError(
+                    f"{path}: not a readable HF tokenizer.json ({exc}). {DOWNLOAD_HINT}"
+                ) from exc
         else:
             backend = _sentencepiece_or_error(path.read_bytes(), str(path))
         return cls(backend, str(path), **kwargs)
