@@ -221,6 +221,22 @@ def test_tiny_sweep_json_schema(tmp_path):
         assert peer[0]["strategy"] == "accelerate_disk_offload" and peer[0]["peak_rss_bytes"] > 0
 
 
+def test_a_peer_that_cannot_run_here_is_recorded_as_skipped():
+    """No model is built for it; the skip has no budget and names the peer's home tier."""
+    from turbowan.bench.peers import run_peers
+    from turbowan.bench.sweep import Sweep, SweepSpec
+    from turbowan.bench.workload import from_tokens
+
+    lines: list[str] = []
+    sweep = Sweep(SweepSpec(preset="tiny", workload=from_tokens(16), device="cpu"),
+                  log=lines.append)
+    sweep._build = lambda: pytest.fail("a peer that cannot run built a model")
+    assert run_peers(sweep, ["diffusers_group_stream"], inputs=None) == []
+    assert sweep.skipped == [{"strategy": "diffusers_group_stream", "budget": None,
+                              "home": "pinned", "reason": "needs a CUDA device (side-stream prefetch)"}]
+    assert lines == ["skipped diffusers_group_stream (pinned): needs a CUDA device (side-stream prefetch)"]
+
+
 # ------------------------------------------------------------------ CLI errors (before any work)
 
 

@@ -122,24 +122,20 @@ def _variant(name: str) -> PeerVariant:
     return next(v for variants in VARIANTS.values() for v in variants if v.name == name)
 
 
-def run_peers(sweep, names: list[str], inputs) -> tuple[list[dict], list[dict]]:
-    """Measure each named peer variant; returns (run records, skipped records)."""
+def run_peers(sweep, names: list[str], inputs) -> list[dict]:
+    """Measure each named peer variant; returns the run records (skips go to ``sweep.skip``)."""
     from turbowan.bench.sweep import _cuda_peak, _reset_cuda_peak, _rss_split, empty_run, time_steps
 
     spec = sweep.spec
-    runs, skipped = [], []
+    runs: list[dict] = []
     for name in names:
         variant = _variant(name)
         if importlib.util.find_spec(variant.package) is None:
-            reason = (f"{variant.package} is not installed; `pip install {variant.package}` "
-                      "to compare against it")  # fmt: skip
-            skipped.append({"strategy": name, "budget": None, "home": variant.home, "reason": reason})
-            sweep.log(f"skipped {name}: {reason}")
+            sweep.skip(name, None, variant.home, f"{variant.package} is not installed; "
+                       f"`pip install {variant.package}` to compare against it")  # fmt: skip
             continue
         if variant.needs_cuda and not spec.device.startswith("cuda"):
-            reason = "needs a CUDA device (side-stream prefetch)"
-            skipped.append({"strategy": name, "budget": None, "home": variant.home, "reason": reason})
-            sweep.log(f"skipped {name}: {reason}")
+            sweep.skip(name, None, variant.home, "needs a CUDA device (side-stream prefetch)")
             continue
         workdir = Path(tempfile.mkdtemp(prefix=f"turbowan-bench-{name}-"))
         model = sweep._build()
@@ -164,9 +160,7 @@ def run_peers(sweep, names: list[str], inputs) -> tuple[list[dict], list[dict]]:
             steady = machine.peak_rss_bytes()
             rss_split = _rss_split()
         except Exception as exc:  # a peer that fails on this model is reported, not fatal
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            skipped.append({"strategy": name, "budget": None, "home": variant.home, "reason": text})
-            sweep.log(f"skipped {name}: {text}")
+            sweep.skip(name, None, variant.home, exc)
             continue
         finally:
             del model
@@ -188,4 +182,4 @@ def run_peers(sweep, names: list[str], inputs) -> tuple[list[dict], list[dict]]:
         record["resident_index"] = len(sweep.resident) - 1
         runs.append(record)
         sweep.log(f"{name}: {record['seconds_per_step']:.3f} s/step")
-    return runs, skipped
+    return runs

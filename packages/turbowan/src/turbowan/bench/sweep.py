@@ -186,7 +186,7 @@ class Sweep:
         except torch.OutOfMemoryError as exc:
             model.to("cpu")
             torch.cuda.empty_cache()
-            self._skip("resident", "-", None, f"all weights do not fit on {self.spec.device} ({exc})"
+            self.skip("resident", "-", None, f"all weights do not fit on {self.spec.device} ({exc})"
                        "; ratios to all-resident are left empty")  # fmt: skip
 
     def _check_host_memory(self) -> None:
@@ -320,9 +320,7 @@ class Sweep:
             machine.release_freed_memory()
             from turbowan.bench.peers import run_peers
 
-            peer_runs, peer_skips = run_peers(self, s.peers, inputs)
-            self.runs.extend(peer_runs)
-            self.skipped.extend(peer_skips)
+            self.runs.extend(run_peers(self, s.peers, inputs))
         self._ratios()
         return {
             "preset": s.preset, "quant": s.quant, "attention": s.attention,
@@ -346,16 +344,16 @@ class Sweep:
             instance = cls(**s.strategy_options.get(strategy, {}))
             need = instance.min_device_bytes(profile)
         except Exception as exc:
-            self._skip(strategy, budget, None, exc)
+            self.skip(strategy, budget, None, exc)
             return
         if budget_bytes < need:
-            self._skip(strategy, budget, None,
+            self.skip(strategy, budget, None,
                        f"budget {budget_bytes / 2**20:.2f} MiB is below the "
                        f"{need / 2**20:.2f} MiB this strategy needs")  # fmt: skip
             return
         same = self._same_plan_as(instance, profile, strategy, budget, budget_bytes)
         if same is not None:
-            self._skip(strategy, budget, None, f"same plan as {strategy} @ {same}: measured once")
+            self.skip(strategy, budget, None, f"same plan as {strategy} @ {same}: measured once")
             return
         for home in s.homes:
             self._one_offloadkit_run(model, inputs, strategy, budget, budget_bytes, home)
@@ -380,7 +378,7 @@ class Sweep:
         try:
             record = self.measure_offloadkit(model, inputs, strategy, budget, budget_bytes, home)
         except Exception as exc:  # a strategy that cannot run here is reported, not fatal
-            self._skip(strategy, budget, home, exc)
+            self.skip(strategy, budget, home, exc)
             return
         record["resident_index"] = len(self.resident) - 1
         self.runs.append(record)
@@ -389,10 +387,13 @@ class Sweep:
         if self._between and self.resident:
             self._resident_run(model, inputs)
 
-    def _skip(self, strategy: str, budget: str, home: str | None, reason) -> None:
+    def skip(self, strategy: str, budget: str | None, home: str | None, reason) -> None:
+        """Record (and log) a run that could not be measured; ``reason`` may be an exception.
+        Peers have no budget (None)."""
         text = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
         self.skipped.append({"strategy": strategy, "budget": budget, "home": home, "reason": text})
-        self.log(f"skipped {strategy} @ {budget}" + (f" ({home})" if home else "") + f": {text}")
+        where = (f" @ {budget}" if budget is not None else "") + (f" ({home})" if home else "")
+        self.log(f"skipped {strategy}{where}: {text}")
 
     def _ratios(self) -> None:
         """Each run divided by the mean of the resident timings taken just before and after."""
