@@ -199,3 +199,17 @@ def test_plans_cover_every_block_once(profile):
             plan = strategy.plan(profile, budget)
             plan.validate(profile)
             assert plan.predicted_peak_device_bytes <= budget
+
+
+def test_cpu_only_refuses_meta_weights_naming_the_tensor():
+    from models import make_model
+
+    import offloadkit
+
+    model = make_model(seed=1)
+    name, param = next(iter(model.blocks[1].named_parameters()))
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.blocks[1].get_submodule(owner_name)
+    owner._parameters[attr] = torch.nn.Parameter(torch.empty_like(param, device="meta"))
+    with pytest.raises(ValueError, match=f"'blocks.1.{name}' is on the meta device; load"):
+        offloadkit.apply(model, "cpu_only")

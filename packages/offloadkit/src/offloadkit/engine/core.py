@@ -185,7 +185,7 @@ class Engine:
                 moved[id(original)] = placed
                 self.ledger.device_alloc(tensor_nbytes(placed))
             self._outside.append((ref, original))
-            _set_tensor(ref, moved[id(original)])
+            ref.set(moved[id(original)])
 
     def _pack_blocks(self) -> None:
         """Block by block: pack into the home tier, then drop the originals (the block's
@@ -197,7 +197,7 @@ class Engine:
                 self._packed.add(block.index)
                 stand_ins = self._placeholders_for(block, torch.device("cpu"))
                 for entry, placeholder in zip(block.entries, stand_ins, strict=True):
-                    _set_tensor(entry.ref, placeholder)
+                    entry.ref.set(placeholder)
         if isinstance(self.store, DiskStore):
             self.store.finish()
             release_memory()
@@ -292,7 +292,7 @@ class Engine:
     # ------------------------------------------------------------------ binding
     def _bind_block(self, index: int, tensors: list[torch.Tensor]) -> None:
         for entry, tensor in zip(self.blocks[index].entries, tensors, strict=True):
-            _set_tensor(entry.ref, tensor)
+            entry.ref.set(tensor)
 
     def _slot_views(self, slot: Slot, index: int) -> list[torch.Tensor]:
         views = slot.views.get(index)
@@ -519,7 +519,7 @@ class Engine:
                 if id(current) not in placed:
                     placed.add(id(current))
                     self.ledger.device_free(tensor_nbytes(current))
-                _set_tensor(ref, original)
+                ref.set(original)
             self._outside = []
             self.store.close()
             self._placeholders.clear()
@@ -546,18 +546,10 @@ class Engine:
                     restored = restored.to(entry.original_device)
                 if entry.ref.kind == "buffer" and entry.requires_grad:
                     restored.requires_grad_(True)
-                _set_tensor(entry.ref, restored)
+                entry.ref.set(restored)
         del raw
         self.store.drop(block.index)
         self._packed.discard(block.index)
-
-
-def _set_tensor(ref: TensorRef, tensor: torch.Tensor) -> None:
-    """Point a parameter (keeping the Parameter object) or a buffer at ``tensor``."""
-    if ref.kind == "param":
-        ref.module._parameters[ref.attr].data = tensor
-    else:
-        ref.module._buffers[ref.attr] = tensor
 
 
 def _same_placement(a: Plan, b: Plan) -> bool:

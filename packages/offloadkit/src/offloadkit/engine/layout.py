@@ -38,6 +38,14 @@ class TensorRef:
         table = self.module._parameters if self.kind == "param" else self.module._buffers
         return table[self.attr]
 
+    def set(self, tensor: torch.Tensor) -> None:
+        """Point the slot at ``tensor``: a parameter keeps its Parameter object (so
+        optimisers and user references stay valid), a buffer is replaced."""
+        if self.kind == "param":
+            self.module._parameters[self.attr].data = tensor
+        else:
+            self.module._buffers[self.attr] = tensor
+
 
 def require_data(ref: TensorRef) -> torch.Tensor:
     """The tensor ``ref`` points at, refused if it is on ``meta``: there are no bytes to

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from offloadkit.engine.layout import TensorRef, module_tensor_refs, tensor_nbytes
 from offloadkit.hookspecs import hookimpl
 from offloadkit.ledger import Ledger, OffloadStats, TraceEvent
 from offloadkit.strategy import ModelProfile, Plan, Strategy
@@ -41,18 +42,17 @@ class CpuOnlyPlacement:
         self.plan = plan
         self._name = name
         self._ledger = Ledger(max_trace_events=0)
-        self._moved: list[tuple[torch.nn.Module, str, str, torch.Tensor]] = []
-        for module in model.modules():
-            for kind, table in (("param", module._parameters), ("buffer", module._buffers)):
-                for attr, tensor in table.items():
-                    if tensor is None or tensor.device.type == "cpu":
-                        continue
-                    if tensor.device.type == "meta":
-                        raise ValueError(f"{type(module).__name__}.{attr} is on the meta device; "
-                                         "load the weights before offloadkit.apply()")
-                    self._moved.append((module, kind, attr, tensor))
-                    _set(module, kind, attr, tensor.to("cpu"))
-                    self._ledger.host_add(tensor.numel() * tensor.element_size(), pinned=False)
+        self._moved: list[tuple[TensorRef, torch.Tensor]] = []
+        for ref in module_tensor_refs(model, ""):
+            tensor = ref.get()
+            if tensor.device.type == "cpu":  # includes a slot shared with one already moved
+                continue
+            if tensor.device.type == "meta":
+                raise ValueError(f"{ref.qualname!r} is on the meta device; load the weights "
+                                 "before offloadkit.apply()")
+            self._moved.append((ref, tensor))
+            ref.set(tensor.to("cpu"))
+            self._ledger.host_add(tensor_nbytes(tensor), pinned=False)
 
     def stats(self) -> OffloadStats:
         snap = self._ledger.snapshot()
@@ -67,16 +67,9 @@ class CpuOnlyPlacement:
         return None
 
     def remove(self) -> None:
-        for module, kind, attr, original in reversed(self._moved):
-            _set(module, kind, attr, original)
+        for ref, original in reversed(self._moved):
+            ref.set(original)
         self._moved = []
-
-
-def _set(module: torch.nn.Module, kind: str, attr: str, tensor: torch.Tensor) -> None:
-    if kind == "param":
-        module._parameters[attr].data = tensor
-    else:
-        module._buffers[attr] = tensor
 
 
 @hookimpl
