@@ -313,6 +313,17 @@ def test_loaders_check_files_and_settings(comfy):
             comfy.models_dir / "demo_dit_high.safetensors").values())
 
 
+def test_loaders_read_each_header_once(comfy, monkeypatch):
+    import turbowan.checkpoint.io as ckpt_io
+
+    reads = []
+    real = ckpt_io.read_tensor_specs
+    monkeypatch.setattr(ckpt_io, "read_tensor_specs", lambda path: reads.append(path) or real(path))
+    load_models()
+    assert sorted(p.name for p in reads) == ["demo_dit_high.safetensors", "demo_dit_low.safetensors",
+                                            "demo_vae.safetensors"]
+
+
 def test_conditioning_padding_truncation_and_batches():
     states = torch.randn(1, 7, 64)
     context = conditioning_to_context([[states, {}]], 64)

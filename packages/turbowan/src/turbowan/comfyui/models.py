@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from turbowan.checkpoint.io import read_tensor_specs
 from turbowan.dit.config import config_from_state_dict
 from turbowan.dit.keys import normalize_dit_keys
 from turbowan.pipeline import preflight
@@ -44,8 +43,8 @@ class TurboWanVAE:
     description: str
 
 
-def _tensor_bytes(path: Path) -> int:
-    return sum(spec.numel * spec.dtype.itemsize for spec in read_tensor_specs(path).values())
+def _tensor_bytes(specs: dict) -> int:
+    return sum(spec.numel * spec.dtype.itemsize for spec in specs.values())
 
 
 def _node_message(node: str, exc: Exception) -> str:
@@ -62,11 +61,11 @@ def check_dit(path: Path, *, attention: str, sla_topk: float, strategy: str, bud
     c = preflight.new_collector()
     preflight.check_attention(attention, sla_topk, collector=c)
     preflight.check_placement(strategy, budget, device, collector=c)
-    description = c.check(lambda: preflight.check_model_file("high", path))
+    checked = c.check(lambda: preflight.inspect_model_file("high", path))  # reads the header once
     layout = None
-    if description is not None:
-        specs, _prefix, _dropped = normalize_dit_keys(read_tensor_specs(path))
-        layout = config_from_state_dict(specs)
+    if checked is not None:
+        description, specs = checked
+        layout = config_from_state_dict(normalize_dit_keys(specs)[0])
         if attention in ("sla", "sagesla") and layout.attention != "sla":
             c.add(f"{path.name} has no SLA proj_l weights, so attention_type={attention!r} "
                   "cannot run it as trained; choose attention_type 'original'")
@@ -80,17 +79,17 @@ def check_dit(path: Path, *, attention: str, sla_topk: float, strategy: str, bud
         c.raise_if_any()
     except preflight.PreflightError as exc:
         raise ValueError(_node_message("TurboWanModelLoader", exc)) from None
-    assert layout is not None and description is not None
+    assert checked is not None and layout is not None
     return TurboWanModel(
         path=path, attention=attention, sla_topk=float(sla_topk), strategy=strategy,
-        budget=str(budget), text_dim=layout.config.text_dim, nbytes=_tensor_bytes(path),
+        budget=str(budget), text_dim=layout.config.text_dim, nbytes=_tensor_bytes(specs),
         description=description,
     )
 
 
 def check_vae(path: Path) -> TurboWanVAE:
     try:
-        description = preflight.check_model_file("vae", path)
+        description, specs = preflight.inspect_model_file("vae", path)
     except ValueError as exc:
         raise ValueError(_node_message("TurboWanVAELoader", exc)) from None
-    return TurboWanVAE(path=path, nbytes=_tensor_bytes(path), description=description)
+    return TurboWanVAE(path=path, nbytes=_tensor_bytes(specs), description=description)

@@ -226,6 +226,13 @@ def check_model_file(role: str, path: str | os.PathLike[str], *, tokenizer: Any 
     """Header check of one checkpoint against the family its role needs; returns a summary.
 
     For the text encoder with ``tokenizer=None`` it also checks that a tokenizer will be found."""
+    return inspect_model_file(role, path, tokenizer=tokenizer)[0]
+
+
+def inspect_model_file(role: str, path: str | os.PathLike[str], *, tokenizer: Any = "given"
+                       ) -> tuple[str, dict[str, Any]]:
+    """:func:`check_model_file`, also returning the header it read (key -> TensorSpec), so
+    a caller that needs more from the header does not read the file again."""
     family, expected = MODEL_ROLES[role]
     flag = FLAG[role]
     p = Path(path)
@@ -246,7 +253,7 @@ def check_model_file(role: str, path: str | os.PathLike[str], *, tokenizer: Any 
         )
     if role == "text_encoder" and tokenizer is None:
         _check_tokenizer_found(p, specs)
-    return summary
+    return summary, specs
 
 
 def _compare_with_preset(family_module: str, preset: str, specs: dict[str, Any], source: str,
