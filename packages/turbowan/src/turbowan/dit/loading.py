@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from turbowan.checkpoint.io import TensorSpec, load_state_dict
+from turbowan.checkpoint.io import load_state_dict, read_tensor_specs
 from turbowan.checkpoint.report import CheckpointMismatchError, compare_specs, module_specs
 from turbowan.dit.config import (
     ATTENTION_CHOICES,
@@ -52,8 +52,6 @@ def _validate_args(
 
 def detect_layout(path: str | os.PathLike[str]) -> DetectedLayout:
     """Configuration, quantisation and attention kind of a DiT file, from its header."""
-    from turbowan.checkpoint.io import read_tensor_specs
-
     specs, _, _ = normalize_dit_keys(read_tensor_specs(path))
     return config_from_state_dict(specs)
 
@@ -110,10 +108,9 @@ def load_dit(
             dtype=compute_dtype,
         )
     expected = module_specs(model)
-    found = {k: TensorSpec(tuple(v.shape), v.dtype) for k, v in state.items()}
     report = compare_specs(
         expected,
-        found,
+        state,  # tensors carry .shape and .dtype, all the comparison reads
         source=source,
         expected_label=f"the model inferred from it ({layout.describe()})",
     )
