@@ -38,7 +38,10 @@ if [ -n "${NO_VENV:-}" ]; then
     VPY="$PY"
 else
     stamp "venv $VENV (system site-packages: reuse the machine's torch)"
-    [ -x "$VENV/bin/python" ] || "$PY" -m venv --system-site-packages "$VENV" || exit 1
+    # without ensurepip (Debian's python3 without python3-venv) the venv borrows the
+    # system's pip through --system-site-packages; pip still installs into the venv
+    [ -x "$VENV/bin/python" ] || "$PY" -m venv --system-site-packages "$VENV" \
+        || "$PY" -m venv --system-site-packages --without-pip --clear "$VENV" || exit 1
     VPY="$VENV/bin/python"
 fi
 "$VPY" - <<'EOF' || { echo "torch is missing: this script expects the GPU machine's own torch"; exit 1; }
