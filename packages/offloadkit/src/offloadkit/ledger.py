@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,16 @@ class OffloadStats:
     stage_seconds: float = 0.0  # packing into the home tier (stage(); may run on another thread)
     place_seconds: float = 0.0  # place(): non-block weights, resident blocks, slots
     block_compute_seconds: dict[int, float] = field(default_factory=dict)  # mean per block
+
+    @classmethod
+    def of(cls, plan: Any, *, strategy: str, device: str, budget_bytes: int,
+           counters: dict[str, Any]) -> OffloadStats:
+        """Stats for a placement running ``plan`` (a :class:`~offloadkit.strategy.Plan`):
+        the plan's shape plus the ledger's ``counters`` (:meth:`Ledger.snapshot`)."""
+        return cls(strategy=strategy, device=device, budget_bytes=budget_bytes,
+                   resident_blocks=len(plan.resident), streamed_blocks=len(plan.streamed),
+                   group_size=plan.group_size, prefetch_depth=plan.prefetch_depth,
+                   num_slots=plan.num_slots, home=plan.home, **counters)
 
     @property
     def transfer_gbps(self) -> float:

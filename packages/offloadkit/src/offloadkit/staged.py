@@ -102,13 +102,8 @@ class StagedModel:
         assert self._ledger is not None
         snap = self._ledger.snapshot()
         snap["stage_seconds"] = self.stage_seconds
-        return OffloadStats(strategy=self.strategy.name, device=str(self.device),
-                            budget_bytes=self.budget_bytes,
-                            resident_blocks=len(self.plan.resident),
-                            streamed_blocks=len(self.plan.streamed),
-                            group_size=self.plan.group_size,
-                            prefetch_depth=self.plan.prefetch_depth,
-                            num_slots=self.plan.num_slots, home=self.plan.home, **snap)
+        return OffloadStats.of(self.plan, strategy=self.strategy.name, device=str(self.device),
+                               budget_bytes=self.budget_bytes, counters=snap)
 
     # ------------------------------------------------------------------ place / discard
     def place(self) -> OffloadHandle:

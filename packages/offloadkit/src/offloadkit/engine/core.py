@@ -460,20 +460,10 @@ class Engine:
     def stats(self) -> OffloadStats:
         if self.transport is not None:
             self.transport.resolve()
-        snap = self.ledger.snapshot()
-        return OffloadStats(
-            strategy=self.strategy.name,
-            device=str(self.device),
-            budget_bytes=self.budget_bytes,
-            resident_blocks=len(self.plan.resident),
-            streamed_blocks=len(self.plan.streamed),
-            group_size=self.plan.group_size,
-            prefetch_depth=self.plan.prefetch_depth,
-            num_slots=self.plan.num_slots,
-            home=self.plan.home,
-            block_compute_seconds=self.ledger.mean_block_seconds(),
-            **snap,
-        )
+        counters = self.ledger.snapshot()
+        counters["block_compute_seconds"] = self.ledger.mean_block_seconds()
+        return OffloadStats.of(self.plan, strategy=self.strategy.name, device=str(self.device),
+                               budget_bytes=self.budget_bytes, counters=counters)
 
     def trace_events(self) -> list[TraceEvent]:
         if self.transport is not None:

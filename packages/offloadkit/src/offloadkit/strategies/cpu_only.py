@@ -55,10 +55,8 @@ class CpuOnlyPlacement:
             self._ledger.host_add(tensor_nbytes(tensor), pinned=False)
 
     def stats(self) -> OffloadStats:
-        snap = self._ledger.snapshot()
-        return OffloadStats(strategy=self._name, device="cpu", budget_bytes=0,
-                            resident_blocks=len(self.plan.resident), streamed_blocks=0,
-                            group_size=1, prefetch_depth=0, num_slots=0, home="host", **snap)
+        return OffloadStats.of(self.plan, strategy=self._name, device="cpu", budget_bytes=0,
+                               counters=self._ledger.snapshot())
 
     def trace_events(self) -> list[TraceEvent]:
         return []
