@@ -253,3 +253,12 @@ def test_quantize_to_safetensors_and_checkpoint_wrapper_prefix(tmp_path, golden)
     assert model.quant == "int8" and len(model.blocks) == 3
     with pytest.raises(FileExistsError, match="--force"):
         quantize_file(src, dst)
+
+
+def test_triton_int8_mode_without_cuda_is_refused_at_load(files, monkeypatch):
+    import turbowan.quant.int8_triton as int8_triton
+
+    monkeypatch.setattr(int8_triton, "INTERPRETED", False)  # as on a plain CPU machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors.*mode='fast'"):
+        load_dit(files["pth_quant"], int8_mode="triton")

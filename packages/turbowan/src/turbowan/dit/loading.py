@@ -48,6 +48,12 @@ def _validate_args(
         raise ValueError(f"dtype must be one of float32, bfloat16, float16 or None; got {dtype}")
     if int8_mode not in MODES:
         raise ValueError(f"int8_mode must be one of {MODES}; got {int8_mode!r}")
+    if int8_mode == "triton" and not torch.cuda.is_available():
+        # a CPU-loaded model may still run on CUDA (offloading), so only a machine without
+        # CUDA is refused here, before the file is read rather than at the first forward
+        from turbowan.quant.int8_triton import check_runnable
+
+        check_runnable(torch.device("cpu"))
 
 
 def detect_layout(path: str | os.PathLike[str]) -> DetectedLayout:

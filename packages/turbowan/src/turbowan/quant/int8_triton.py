@@ -71,6 +71,15 @@ def _int8_tile_gemm_kernel(
     )
 
 
+def check_runnable(device: torch.device) -> None:
+    """Fail, with the fix, where the kernel cannot run on ``device``."""
+    if device.type != "cuda" and not INTERPRETED:
+        raise RuntimeError(
+            f"Int8Linear mode 'triton' needs CUDA tensors, got {device}; use mode='fast' "
+            "(or 'reference'), or set TRITON_INTERPRET=1 before importing turbowan"
+        )
+
+
 def _tile_gemm_triton(
     q_x: torch.Tensor, s_x: torch.Tensor, q_weight: torch.Tensor, w_scale: torch.Tensor
 ) -> torch.Tensor:
@@ -103,9 +112,5 @@ def int8_linear_triton(
     x: torch.Tensor, q_weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """Same contract and numerics as ``int8_linear_reference``, on the Triton kernel."""
-    if x.device.type != "cuda" and not INTERPRETED:
-        raise RuntimeError(
-            f"Int8Linear mode 'triton' needs CUDA tensors, got {x.device}; use mode='fast' "
-            "(or 'reference'), or set TRITON_INTERPRET=1 before importing turbowan"
-        )
+    check_runnable(x.device)
     return w8a8_linear(x, q_weight, w_scale, bias, _tile_gemm_triton)
