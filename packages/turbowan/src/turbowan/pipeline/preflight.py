@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,16 @@ class _Collector:
             raise PreflightError(self.problems)
 
 
+@contextmanager
+def _collecting(collector: _Collector | None) -> Iterator[_Collector]:
+    """The checks in the block add to ``collector``; with none, to a fresh one that raises
+    :class:`PreflightError` (every problem of the block) when the block ends."""
+    c = collector if collector is not None else _Collector()
+    yield c
+    if collector is None:
+        c.raise_if_any()
+
+
 def check_run_settings(
     *,
     frames: int,
@@ -95,16 +106,13 @@ def check_run_settings(
     """Frame count, output size, schedule parameters and resize mode."""
     from turbowan.sampler.rcm import rcm_schedule
 
-    own = collector is None
-    c = collector or _Collector()
-    c.check(lambda: resolution.check_frames(frames))
-    size = c.check(lambda: resolution.resolve_size(resolution_key, aspect_ratio, width, height))
-    c.check(lambda: rcm_schedule(steps, float(sigma_max), float(boundary)))
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-        c.add(f"seed must be a non-negative integer below 2**63, got {seed!r}")
-    c.check(lambda: check_resize_mode(resize))
-    if own:
-        c.raise_if_any()
+    with _collecting(collector) as c:
+        c.check(lambda: resolution.check_frames(frames))
+        size = c.check(lambda: resolution.resolve_size(resolution_key, aspect_ratio, width, height))
+        c.check(lambda: rcm_schedule(steps, float(sigma_max), float(boundary)))
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+            c.add(f"seed must be a non-negative integer below 2**63, got {seed!r}")
+        c.check(lambda: check_resize_mode(resize))
     if size is None or c.problems:
         return None
     return RunSettings(frames, size[0], size[1], steps, float(sigma_max), float(boundary), seed, bool(ode), resize)
@@ -112,14 +120,11 @@ def check_run_settings(
 
 def check_output(output: str | os.PathLike[str] | None, *, fps: float, quality: int,
                  collector: _Collector | None = None) -> None:
-    own = collector is None
-    c = collector or _Collector()
-    if output is not None:
-        c.check(lambda: video_io.check_output_path(output))
-    c.check(lambda: video_io.check_fps(fps))
-    c.check(lambda: video_io.check_quality(quality))
-    if own:
-        c.raise_if_any()
+    with _collecting(collector) as c:
+        if output is not None:
+            c.check(lambda: video_io.check_output_path(output))
+        c.check(lambda: video_io.check_fps(fps))
+        c.check(lambda: video_io.check_quality(quality))
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -148,40 +153,31 @@ def check_placement(strategy: str, budget: Any, device: str | torch.device | Non
     """The offload strategy exists (built-in or plugin) and the budget parses for the device."""
     import offloadkit
 
-    own = collector is None
-    c = collector or _Collector()
-    dev = c.check(lambda: resolve_device(device))
-    c.check(lambda: offloadkit.get_strategy(strategy))
-    if dev is not None:
-        c.check(lambda: offloadkit.parse_budget(budget, str(dev)))
-    if own:
-        c.raise_if_any()
+    with _collecting(collector) as c:
+        dev = c.check(lambda: resolve_device(device))
+        c.check(lambda: offloadkit.get_strategy(strategy))
+        if dev is not None:
+            c.check(lambda: offloadkit.parse_budget(budget, str(dev)))
     return dev
 
 
 def check_attention(attention: str, sla_topk: float, collector: _Collector | None = None) -> None:
-    own = collector is None
-    c = collector or _Collector()
-    if attention not in ATTENTION_CHOICES:
-        c.add(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTION_CHOICES)} (default sla)")
-    if not (isinstance(sla_topk, (int, float)) and 0 < sla_topk <= 1 and math.isfinite(sla_topk)):
-        c.add(f"sla_topk is the kept share of key blocks, in (0, 1] (default 0.1), got {sla_topk!r}")
-    if own:
-        c.raise_if_any()
+    with _collecting(collector) as c:
+        if attention not in ATTENTION_CHOICES:
+            c.add(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTION_CHOICES)} (default sla)")
+        if not (isinstance(sla_topk, (int, float)) and 0 < sla_topk <= 1 and math.isfinite(sla_topk)):
+            c.add(f"sla_topk is the kept share of key blocks, in (0, 1] (default 0.1), got {sla_topk!r}")
 
 
 def check_home(home: str, collector: _Collector | None = None) -> None:
     """The offloadkit home tier for the DiT experts."""
     from offloadkit.strategy import HOME_TIERS
 
-    own = collector is None
-    c = collector or _Collector()
-    if home not in HOME_TIERS:
-        c.add(f"unknown home tier {home!r} for the experts; choose one of {', '.join(HOME_TIERS)} "
-              "(host: RAM; pinned: page-locked RAM, fastest uploads; disk: a temporary file, "
-              "least RAM)")
-    if own:
-        c.raise_if_any()
+    with _collecting(collector) as c:
+        if home not in HOME_TIERS:
+            c.add(f"unknown home tier {home!r} for the experts; choose one of {', '.join(HOME_TIERS)} "
+                  "(host: RAM; pinned: page-locked RAM, fastest uploads; disk: a temporary file, "
+                  "least RAM)")
 
 
 def check_vae_tiling(tiled: bool, tile: int, overlap: int,
@@ -189,18 +185,15 @@ def check_vae_tiling(tiled: bool, tile: int, overlap: int,
     """Tile and overlap of a tiled VAE decode: multiples of 8 pixels, overlap < tile."""
     from turbowan.vae.tiling import _check_tiling
 
-    own = collector is None
-    c = collector or _Collector()
-    if tiled:
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (tile, overlap)):
-            c.add(f"VAE tile and overlap must be whole pixels, got {tile!r} and {overlap!r}")
-        else:
-            try:
-                _check_tiling(tile, overlap)
-            except ValueError as exc:
-                c.add(f"VAE tiling: {exc} (--vae-tile/--vae-overlap)")
-    if own:
-        c.raise_if_any()
+    with _collecting(collector) as c:
+        if tiled:
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (tile, overlap)):
+                c.add(f"VAE tile and overlap must be whole pixels, got {tile!r} and {overlap!r}")
+            else:
+                try:
+                    _check_tiling(tile, overlap)
+                except ValueError as exc:
+                    c.add(f"VAE tiling: {exc} (--vae-tile/--vae-overlap)")
 
 
 # where the text-encoder loader looks for a tokenizer when none is given
@@ -319,26 +312,20 @@ def check_model_files(paths: dict[str, str | os.PathLike[str] | None],
                       ) -> dict[str, str]:
     """Check every given checkpoint; returns role -> one-line description. Pass the
     ``tokenizer`` argument of the run to also check that one will be found."""
-    own = collector is None
-    c = collector or _Collector()
-    found: dict[str, str] = {}
-    for role, path in paths.items():
-        if path is None:
-            continue
-        summary = c.check(lambda role=role, path=path: check_model_file(role, path, tokenizer=tokenizer))
-        if summary is not None:
-            found[role] = summary
-    if own:
-        c.raise_if_any()
+    with _collecting(collector) as c:
+        found: dict[str, str] = {}
+        for role, path in paths.items():
+            if path is None:
+                continue
+            summary = c.check(lambda role=role, path=path: check_model_file(role, path, tokenizer=tokenizer))
+            if summary is not None:
+                found[role] = summary
     return found
 
 
 def check_image(image: Any, collector: _Collector | None = None) -> Any:
-    own = collector is None
-    c = collector or _Collector()
-    img = c.check(lambda: open_image(image))
-    if own:
-        c.raise_if_any()
+    with _collecting(collector) as c:
+        img = c.check(lambda: open_image(image))
     return img
 
 
@@ -348,26 +335,23 @@ def check_tokenizer(tokenizer: Any, collector: _Collector | None = None) -> None
     if tokenizer is None or tokenizer == "demo" or not isinstance(tokenizer, (str, os.PathLike)):
         return
     p = Path(tokenizer)
-    own = collector is None
-    c = collector or _Collector()
-    if not p.exists():
-        c.add(
-            f"--tokenizer {str(p)!r} does not exist; pass the umT5 tokenizer (spiece.model, "
-            "tokenizer.json or a folder holding one, e.g. from google/umt5-xxl) or leave it "
-            "out to use the one stored with the text encoder"
-        )
-    else:
-        from turbowan.text_encoder.tokenizer import UMT5Tokenizer
+    with _collecting(collector) as c:
+        if not p.exists():
+            c.add(
+                f"--tokenizer {str(p)!r} does not exist; pass the umT5 tokenizer (spiece.model, "
+                "tokenizer.json or a folder holding one, e.g. from google/umt5-xxl) or leave it "
+                "out to use the one stored with the text encoder"
+            )
+        else:
+            from turbowan.text_encoder.tokenizer import UMT5Tokenizer
 
-        def load() -> None:
-            try:
-                UMT5Tokenizer.from_file(p)
-            except (ValueError, OSError) as exc:
-                raise ValueError(f"--tokenizer: {exc}") from exc
+            def load() -> None:
+                try:
+                    UMT5Tokenizer.from_file(p)
+                except (ValueError, OSError) as exc:
+                    raise ValueError(f"--tokenizer: {exc}") from exc
 
-        c.check(load)
-    if own:
-        c.raise_if_any()
+            c.check(load)
 
 
 new_collector = _Collector
