@@ -18,6 +18,7 @@ first (see :mod:`turbowan.pipeline.preflight`), so a bad argument costs no loadi
 from __future__ import annotations
 
 import gc
+import inspect
 import os
 import shutil
 import tempfile
@@ -505,12 +506,10 @@ class I2VPipeline:
         unknown = sorted(set(options) - set(names))
         if unknown:
             raise TypeError(f"unknown option(s) {unknown}; generate() takes {', '.join(names)}")
-        defaults = dict(frames=None, resolution=None, aspect_ratio=None, width=None, height=None,
-                        steps=4, sigma_max=DEFAULT_SIGMA_MAX, boundary=DEFAULT_BOUNDARY, seed=0,
-                        ode=False, resize=DEFAULT_RESIZE, output=None, fps=DEFAULT_FPS,
-                        quality=DEFAULT_QUALITY)
-        merged = {**defaults, **options}
-        settings, _ = self._check_inputs(image, prompt, *(merged[n] for n in names))
+        # generate()'s own defaults, so the two cannot drift apart
+        params = inspect.signature(self.generate).parameters
+        merged = {**{n: params[n].default for n in names}, **options}
+        settings, _ = self._check_inputs(image, prompt, **merged)
         return settings
 
     def _check_inputs(self, image, prompt, frames, resolution, aspect_ratio, width, height,
