@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from offloadkit.budget import parse_budget
+from offloadkit.budget import auto_reserve_bytes, parse_budget
 from offloadkit.engine.options import ENGINE_OPTIONS
 from offloadkit.engine.profile import (
     BlocksArg,
@@ -19,7 +19,7 @@ from offloadkit.engine.profile import (
 )
 from offloadkit.errors import AlreadyOffloadedError, DeviceUnavailableError
 from offloadkit.handle import OffloadHandle
-from offloadkit.probe import cuda_index, parse_device
+from offloadkit.probe import cuda_index, parse_device, probe
 from offloadkit.registry import get_strategy
 from offloadkit.staged import StagedModel
 from offloadkit.strategy import HOME_TIERS, Strategy
@@ -118,9 +118,6 @@ def _is_auto(budget: int | str | None) -> bool:
 
 def _auto_ceiling(device: torch.device) -> int:
     """The most ``"auto"`` could ever give on this device: all of it less the reserve."""
-    from offloadkit.budget import auto_reserve_bytes
-    from offloadkit.probe import probe
-
     total = probe(device).total_bytes
     return max(0, total - auto_reserve_bytes(total))
 
