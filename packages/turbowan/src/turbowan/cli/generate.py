@@ -172,8 +172,9 @@ def _run(args: argparse.Namespace, demo: bool) -> int:
                 sla_topk=0.1 if args.sla_topk is None else args.sla_topk, **placement,
             )
         from turbowan.pipeline.timings import Timings
+        from turbowan.sampler.rcm import MAX_STEPS
 
-        progress = _Progress(args.steps if 1 <= args.steps <= 4 else 0)
+        progress = _Progress(args.steps if 1 <= args.steps <= MAX_STEPS else 0)
         try:
             result = pipe.generate(
                 args.image, args.prompt, frames=args.frames, resolution=args.resolution,
