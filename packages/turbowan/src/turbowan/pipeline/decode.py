@@ -26,7 +26,13 @@ def decode_latents_file(
     dtype: str | None = None,
 ) -> tuple[Path, Timings]:
     """Check everything, then load the VAE, decode and write; returns (video path, timings)."""
-    from turbowan.pipeline.i2v import I2VPipeline, ModelFiles, _parse_dtype
+    from turbowan.pipeline.i2v import (
+        DEFAULT_VAE_OVERLAP,
+        DEFAULT_VAE_TILE,
+        I2VPipeline,
+        ModelFiles,
+        _parse_dtype,
+    )
 
     latents, settings = load_latents(latents_path)
     c = preflight.new_collector()
@@ -50,8 +56,9 @@ def decode_latents_file(
     torch_dtype = c.check(lambda: _parse_dtype(dtype or settings.get("dtype"), dev))
     # the run's VAE tiling is recorded: the same tiles give the video the run would have made
     tiling = {k: settings[k] for k in ("vae_tiling", "vae_tile", "vae_overlap") if k in settings}
-    preflight.check_vae_tiling(bool(tiling.get("vae_tiling")), tiling.get("vae_tile", 256),
-                               tiling.get("vae_overlap", 64), collector=c)
+    preflight.check_vae_tiling(bool(tiling.get("vae_tiling")),
+                               tiling.get("vae_tile", DEFAULT_VAE_TILE),
+                               tiling.get("vae_overlap", DEFAULT_VAE_OVERLAP), collector=c)
     c.raise_if_any()
 
     with tempfile.TemporaryDirectory(prefix="turbowan-decode-") as tmp:
