@@ -235,6 +235,9 @@ def test_a_peer_that_cannot_run_here_is_recorded_as_skipped():
     assert sweep.skipped == [{"strategy": "diffusers_group_stream", "budget": None,
                               "home": "pinned", "reason": "needs a CUDA device (side-stream prefetch)"}]
     assert lines == ["skipped diffusers_group_stream (pinned): needs a CUDA device (side-stream prefetch)"]
+    from turbowan.bench.report import skipped_lines
+
+    assert skipped_lines(sweep.skipped) == lines[0]  # the end-of-run summary says the same
 
 
 # ------------------------------------------------------------------ CLI errors (before any work)

@@ -94,8 +94,15 @@ def runs_table(runs: Sequence[dict]) -> str:
     return _table(headers, rows)
 
 
+def skip_line(skip: dict) -> str:
+    """``skipped layerwise @ 100% (host): reason``; peers have no budget, checks no home."""
+    where = (f" @ {skip['budget']}" if skip.get("budget") is not None else "") + (
+        f" ({skip['home']})" if skip.get("home") else "")
+    return f"skipped {skip['strategy']}{where}: {skip['reason']}"
+
+
 def skipped_lines(skipped: Sequence[dict]) -> str:
-    return "\n".join(f"skipped {s['strategy']} @ {s['budget']}: {s['reason']}" for s in skipped)
+    return "\n".join(skip_line(s) for s in skipped)
 
 
 def plan_table(rows: Sequence[dict]) -> str:

@@ -17,7 +17,7 @@ import torch
 
 from turbowan.bench import machine
 from turbowan.bench.models import BenchInputs, bench_inputs, build_bench_model
-from turbowan.bench.report import RUN_KEYS
+from turbowan.bench.report import RUN_KEYS, skip_line
 from turbowan.bench.workload import Workload
 
 Log = Callable[[str], None]
@@ -391,9 +391,9 @@ class Sweep:
         """Record (and log) a run that could not be measured; ``reason`` may be an exception.
         Peers have no budget (None)."""
         text = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
-        self.skipped.append({"strategy": strategy, "budget": budget, "home": home, "reason": text})
-        where = (f" @ {budget}" if budget is not None else "") + (f" ({home})" if home else "")
-        self.log(f"skipped {strategy}{where}: {text}")
+        record = {"strategy": strategy, "budget": budget, "home": home, "reason": text}
+        self.skipped.append(record)
+        self.log(skip_line(record))
 
     def _ratios(self) -> None:
         """Each run divided by the mean of the resident timings taken just before and after."""
