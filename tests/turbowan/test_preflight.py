@@ -209,6 +209,11 @@ def test_cuda_without_a_gpu(files, nothing_loads):
     _from_files(files, nothing_loads, r"CUDA", device="cuda")
 
 
+def test_a_device_offloadkit_cannot_place_on_is_refused_before_loading(files, nothing_loads):
+    # torch knows 'mps', but offloadkit (which places every model) does not stream to it
+    _from_files(files, nothing_loads, r"--device mps: .*not 'mps'", device="mps")
+
+
 def test_missing_tokenizer(files, nothing_loads, tmp_path):
     _from_files(files, nothing_loads, r"--tokenizer .* does not exist", tokenizer=tmp_path / "tok")
 

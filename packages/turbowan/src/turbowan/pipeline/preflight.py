@@ -128,24 +128,15 @@ def check_output(output: str | os.PathLike[str] | None, *, fps: float, quality: 
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """None -> cuda if present, else cpu; a CUDA device that is not there is an error."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """None -> cuda if present, else cpu. offloadkit places every model, so it decides which
+    devices work; its refusal (no CUDA, a missing cuda:N, mps) becomes a preflight problem."""
+    from offloadkit.api import resolve_device as placement_device
+    from offloadkit.errors import DeviceUnavailableError
+
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"unknown device {device!r} ({exc}); use 'cpu', 'cuda' or 'cuda:N'") from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"device {str(dev)!r} requested but PyTorch sees no CUDA GPU here; "
-                "use --device cpu (slow for real checkpoints) or install a CUDA build of torch"
-            )
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(dev)!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    elif dev.type not in ("cpu", "mps"):
-        raise ValueError(f"unsupported device {str(dev)!r}; use 'cpu' or 'cuda'")
-    return dev
+        return placement_device(device)
+    except DeviceUnavailableError as exc:
+        raise ValueError(f"--device {device}: {exc}") from None
 
 
 def check_placement(strategy: str, budget: Any, device: str | torch.device | None,
