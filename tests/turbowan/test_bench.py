@@ -253,6 +253,7 @@ def test_a_peer_that_cannot_run_here_is_recorded_as_skipped():
         (["--tokens", "64", "--frames", "81"], "either --tokens or --resolution"),
         (["--peers", "deepspeed"], "unknown peer 'deepspeed'"),
         (["--home", "ssd"], "--home"),
+        (["--device", "mps"], "--device mps: offloadkit streams to 'cuda' or 'cpu'"),
         (["--option", "chunkwise"], "STRATEGY.KEY=VALUE"),
         (["--plan", "--gpu", "50%"], "card sizes"),
         (["--plan", "--bandwidth", "0"], "--bandwidth must be a positive"),

@@ -164,15 +164,20 @@ def check_budgets(labels: list[str], device: str) -> None:
 
 
 def resolve_device(text: str | None) -> str:
+    """cuda when there is one, else cpu; a named device must be one offloadkit can place on
+    (its check: cpu or an existing cuda:N)."""
     import torch
+
+    from offloadkit.api import resolve_device as placement_device
+    from offloadkit.errors import DeviceUnavailableError
 
     if text is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if text.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {text}: CUDA is not available here; use --device cpu")
-    if not (text == "cpu" or text.startswith("cuda")):
-        raise UsageError(f"--device {text!r}: use cpu, cuda or cuda:N")
-    return text
+    try:
+        device = placement_device(text)
+    except DeviceUnavailableError as exc:
+        raise UsageError(f"--device {text}: {exc}") from None
+    return "cpu" if device.type == "cpu" else text  # the sweep compares names with "cpu"
 
 
 def _header(args, argv: list[str], device: str) -> dict:
