@@ -11,11 +11,10 @@ half the weight bytes at rest (int8 vs bf16), which is what offloading moves.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _timing import min_time  # benchmarks/_timing.py; this folder is on sys.path
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from turbowan.quant.int8_linear import Int8Linear, dequantize_blockwise, quantize_blockwise
@@ -88,15 +87,6 @@ def test_int8_linear_cuda(benchmark: BenchmarkFixture, path: str) -> None:
     assert torch.isfinite(out).all()
 
 
-def _min_time(fn, *args, rounds: int = 5) -> float:
-    fn(*args)
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn(*args)
-        best = min(best, time.perf_counter() - start)
-    return best
-
 
 def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -106,9 +96,9 @@ def main() -> None:
         for label, m, k, n in SHAPES:
             for name, dtype in DTYPES.items():
                 x, w, bias, layer = _operands(m, k, n, dtype)
-                t_lin = _min_time(F.linear, x, w, bias)
-                t_int8 = _min_time(layer, x)
-                t_deq = _min_time(dequantize_blockwise, layer.int8_weight, layer.scale, dtype)
+                t_lin = min_time(F.linear, x, w, bias, rounds=5, warmup=1)
+                t_int8 = min_time(layer, x, rounds=5, warmup=1)
+                t_deq = min_time(dequantize_blockwise, layer.int8_weight, layer.scale, dtype, rounds=5, warmup=1)
                 print(
                     f"| {label} ({m} x {k} -> {n}) | {name} | {t_lin * 1e3:.1f} | "
                     f"{t_int8 * 1e3:.1f} | {t_deq * 1e3:.1f} | {t_int8 / t_lin:.2f} |"

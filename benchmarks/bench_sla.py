@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import os
 import platform
-import time
 
 import pytest
 import torch
+from _timing import min_time  # benchmarks/_timing.py; this folder is on sys.path
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from turbowan.ops import dense_attention, sparse_linear_attention
@@ -113,14 +113,6 @@ def test_sla_triton_matches_torch_path_cuda() -> None:
     assert (fast.float() - ref.float()).abs().max().item() < 5e-2
 
 
-def _min_time(fn, *args, rounds: int) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn(*args)
-        best = min(best, time.perf_counter() - start)
-    return best
-
 
 def main(rounds: int = 5) -> None:
     """Interleave SDPA and SLA runs in one process and print a markdown table of minima.
@@ -144,8 +136,8 @@ def main(rounds: int = 5) -> None:
             _sdpa(*operands), _sla(*operands)  # warm up
             sdpa = sla = float("inf")
             for _ in range(rounds):  # interleaved, so load changes hit both alike
-                sdpa = min(sdpa, _min_time(_sdpa, *operands, rounds=1))
-                sla = min(sla, _min_time(_sla, *operands, rounds=1))
+                sdpa = min(sdpa, min_time(_sdpa, *operands, rounds=1))
+                sla = min(sla, min_time(_sla, *operands, rounds=1))
             load = os.getloadavg()[0]
             print(f"| {length} | {sdpa:.3f} | {sla:.3f} | {sdpa / sla:.1f}x | {load:.1f} |")
         if torch.cuda.is_available():
@@ -156,8 +148,8 @@ def main(rounds: int = 5) -> None:
                 operands = _cuda_operands(length)
                 sdpa_fn, sla_fn = _synced(_sdpa), _synced(_sla_triton)
                 sdpa_fn(*operands), sla_fn(*operands)
-                sdpa = _min_time(sdpa_fn, *operands, rounds=rounds)
-                sla = _min_time(sla_fn, *operands, rounds=rounds)
+                sdpa = min_time(sdpa_fn, *operands, rounds=rounds)
+                sla = min_time(sla_fn, *operands, rounds=rounds)
                 print(f"| {length} | {sdpa * 1e3:.1f} | {sla * 1e3:.1f} | {sdpa / sla:.1f}x |")
 
 
