@@ -22,6 +22,7 @@ from turbowan.checkpoint.io import (
     read_tensor_specs,
 )
 from turbowan.checkpoint.report import compare_specs, module_specs
+from turbowan.dtypes import parse_float_dtype
 from turbowan.text_encoder.config import (
     TextEncoderMismatchError,
     UMT5Config,
@@ -51,11 +52,6 @@ EMBEDDED_TOKENIZER_KEY = "spiece_model"
 # where upstream (Wan-AI repositories) and HF snapshots keep the tokenizer next to the weights
 _BESIDE = ("spiece.model", "tokenizer.json", "google/umt5-xxl/spiece.model",
            "google/umt5-xxl/tokenizer.json")
-_DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-}
 FP8_MODES = ("dequantize", "per_layer")
 
 TokenizerArg = UMT5Tokenizer | str | os.PathLike | bool | None
@@ -105,19 +101,6 @@ class TextEncoder(nn.Module):
         ids, mask = self.tokenize(prompts)
         hidden = self.model(ids, mask)
         return zero_padding(hidden, mask)
-
-
-def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        if dtype is not None and not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating type (bfloat16, float16, float32); got {dtype}")
-        return dtype
-    try:
-        return _DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise ValueError(
-            f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))} or a torch.dtype"
-        ) from None
 
 
 def _read_specs(path: Path) -> tuple[dict[str, TensorSpec], dict[str, torch.Tensor] | None]:
@@ -230,7 +213,7 @@ def load_text_encoder(
     source = str(path)
     if fp8 not in FP8_MODES:
         raise ValueError(f"fp8={fp8!r}; use one of {', '.join(FP8_MODES)}")
-    compute_dtype = _parse_dtype(dtype)
+    compute_dtype = parse_float_dtype(dtype, what="the text encoder")
 
     specs, state = _read_specs(path)
     shapes = {k: s.shape for k, s in specs.items()}

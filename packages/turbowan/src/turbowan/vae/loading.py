@@ -14,6 +14,7 @@ import torch
 
 from turbowan.checkpoint import load_state_dict
 from turbowan.checkpoint.report import compare_specs, module_specs
+from turbowan.dtypes import parse_float_dtype
 from turbowan.vae.config import VAECheckpointError, config_from_state_dict, strip_prefix
 from turbowan.vae.frames import FrameCountError, check_frame_count, check_spatial_size
 from turbowan.vae.model import WanVAE
@@ -27,28 +28,6 @@ __all__ = [
     "load_vae",
     "strip_prefix",
 ]
-
-_DTYPE_NAMES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
-
-
-def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        resolved = dtype
-    else:
-        resolved = _DTYPE_NAMES.get(str(dtype).lower())
-        if resolved is None:
-            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPE_NAMES)}")
-    if not resolved.is_floating_point:
-        raise ValueError(f"the VAE computes in a float dtype, got {resolved}; use bf16 or fp32")
-    return resolved
-
 
 def _compare_keys(path: str, model: WanVAE, state: Mapping[str, torch.Tensor]) -> None:
     """Fail with a readable report before assigning anything (dtypes are cast on load)."""
@@ -84,7 +63,7 @@ def load_vae(
     ``dtype`` is the compute dtype (upstream runs the VAE in bf16 on the GPU); latents and
     decoded video are returned in float32 regardless.
     """
-    dtype = _resolve_dtype(dtype)
+    dtype = parse_float_dtype(dtype, what="the VAE") or torch.float32
     device = torch.device(device)
     state = strip_prefix(load_state_dict(path))
     config = config_from_state_dict(state)
