@@ -256,3 +256,124 @@ def test_real_defaults_follow_upstream(real_pipe, nothing_loads, tmp_path):
     assert (s["sigma_max"], s["boundary"], s["fps"]) == (200.0, 0.9, 16)
     s = real_pipe.check_inputs(img, resolution="480p", aspect_ratio="9:16")
     assert (s["width"], s["height"]) == (480, 832)
+
+
+
+# ---------------------------------------------------------------------- budget vs. strategy
+def _minimums(models, strategy="adaptive"):
+    """role -> offloadkit's least budget for ``strategy``; ``models``: role -> (model, blocks)."""
+    import offloadkit
+    from offloadkit.engine.profile import profile_model
+
+    chosen = offloadkit.get_strategy(strategy)()
+    return {role: chosen.min_device_bytes(profile_model(m, blocks)) for role, (m, blocks) in models.items()}
+
+
+def _loaded_models(files, dtype):
+    pipe = I2VPipeline.from_files(high=files.high, low=files.low, vae=files.vae, dtype=dtype,
+                                  text_encoder=files.text_encoder, tokenizer="demo", device="cpu")
+    te, vae = pipe._load_text_encoder(), pipe._get_vae()
+    return {"text_encoder": (te, te.blocks), "vae": (vae, pipe._vae_blocks(vae)),
+            "high": (pipe._load_expert(files.high), "blocks"),
+            "low": (pipe._load_expert(files.low), "blocks")}
+
+
+@pytest.fixture(scope="module")
+def loaded_minimums(files):
+    """Minimums of the models as the pipeline really loads and places them (CPU), by
+    (dtype, strategy); "adaptive" alone is the float32 run the CPU defaults to."""
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        models = _loaded_models(files, dtype)
+        for strategy in ("adaptive", "layerwise"):
+            out[dtype, strategy] = _minimums(models, strategy)
+    out["adaptive"] = out["float32", "adaptive"]
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("strategy", ["adaptive", "layerwise"])
+def test_meta_models_need_what_the_loaded_ones_need(files, loaded_minimums, strategy, dtype):
+    """The pre-flight minimum (meta models from the headers, or the demo presets) is the one
+    offloadkit computes for the loaded models: neither stricter nor looser."""
+    import torch
+
+    from turbowan.pipeline import preflight
+
+    specs = preflight.inspect_model_files(
+        {"high": files.high, "low": files.low, "vae": files.vae, "text_encoder": files.text_encoder})[1]
+    run_dtype = getattr(torch, dtype)
+    for placed in (preflight.placed_models_from_specs(specs, dtype=run_dtype, attention="sla",
+                                                      sla_topk=0.5, home="host"),
+                   preflight.demo_placed_models(dtype=run_dtype, attention="sla", sla_topk=0.5,
+                                                home="host")):
+        meta = _minimums({r: (p.model, p.blocks) for r, p in placed.items()}, strategy)
+        assert meta == loaded_minimums[dtype, strategy]
+        assert all(n > 0 for n in meta.values())
+    # the dtype matters: bf16 weights take less than float32 ones
+    assert all(loaded_minimums["bfloat16", strategy][r] < n
+               for r, n in loaded_minimums["float32", strategy].items())
+
+
+def test_budget_below_the_minimum_is_refused_before_loading(files, loaded_minimums, nothing_loads,
+                                                            tmp_path):
+    need = loaded_minimums["adaptive"]
+    budget = need["vae"]  # holds the VAE and the text encoder, not the experts
+    assert need["text_encoder"] <= budget < need["high"] == need["low"]
+    err = _from_files(files, nothing_loads, rf"--budget {budget} is {budget} bytes", budget=budget)
+    text = str(err)
+    assert (f"the high-noise expert and the low-noise expert each need {need['high']} bytes "
+            f"({need['high'] / 2**30:.3f} GiB)") in text
+    assert "VAE" not in text and "text encoder" not in text  # those fit
+    assert f"Pass --budget {-(-need['high'] // 2**20)}MiB or more" in text and "--offload" in text
+    # the demo (what `turbowan generate --budget 123` runs) too, before writing its weights
+    with pytest.raises(PreflightError, match=r"--budget 123 is 123 bytes") as demo_err:
+        I2VPipeline.demo(budget=123, directory=tmp_path / "demo")
+    assert f"the text encoder needs {need['text_encoder']} bytes" in str(demo_err.value)
+    assert nothing_loads == [] and not (tmp_path / "demo").exists()
+
+
+def test_budget_problem_is_listed_with_the_others(files, nothing_loads):
+    # the budget is checked once the settings the models are built from are valid ...
+    err = _from_files(files, nothing_loads, r"unknown home tier 'attic'", budget=123, home="attic")
+    assert len(err.problems) == 1
+    # ... and is reported together with the problems of the files
+    err = _from_files(files, nothing_loads, r"--budget 123 is 123 bytes", budget=123,
+                      tokenizer=files.high)
+    assert len(err.problems) == 2 and "--tokenizer" in str(err)
+
+
+def test_cpu_only_and_auto_pass_the_budget_check(files, nothing_loads):
+    assert I2VPipeline.from_files(high=files.high, low=files.low, vae=files.vae, budget=0,
+                                  text_encoder=files.text_encoder, tokenizer="demo", device="cpu",
+                                  strategy="cpu_only").budget == 0
+    I2VPipeline.from_files(high=files.high, low=files.low, vae=files.vae, budget="auto",
+                           text_encoder=files.text_encoder, tokenizer="demo", device="cpu")
+    assert nothing_loads == []
+
+
+def test_demo_runs_at_exactly_the_minimum(loaded_minimums, tmp_path, one_torch_thread):
+    """The pre-flight is not stricter than offloadkit: the least budget it lets through
+    places every model the run uses."""
+    least = max(loaded_minimums["adaptive"].values())
+    with pytest.raises(PreflightError, match=r"each need"):
+        I2VPipeline.demo(budget=least - 1, directory=tmp_path / "demo")
+    pipe = I2VPipeline.demo(budget=least, directory=tmp_path / "demo")
+    res = pipe.generate(frames=5, width=16, height=16, steps=3, seed=1)
+    assert res.video is not None and res.video.shape == (1, 3, 5, 16, 16)
+    assert max(s.peak_device_bytes or 0 for s in res.timings.stages) <= least
+
+
+def test_decode_refuses_a_small_budget_before_loading_the_vae(loaded_minimums, nothing_loads, tmp_path):
+    import torch
+
+    from turbowan.pipeline.decode import decode_latents_file
+    from turbowan.pipeline.latents_io import save_latents
+
+    path = save_latents(tmp_path / "v.latents.safetensors", torch.zeros(1, 16, 2, 2, 2),
+                        {"demo": True, "vae": "demo", "output": str(tmp_path / "v.mp4"),
+                         "device": "cpu", "dtype": "float32"})
+    need = loaded_minimums["adaptive"]["vae"]
+    with pytest.raises(PreflightError, match=rf"the VAE needs {need} bytes"):
+        decode_latents_file(path, budget=need - 1)
+    assert nothing_loads == [] and not (tmp_path / "v.mp4").exists()

@@ -46,11 +46,12 @@ def decode_latents_file(
     use_demo_vae = vae is None and (recorded_vae == "demo" or settings.get("demo"))
     if vae is None and not use_demo_vae:
         vae = recorded_vae
+    headers: dict[str, Any] = {}
     if not use_demo_vae:
         if vae is None:
             c.add("the latents file names no VAE: pass --vae Wan2.1_VAE.pth")
         else:
-            preflight.check_model_files({"vae": vae}, collector=c)
+            headers = preflight.inspect_model_files({"vae": vae}, collector=c)[1]
     device = device or settings.get("device") or None
     dev = preflight.check_placement(strategy, budget, device, collector=c)
     torch_dtype = c.check(lambda: _parse_dtype(dtype or settings.get("dtype"), dev))
@@ -59,6 +60,15 @@ def decode_latents_file(
     preflight.check_vae_tiling(bool(tiling.get("vae_tiling")),
                                tiling.get("vae_tile", DEFAULT_VAE_TILE),
                                tiling.get("vae_overlap", DEFAULT_VAE_OVERLAP), collector=c)
+    if not c.problems:  # the budget holds the VAE (from its header) before anything loads
+        if use_demo_vae:
+            placed = {"vae": preflight.demo_placed_models(
+                dtype=torch_dtype, attention="sla", sla_topk=1.0, home="host")["vae"]}
+        else:
+            placed = preflight.placed_models_from_specs(headers, dtype=torch_dtype,
+                                                        attention="sla", sla_topk=1.0, home="host")
+        preflight.check_budget_fits(placed, strategy=strategy, budget=budget, device=dev,
+                                    collector=c)
     c.raise_if_any()
 
     with tempfile.TemporaryDirectory(prefix="turbowan-decode-") as tmp:

@@ -135,14 +135,25 @@ def _parse_dtype(dtype: torch.dtype | str | None, device: torch.device | None) -
 def _check_pipeline_settings(
     c: Any, *, strategy: str, budget: Any, device: Any, dtype: Any, attention: str,
     sla_topk: float, home: str, vae_tiling: bool, vae_tile: int, vae_overlap: int,
+    strategy_options: dict[str, Any],
+    placed_models: Callable[[torch.dtype], dict[str, preflight.PlacedModel]],
 ) -> tuple[torch.device, torch.dtype]:
     """The settings every pipeline checks (real or demo), collected into ``c``; raises
-    ``PreflightError`` listing every problem, the caller's own ones included."""
+    ``PreflightError`` listing every problem, the caller's own ones included.
+
+    ``placed_models(dtype)`` builds, on ``meta``, the models the run will place, so a budget
+    below the strategy's minimum is refused here rather than after the text encoder loads."""
+    known_before = len(c.problems)  # the caller's own (files, tokenizer) do not stop the budget check
     dev = preflight.check_placement(strategy, budget, device, collector=c)
     preflight.check_attention(attention, sla_topk, collector=c)
     preflight.check_home(home, collector=c)
     preflight.check_vae_tiling(vae_tiling, vae_tile, vae_overlap, collector=c)
     torch_dtype = c.check(lambda: _parse_dtype(dtype, dev))
+    if len(c.problems) == known_before:  # the meta models need valid settings (dtype, home...)
+        models = c.check(lambda: placed_models(torch_dtype))
+        if models is not None:
+            preflight.check_budget_fits(models, strategy=strategy, budget=budget, device=dev,
+                                        strategy_options=strategy_options, collector=c)
     c.raise_if_any()
     return dev, torch_dtype
 
@@ -220,12 +231,14 @@ class I2VPipeline:
                 c.add(f"{preflight.FLAG[role]} is required with real checkpoints: pass "
                       f"{preflight.MODEL_ROLES[role][1]} (or give no paths at all for the demo)")
         paths = {"high": high, "low": low, "vae": vae, "text_encoder": text_encoder}
-        descriptions = preflight.check_model_files(paths, collector=c, tokenizer=tokenizer)
+        descriptions, specs = preflight.inspect_model_files(paths, collector=c, tokenizer=tokenizer)
         preflight.check_tokenizer(tokenizer, collector=c)
         dev, torch_dtype = _check_pipeline_settings(
             c, strategy=strategy, budget=budget, device=device, dtype=dtype, attention=attention,
             sla_topk=sla_topk, home=home, vae_tiling=vae_tiling, vae_tile=vae_tile,
-            vae_overlap=vae_overlap)
+            vae_overlap=vae_overlap, strategy_options=strategy_options,
+            placed_models=lambda run_dtype: preflight.placed_models_from_specs(
+                specs, dtype=run_dtype, attention=attention, sla_topk=sla_topk, home=home))
         files = ModelFiles(
             high=Path(high), low=Path(low) if low is not None else None, vae=Path(vae),
             text_encoder=Path(text_encoder), tokenizer=tokenizer,
@@ -265,7 +278,9 @@ class I2VPipeline:
         dev, torch_dtype = _check_pipeline_settings(
             c, strategy=strategy, budget=budget, device=device, dtype=dtype, attention=attention,
             sla_topk=topk, home=home, vae_tiling=vae_tiling, vae_tile=vae_tile,
-            vae_overlap=vae_overlap)
+            vae_overlap=vae_overlap, strategy_options=strategy_options,
+            placed_models=lambda run_dtype: preflight.demo_placed_models(
+                dtype=run_dtype, attention=attention, sla_topk=topk, home=home))
         owned = directory is None
         where = Path(tempfile.mkdtemp(prefix="turbowan-demo-")) if owned else Path(directory)
         files = demo_mod.demo_files(where)

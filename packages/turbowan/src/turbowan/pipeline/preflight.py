@@ -303,15 +303,24 @@ def check_model_files(paths: dict[str, str | os.PathLike[str] | None],
                       ) -> dict[str, str]:
     """Check every given checkpoint; returns role -> one-line description. Pass the
     ``tokenizer`` argument of the run to also check that one will be found."""
+    return inspect_model_files(paths, collector, tokenizer=tokenizer)[0]
+
+
+def inspect_model_files(paths: dict[str, str | os.PathLike[str] | None],
+                        collector: _Collector | None = None, *, tokenizer: Any = "given"
+                        ) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """:func:`check_model_files`, also returning role -> header (key -> TensorSpec) of each
+    file that passed, for the budget check (:func:`placed_models_from_specs`)."""
     with _collecting(collector) as c:
         found: dict[str, str] = {}
+        headers: dict[str, dict[str, Any]] = {}
         for role, path in paths.items():
             if path is None:
                 continue
-            summary = c.check(lambda role=role, path=path: check_model_file(role, path, tokenizer=tokenizer))
-            if summary is not None:
-                found[role] = summary
-    return found
+            checked = c.check(lambda role=role, path=path: inspect_model_file(role, path, tokenizer=tokenizer))
+            if checked is not None:
+                found[role], headers[role] = checked
+    return found, headers
 
 
 def check_image(image: Any, collector: _Collector | None = None) -> Any:
@@ -346,3 +355,167 @@ def check_tokenizer(tokenizer: Any, collector: _Collector | None = None) -> None
 
 
 new_collector = _Collector
+
+
+# ---------------------------------------------------------------------- budget vs. strategy
+#: what a budget problem calls each model the pipeline places
+MODEL_LABELS = {"text_encoder": "text encoder", "vae": "VAE", "high": "high-noise expert",
+                "low": "low-noise expert"}
+
+
+@dataclass(frozen=True)
+class PlacedModel:
+    """A model as the pipeline will place it, built on ``meta`` (no weights): what offloadkit
+    needs to state the least budget a strategy can run it in."""
+
+    model: torch.nn.Module
+    blocks: Any  # offloadkit's ``blocks=`` argument, the same the pipeline passes
+    home: str = "host"
+
+
+def _cast_floats(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Float tensors to the compute dtype (what the loaders assign); int8/fp8 stay as they are."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point() and tensor.dtype.itemsize > 1:
+            tensor.data = tensor.data.to(dtype)
+    return model
+
+
+def meta_dit(config: Any, *, quant: str, attention: str, sla_topk: float, dtype: torch.dtype,
+             home: str = "host") -> PlacedModel:
+    """The expert as ``load_dit`` builds it (same constructor arguments, so fp32 norms and
+    int8 weights keep their dtypes), placed with ``blocks="blocks"`` like the pipeline does."""
+    from turbowan.dit.model import WanDiT
+
+    with torch.device("meta"):
+        model = WanDiT(config, quant=quant, attention=attention, sla_topk=sla_topk, dtype=dtype)
+    return PlacedModel(model, "blocks", home)
+
+
+def meta_vae(config: Any, *, dtype: torch.dtype) -> PlacedModel:
+    """The VAE as ``load_vae`` leaves it (every tensor cast to the compute dtype); the
+    encoder and decoder are its streamed blocks, as in ``I2VPipeline._vae_blocks``."""
+    from turbowan.vae.model import WanVAE
+
+    with torch.device("meta"):
+        model = _cast_floats(WanVAE(config), dtype)
+    return PlacedModel(model, [model.encoder, model.decoder])
+
+
+def meta_text_encoder(config: Any, *, dtype: torch.dtype) -> PlacedModel:
+    """The umT5 encoder as ``load_text_encoder`` leaves it (fp8 dequantised, all floats in
+    the compute dtype), streamed by its ``blocks`` like the pipeline places it."""
+    from turbowan.text_encoder.loading import TextEncoder
+    from turbowan.text_encoder.model import UMT5Encoder
+
+    with torch.device("meta"):
+        model = TextEncoder(UMT5Encoder(config, dtype=dtype), None)
+    return PlacedModel(model, model.blocks)
+
+
+def placed_models_from_specs(specs: dict[str, dict[str, Any]], *, dtype: torch.dtype,
+                             attention: str, sla_topk: float, home: str) -> dict[str, PlacedModel]:
+    """role -> meta model, configured from the headers :func:`inspect_model_file` read (no
+    second read of any file). Roles missing from ``specs`` (not given, or already reported
+    as bad) are left out."""
+    out: dict[str, PlacedModel] = {}
+    for role, role_specs in specs.items():
+        family = MODEL_ROLES[role][0]
+        if family == "dit":
+            from turbowan.dit.config import config_from_state_dict
+            from turbowan.dit.keys import normalize_dit_keys
+
+            layout = config_from_state_dict(normalize_dit_keys(role_specs)[0])
+            out[role] = meta_dit(layout.config, quant=layout.quant, attention=attention,
+                                 sla_topk=sla_topk, dtype=dtype, home=home)
+        elif family == "vae":
+            from turbowan.vae.config import config_from_state_dict as vae_config
+            from turbowan.vae.loading import strip_prefix
+
+            out[role] = meta_vae(vae_config(strip_prefix(role_specs)), dtype=dtype)
+        else:
+            from turbowan.text_encoder.config import config_from_state_dict as te_config
+            from turbowan.text_encoder.naming import to_wan_names
+
+            shapes = {k: v.shape for k, v in role_specs.items()}
+            renamed, _ = to_wan_names(shapes, shapes, source=role)
+            out[role] = meta_text_encoder(te_config(renamed, source=role), dtype=dtype)
+    return out
+
+
+def _budget_bytes_for_check(budget: Any, device: torch.device) -> int:
+    """The budget as bytes. ``"auto"`` is read at placement from the memory free then (the
+    text encoder, released by then, may hold some now), so it is checked against the most
+    it can ever be: the device's total less the activation reserve, as ``offloadkit.stage``
+    does. Sizes and percentages of the total do not change, so they are resolved now."""
+    from offloadkit.budget import auto_reserve_bytes, parse_budget
+    from offloadkit.probe import probe
+
+    if budget is None or (isinstance(budget, str) and budget.strip().lower() == "auto"):
+        total = probe(device).total_bytes
+        return max(0, total - auto_reserve_bytes(total))
+    return parse_budget(budget, str(device))
+
+
+def check_budget_fits(models: dict[str, PlacedModel], *, strategy: str, budget: Any,
+                      device: torch.device, strategy_options: dict[str, Any] | None = None,
+                      collector: _Collector | None = None) -> None:
+    """The budget holds the least the strategy needs for every model it will place.
+
+    offloadkit refuses a too-small budget too, but only when a model is placed, after the
+    text encoder (or a 14B expert) has been read; this asks the same question of ``meta``
+    models before anything loads."""
+    import offloadkit
+    from offloadkit.engine.options import ENGINE_OPTIONS
+    from offloadkit.engine.profile import profile_model, with_device_memory
+    from offloadkit.strategy import describe_bytes
+
+    with _collecting(collector) as c:
+        options = {k: v for k, v in (strategy_options or {}).items() if k not in ENGINE_OPTIONS}
+
+        def make_strategy() -> Any:
+            return offloadkit.get_strategy(strategy)(**options)
+
+        chosen = c.check(make_strategy)
+        if chosen is None or not getattr(chosen, "uses_budget", True):
+            return  # cpu_only places nothing on the device: any budget will do
+        budget_bytes = c.check(lambda: _budget_bytes_for_check(budget, device))
+        if budget_bytes is None:
+            return
+        layerwise = offloadkit.get_strategy("layerwise")()
+        short: dict[int, list[str]] = {}  # need -> labels of the models that need it
+        layerwise_need = 0
+        for role, placed in models.items():
+            profile = with_device_memory(
+                profile_model(placed.model, placed.blocks, device=device, home=placed.home), device)
+            need = chosen.min_device_bytes(profile)
+            layerwise_need = max(layerwise_need, layerwise.min_device_bytes(profile))
+            if budget_bytes < need:
+                short.setdefault(need, []).append(MODEL_LABELS.get(role, role))
+        if short:
+            most = max(short)
+            what = "; ".join(f"the {' and the '.join(labels)} {'needs' if len(labels) == 1 else 'each need'} "
+                             f"{describe_bytes(need)}" for need, labels in short.items())
+            # layerwise streams everything, but with prefetch it holds two blocks, more than
+            # adaptive's least: suggest it only where it really needs less
+            alternative = (f"--offload layerwise (needs {describe_bytes(layerwise_need)})"
+                           if layerwise_need < most else
+                           "--offload cpu_only (no device memory, slow)")
+            c.add(f"--budget {budget!r} is {describe_bytes(budget_bytes)}, below the minimum of "
+                  f"strategy {strategy!r}: {what}. Pass --budget {math.ceil(most / 2**20)}MiB or "
+                  f"more, or use {alternative}")
+
+
+def demo_placed_models(*, dtype: torch.dtype, attention: str, sla_topk: float,
+                       home: str) -> dict[str, PlacedModel]:
+    """The demo's models on ``meta``, from the presets its checkpoints are written from
+    (the files do not exist yet when the demo pipeline is checked)."""
+    from turbowan.pipeline import demo
+    from turbowan.text_encoder.config import preset_config
+    from turbowan.vae.config import PRESETS as VAE_PRESETS
+
+    expert = meta_dit(demo.demo_dit_config(), quant=demo.DEMO_DIT_QUANT, attention=attention,
+                      sla_topk=sla_topk, dtype=dtype, home=home)
+    return {"text_encoder": meta_text_encoder(preset_config(demo.DEMO_TEXT_PRESET), dtype=dtype),
+            "vae": meta_vae(VAE_PRESETS[demo.DEMO_VAE_PRESET], dtype=dtype),
+            "high": expert, "low": expert}
