@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from turbowan.dtypes import parse_float_dtype
 from turbowan.pipeline import preflight
 from turbowan.pipeline.conditioning import (
     DEFAULT_RESIZE,
@@ -120,16 +121,7 @@ def default_dtype(device: torch.device | None) -> torch.dtype:
 
 
 def _parse_dtype(dtype: torch.dtype | str | None, device: torch.device | None) -> torch.dtype:
-    if dtype is None:
-        return default_dtype(device)
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-             "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
-    try:
-        return names[str(dtype).lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use bf16, fp16 or fp32") from None
+    return parse_float_dtype(dtype, what="the pipeline") or default_dtype(device)
 
 
 def _check_pipeline_settings(
