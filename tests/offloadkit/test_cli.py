@@ -5,27 +5,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 import offloadkit
-from offloadkit import registry
 from offloadkit.cli import main
 from offloadkit.probe import probe
 
 BUILTINS = ("adaptive", "chunkwise", "comfy_native", "cpu_only", "layerwise")
 
 
-@pytest.fixture(autouse=True)
-def fresh_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.delenv(registry.DISABLE_ENV, raising=False)
-    monkeypatch.delenv(registry.STRICT_ENV, raising=False)
-    registry.reset_registry()
-    yield
-    registry.reset_registry()
+pytestmark = pytest.mark.usefixtures("fresh_registry")
 
 
 def test_list_prints_name_plugin_and_description(capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,7 +7,6 @@ pip-installed by `nox -s tests`), never from the source tree.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,18 +14,11 @@ import torch
 from models import make_inputs, make_model, snapshot
 
 import offloadkit
-from offloadkit import registry
 from offloadkit.engine import profile_model
 from offloadkit.errors import BudgetError
 from offloadkit.strategy import BlockProfile, ModelProfile, Strategy
 
-
-@pytest.fixture(autouse=True)
-def fresh_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.delenv(registry.DISABLE_ENV, raising=False)
-    registry.reset_registry()
-    yield
-    registry.reset_registry()
+pytestmark = pytest.mark.usefixtures("fresh_registry")
 
 
 @pytest.fixture

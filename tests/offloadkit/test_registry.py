@@ -42,13 +42,7 @@ def strategy_module(*names: str, hook: str = "offloadkit_register_strategies") -
     )
 
 
-@pytest.fixture(autouse=True)
-def fresh_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.delenv(registry.DISABLE_ENV, raising=False)
-    monkeypatch.delenv(registry.STRICT_ENV, raising=False)
-    registry.reset_registry()
-    yield
-    registry.reset_registry()
+pytestmark = pytest.mark.usefixtures("fresh_registry")
 
 
 @pytest.fixture
