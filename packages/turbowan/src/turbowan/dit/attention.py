@@ -73,13 +73,21 @@ class SparseLinearAttention(nn.Module):
 
 
 class AttentionOp(nn.Module):
-    """Holder that gives ``local_attn`` the checkpoint's key path (``attn_op.local_attn``)."""
+    """Holder that gives ``local_attn`` the checkpoint's key path (``attn_op.local_attn``).
+
+    Under sequence parallel (:mod:`turbowan.distributed`) it is also where the Ulysses
+    all-to-alls run around ``local_attn``, as in upstream TurboDiffusion."""
+
+    #: a :class:`turbowan.distributed.UlyssesShard` while sequence parallel is on
+    sequence_parallel = None
 
     def __init__(self, local_attn: nn.Module) -> None:
         super().__init__()
         self.local_attn = local_attn
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel is not None:
+            return self.sequence_parallel.attend(self.local_attn, q, k, v)
         return self.local_attn(q, k, v)
 
 

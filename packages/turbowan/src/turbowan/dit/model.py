@@ -197,6 +197,9 @@ class WanDiT(nn.Module):
     (B,Lc,text_dim) text states, ``y`` (B,20,T,H,W) mask + image latent.
     """
 
+    #: a :class:`turbowan.distributed.UlyssesShard` while sequence parallel is on
+    sequence_parallel = None
+
     def __init__(
         self,
         config: DiTConfig,
@@ -298,11 +301,16 @@ class WanDiT(nn.Module):
         _, _, frames, height, width = x.shape
         grid = (frames, height // 2, width // 2)
         tokens = patchify(torch.cat([x, y.to(x.dtype)], dim=1).to(dtype))
+        cos, sin = self.rope_tables(grid, tokens.device)
+        shard = self.sequence_parallel
+        if shard is not None:  # this rank's tokens and RoPE rows only
+            tokens, cos, sin = shard.scatter(self, tokens, cos, sin)
         h = self.patch_embedding(tokens)
-        cos, sin = self.rope_tables(grid, h.device)
         e, e0 = self.time_embed(t.to(h.device))
         ctx = self.text_embedding(context.to(device=h.device, dtype=dtype))
         for block in self.blocks:
             h = block(h, e0, ctx, cos, sin)
         out = self.head(h, e)
+        if shard is not None:
+            out = shard.gather(out)
         return unpatchify(out, grid, self.config.out_dim)
