@@ -87,6 +87,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     place.add_argument("--threads", type=int,
                        help="CPU threads for torch (default: torch's choice; demo: 1, because "
                        "its tiny tensors gain nothing from more and busy cores make them slower)")
+    from turbowan.distributed.cli import add_arguments as add_distributed_arguments
+
+    add_distributed_arguments(p)
 
 
 class _Progress:
@@ -136,18 +139,32 @@ def cpu_threads(requested: int | None, demo: bool) -> Iterator[None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from turbowan.distributed import cli as dist_cli
+
     given = [f for f in MODEL_FLAGS if getattr(args, f) is not None]
     demo = not given
+    problems = dist_cli.check(args, demo, gpus=args.gpus)
+    if problems:
+        from turbowan.pipeline.preflight import PreflightError
+
+        if dist_cli.LaunchEnv.read().rank == 0:  # the same refusal on every rank: say it once
+            print(f"turbowan generate: error: {PreflightError(problems)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.gpus is not None:
+        return dist_cli.relaunch(args.gpus, getattr(args, "argv", sys.argv[1:]))
+    args.device = dist_cli.device_arg(args)
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(cpu_threads(args.threads, demo))
         except ValueError as exc:
             print(f"turbowan generate: error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        stack.callback(dist_cli.shutdown)
         return _run(args, demo)
 
 
 def _run(args: argparse.Namespace, demo: bool) -> int:
+    from turbowan.distributed import cli as dist_cli
     from turbowan.pipeline.i2v import DecodeFailedError, DecodeInterrupted, I2VPipeline
     from turbowan.pipeline.preflight import PreflightError
 
@@ -155,10 +172,12 @@ def _run(args: argparse.Namespace, demo: bool) -> int:
                      vae_overlap=args.vae_overlap)
     try:
         if demo:
-            print("turbowan: no checkpoints given, running the embedded demo.", file=sys.stderr)
-            from turbowan.pipeline.demo import NOISE_NOTICE
+            if dist_cli.LaunchEnv.read().rank == 0:  # once, not once per process
+                from turbowan.pipeline.demo import NOISE_NOTICE
 
-            print(NOISE_NOTICE, file=sys.stderr)
+                print("turbowan: no checkpoints given, running the embedded demo.",
+                      file=sys.stderr)
+                print(NOISE_NOTICE, file=sys.stderr)
             pipe = I2VPipeline.demo(
                 strategy=args.offload, budget=args.budget, device=args.device or "cpu",
                 dtype=args.dtype, attention=args.attention, sla_topk=args.sla_topk,
@@ -174,7 +193,9 @@ def _run(args: argparse.Namespace, demo: bool) -> int:
         from turbowan.pipeline.timings import Timings
         from turbowan.sampler.rcm import MAX_STEPS
 
-        progress = _Progress(args.steps if 1 <= args.steps <= MAX_STEPS else 0)
+        pipe.parallel = parallel = dist_cli.join(args, pipe.device)  # loads nothing
+        leader = dist_cli.is_leader(parallel)
+        progress = _Progress(args.steps if 1 <= args.steps <= MAX_STEPS and leader else 0)
         try:
             result = pipe.generate(
                 args.image, args.prompt, frames=args.frames, resolution=args.resolution,
@@ -182,8 +203,10 @@ def _run(args: argparse.Namespace, demo: bool) -> int:
                 steps=args.steps, sigma_max=args.sigma_max, boundary=args.boundary,
                 seed=args.seed, ode=args.ode, resize=args.resize, callback=progress.on_step,
                 output=args.output, fps=args.fps, quality=args.quality,
-                save_latents=args.save_latents, timings=Timings(on_start=progress.on_stage),
+                save_latents=args.save_latents,
+                timings=Timings(on_start=progress.on_stage if leader else None),
             )
+            spread = dist_cli.stage_spread(parallel, result.timings) if parallel else None
         finally:
             progress.close()
     except (PreflightError, ValueError) as exc:
@@ -198,11 +221,18 @@ def _run(args: argparse.Namespace, demo: bool) -> int:
     except DecodeFailedError as exc:
         print(f"turbowan generate: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except dist_cli.DIST_ERRORS as exc:
+        print(f"turbowan generate: {dist_cli.lost_peer_message(exc)}", file=sys.stderr)
+        return EXIT_FAILED
     except OSError as exc:  # e.g. a tokenizer or checkpoint that vanished after the checks
         print(f"turbowan generate: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    if not leader:
+        return EXIT_OK  # the group's leader reports and writes
     s = result.settings
     print(result.timings.summary(device=s["device"]), file=sys.stderr)
+    if spread:
+        print(dist_cli.spread_summary(spread, parallel.sp.size), file=sys.stderr)
     if result.latents_path is not None:
         print(f"latents: {result.latents_path}", file=sys.stderr)
     print(f"wrote {result.output} ({s['frames']} frames, {s['width']}x{s['height']}, "

@@ -186,6 +186,8 @@ class I2VPipeline:
         self.vae_tile = vae_tile
         self.vae_overlap = vae_overlap
         self._vae: Any = None
+        #: a turbowan.distributed.ParallelContext in a multi-process run (set by the launcher)
+        self.parallel: Any = None
         self._demo_dir: Path | None = None
         self._demo_written = False
 
@@ -390,8 +392,13 @@ class I2VPipeline:
         from turbowan.dit.loading import load_dit
 
         self._ensure_demo_files()
-        return load_dit(path, attention=self.attention, sla_topk=self.sla_topk, device="cpu",
-                        dtype=self.dtype)
+        model = load_dit(path, attention=self.attention, sla_topk=self.sla_topk, device="cpu",
+                         dtype=self.dtype)
+        if self.parallel is not None:
+            from turbowan.distributed import enable_sequence_parallel
+
+            enable_sequence_parallel(model, self.parallel.sp)
+        return model
 
     def sample(
         self,
@@ -466,14 +473,19 @@ class I2VPipeline:
         )
         timings = timings if timings is not None else Timings()
         self._ensure_demo_files()
-        context = self.encode_prompt(settings["prompt"], timings)
-        y = self.encode_image(pil, settings["frames"], settings["width"], settings["height"],
-                              settings["resize"], timings)
+        from turbowan.distributed.pipeline import from_leader  # the identity in one process
+
+        context = from_leader(self.parallel, lambda: self.encode_prompt(settings["prompt"], timings))
+        y = from_leader(self.parallel, lambda: self.encode_image(
+            pil, settings["frames"], settings["width"], settings["height"], settings["resize"],
+            timings))
         latents = self.sample(
             y, context, steps=steps, sigma_max=float(sigma_max), boundary=float(boundary),
             seed=seed, ode=ode, callback=callback, timings=timings,
         )
         result = GenerationResult(latents=latents, settings=settings, timings=timings)
+        if self.parallel is not None and not self.parallel.is_leader:
+            return result  # the group's leader decodes and writes
         out_path = Path(output) if output is not None else None
         if out_path is not None and save_latents:
             result.latents_path = save_latents_file(out_path, latents, settings)

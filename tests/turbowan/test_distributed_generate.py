@@ -1,0 +1,114 @@
+"""`turbowan generate` in several processes: torchrun end to end against one process, the
+refusals made before anything loads, and `--gpus` handing over to torchrun's launcher."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from turbowan.cli.main import main
+from turbowan.distributed.context import LaunchEnv
+from turbowan.distributed.preflight import launch_problems
+from turbowan.pipeline.i2v import I2VPipeline
+from turbowan.pipeline.latents_io import load_latents
+from turbowan.pipeline.video_io import read_video, to_uint8_frames
+
+SMALL = ["--frames", "5", "--width", "64", "--height", "64"]  # the VAE dominates the demo
+A14B_HEADS = 40
+
+
+def _torchrun(args: list[str], cwd, timeout: float = 150) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_torchrun_two_processes_write_the_one_process_demo(tmp_path, one_torch_thread):
+    run = _torchrun(["--nproc-per-node", "2", "-m", "turbowan", "generate", "-o", "sp.mp4",
+                     "--save-latents", "--sp", "2", *SMALL], tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sp.latents.safetensors", "sp.mp4"]
+    assert run.stdout.count("wrote sp.mp4") == 1  # only the leader reports
+    assert run.stderr.count("per-rank seconds over the 2 ranks") == 1
+    assert "sampling (low expert)" in run.stderr.split("per-rank seconds")[1]
+
+    pipe = I2VPipeline.demo()
+    ref = pipe.generate(frames=5, width=64, height=64)
+    latents, _ = load_latents(tmp_path / "sp.latents.safetensors")
+    # 4 dual-expert steps with 1 head per rank: the fp32 sums run in another order
+    assert (latents - ref.latents).abs().max() <= 1e-5
+    frames = to_uint8_frames(pipe.decode(latents)).astype(int)
+    assert np.abs(frames - ref.frames.astype(int)).max() <= 1  # within 1 LSB
+    video = read_video(tmp_path / "sp.mp4")
+    assert (video.num_frames, video.width, video.height) == (5, 64, 64)
+
+
+@pytest.mark.parametrize("kwargs,expect", [
+    (dict(sp=3, gpus=None, env=LaunchEnv(world=3)),
+     "--sp 3 does not divide the model's 40 attention heads; valid sizes: 1, 2, 4, 5, 8, 10, 20, 40"),
+    (dict(sp=4, gpus=None, env=LaunchEnv(world=6)),
+     "6 processes cannot form groups of --sp 4"),
+    (dict(sp=None, gpus=2, env=LaunchEnv(world=2)), "already runs under a launcher"),
+])
+def test_launch_refusals(kwargs, expect):
+    problems = launch_problems(num_heads=A14B_HEADS, device_type="cpu", device_count=0, **kwargs)
+    assert any(expect in p for p in problems), problems
+
+
+def test_local_rank_beyond_the_devices_is_refused():
+    env = LaunchEnv(world=4, rank=3, local_rank=3, local_world=4)
+    problems = launch_problems(sp=4, gpus=None, env=env, num_heads=A14B_HEADS,
+                               device_type="cuda", device_count=2)
+    assert problems == ["LOCAL_RANK 3 but this machine has 2 CUDA device(s): start at most 2 "
+                        "processes per node (torchrun --nproc-per-node)"]
+
+
+def _demo_files(tmp_path):
+    from turbowan.pipeline.demo import write_demo_checkpoints
+
+    return write_demo_checkpoints(tmp_path / "models")
+
+
+def test_cli_refuses_before_loading(tmp_path, monkeypatch, capsys):
+    """Real (demo-format) checkpoints: the head count comes from the DiT header; the load
+    functions are made to fail, so a refusal that loaded anything would show."""
+    files = _demo_files(tmp_path)
+    import turbowan.dit.loading
+
+    monkeypatch.setattr(turbowan.dit.loading, "load_dit", lambda *a, **k: pytest.fail("loaded"))
+    real = ["--high", str(files.high), "--low", str(files.low), "--vae", str(files.vae),
+            "--text-encoder", str(files.text_encoder), "--tokenizer", "demo"]
+    for env, extra, expect in (
+        ({"WORLD_SIZE": "4"}, ["--sp", "4"], "--sp 4 does not divide the model's 2 attention "
+                                             "heads; valid sizes: 1, 2"),
+        ({"WORLD_SIZE": "2"}, ["--gpus", "2"], "already runs under a launcher (WORLD_SIZE=2)"),
+        ({}, ["--sp", "2"], "--sp 2 needs 2 processes: start them with torchrun"),
+    ):
+        for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert main(["generate", *real, "--image", "x.png", *extra]) == 2
+        assert expect in capsys.readouterr().err
+
+
+def test_gpus_hands_over_to_torchrun(monkeypatch):
+    """--gpus N runs torchrun's own entry point with this command line minus --gpus."""
+    import torch.distributed.run as torchrun
+
+    seen = {}
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torchrun, "run", lambda launch: seen.setdefault("launch", launch))
+    assert main(["generate", "--gpus", "2", "--seed", "5", "-o", "x.mp4"]) == 0
+    launch = seen["launch"]
+    assert (launch.nproc_per_node, launch.standalone, launch.module) == ("2", True, True)
+    assert [launch.training_script, *launch.training_script_args] == [
+        "turbowan", "generate", "--seed", "5", "-o", "x.mp4"]
+    assert torch.distributed.is_initialized() is False
