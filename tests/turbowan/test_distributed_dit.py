@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.distributed as dist
 from worlds import run_world
 
 import offloadkit
@@ -81,6 +82,23 @@ def _round_trips(sp: SequenceParallel) -> dict[str, bool]:
 FOUR_RANK_CASES = ("sla", "original", "int8-fast", "sla-chunkwise", "int8-adaptive")
 
 
+def _hung_peer(sp: SequenceParallel) -> str:
+    """Rank 1 skips an all-to-all on a group with a 2 s timeout: rank 0's fails in bounded
+    time, and the CLI recognises the failure as a lost peer."""
+    from datetime import timedelta
+
+    from turbowan.distributed.cli import is_lost_peer, lost_peer_message
+
+    group = dist.new_group(timeout=timedelta(seconds=2))
+    if sp.rank == 1:
+        return ""
+    try:
+        seq_to_head(torch.zeros(1, 4, 4, 2), [4, 4], SequenceParallel(group, 0, 2))
+    except RuntimeError as exc:
+        return lost_peer_message(exc) if is_lost_peer(exc) else f"not recognised: {exc}"
+    return "no error"
+
+
 def world_checks(rank: int, world: int) -> dict[str, object]:
     sp = SequenceParallel.of()
     result: dict[str, object] = {"round_trip": _round_trips(sp)}
@@ -101,6 +119,7 @@ def world_checks(rank: int, world: int) -> dict[str, object]:
                 result[f"{name}-streamed"] = handle.stats().streamed_blocks
         if world == 4:
             return result
+        result["hang"] = _hung_peer(sp)
         # SP switched on after offloadkit placed the model gives the same
         model = build("none", "sla", None)
         with offloadkit.offloaded(model, strategy="layerwise", device="cpu", budget="31MB"):
@@ -160,6 +179,9 @@ def test_ulysses_dit_matches_one_process(world, references, tmp_path):
                 assert got[f"{name}-streamed"] >= 1, name  # the budget really streams
         if world == 4:
             continue
+        if rank == 0:
+            assert got["hang"].startswith("error on rank 0: lost contact with another process "
+                                          "of the run (RuntimeError: "), got["hang"]
         assert torch.equal(got["sla-layerwise-after"], got["sla-layerwise"])
         assert torch.equal(got["disabled"], references["int8-reference"])
         if world == 2:  # alignment to 128-token tiles is what keeps int8 reference exact

@@ -112,3 +112,21 @@ def test_gpus_hands_over_to_torchrun(monkeypatch):
     assert [launch.training_script, *launch.training_script_args] == [
         "turbowan", "generate", "--seed", "5", "-o", "x.mp4"]
     assert torch.distributed.is_initialized() is False
+
+
+MISBEHAVING = os.path.join(os.path.dirname(__file__), "misbehaving_rank.py")
+
+
+def test_a_killed_rank_ends_the_run_with_an_error(tmp_path):
+    """Rank 1 is SIGKILLed where it should sample: torchrun ends rank 0 (blocked in its
+    first all-to-all) and names the killed rank, instead of a silent hang. A rank that hangs
+    instead is ended by the collective timeout (test_distributed_dit)."""
+    import time
+
+    start = time.monotonic()
+    run = _torchrun(["--nproc-per-node", "2", MISBEHAVING, "die", "-o", "x.mp4", *SMALL],
+                    tmp_path, timeout=120)
+    assert run.returncode != 0
+    assert time.monotonic() - start < 110
+    assert not (tmp_path / "x.mp4").exists()
+    assert "exitcode  : -9" in run.stderr  # torchrun names the killed rank

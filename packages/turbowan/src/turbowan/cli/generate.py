@@ -221,7 +221,9 @@ def _run(args: argparse.Namespace, demo: bool) -> int:
     except DecodeFailedError as exc:
         print(f"turbowan generate: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except dist_cli.DIST_ERRORS as exc:
+    except RuntimeError as exc:
+        if not dist_cli.is_lost_peer(exc):
+            raise
         print(f"turbowan generate: {dist_cli.lost_peer_message(exc)}", file=sys.stderr)
         return EXIT_FAILED
     except OSError as exc:  # e.g. a tokenizer or checkpoint that vanished after the checks

@@ -26,6 +26,21 @@ __all__ = ["add_arguments", "check", "device_arg", "join", "relaunch", "shutdown
 DIST_ERRORS = (torch.distributed.DistError, LeaderFailedError)
 
 
+def is_lost_peer(exc: BaseException) -> bool:
+    """A failed collective: torch's distributed errors, the leader's failure, or what gloo
+    raises on a timeout or a closed connection (a plain RuntimeError from inside
+    torch.distributed)."""
+    if isinstance(exc, DIST_ERRORS):
+        return True
+    if not isinstance(exc, RuntimeError):
+        return False
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = tb.tb_frame.f_code.co_filename.replace("\\", "/") if tb is not None else ""
+    return "/torch/distributed/" in where
+
+
 def lost_peer_message(exc: BaseException) -> str:
     env = LaunchEnv.read()
     if isinstance(exc, LeaderFailedError):
