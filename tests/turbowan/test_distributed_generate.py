@@ -56,6 +56,8 @@ def test_torchrun_two_processes_write_the_one_process_demo(tmp_path, one_torch_t
     (dict(sp=4, gpus=None, env=LaunchEnv(world=6)),
      "6 processes cannot form groups of --sp 4"),
     (dict(sp=None, gpus=2, env=LaunchEnv(world=2)), "already runs under a launcher"),
+    (dict(sp=2, gpus=None, env=LaunchEnv(world=4)),
+     "4 processes with --sp 2 form 2 groups, each making its own videos: pass --batch"),
 ])
 def test_launch_refusals(kwargs, expect):
     problems = launch_problems(num_heads=A14B_HEADS, device_type="cpu", device_count=0, **kwargs)
@@ -130,3 +132,77 @@ def test_a_killed_rank_ends_the_run_with_an_error(tmp_path):
     assert time.monotonic() - start < 110
     assert not (tmp_path / "x.mp4").exists()
     assert "exitcode  : -9" in run.stderr  # torchrun names the killed rank
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_launchers_two_groups_two_videos(tmp_path, one_torch_thread):
+    """`--nnodes 2` on loopback: two torchrun launchers meet at a c10d rendezvous on
+    127.0.0.1; the world of 2 with --sp 1 is 2 groups, each making its --batch line."""
+    import json
+
+    (tmp_path / "jobs.jsonl").write_text(
+        json.dumps({"seed": 3, "output": "a.mp4"}) + "\n\n"
+        + json.dumps({"seed": 7, "output": "b.mp4", "prompt": "a boat"}) + "\n")
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launchers = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(n),
+         "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-id", "turbowan-test",
+         "--rdzv-endpoint", f"127.0.0.1:{port}", "--master-addr", "127.0.0.1",
+         "-m", "turbowan", "generate", "--sp", "1", "--batch", "jobs.jsonl", "--save-latents",
+         *SMALL], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for n in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=150) for p in launchers]
+    finally:
+        for p in launchers:
+            p.kill()
+    assert [p.returncode for p in launchers] == [0, 0], [o[1][-2000:] for o in outs]
+    written = "".join(o[0] for o in outs)
+    assert written.count("wrote a.mp4") == 1 and written.count("wrote b.mp4") == 1
+    pipe = I2VPipeline.demo()
+    for name, seed, prompt in (("a", 3, None), ("b", 7, "a boat")):
+        latents, settings = load_latents(tmp_path / f"{name}.latents.safetensors")
+        assert (settings["seed"], read_video(tmp_path / f"{name}.mp4").num_frames) == (seed, 5)
+        ref = pipe.generate(prompt=prompt, seed=seed, frames=5, width=64, height=64,
+                            decode=False)
+        assert torch.equal(latents, ref.latents)  # a group of one samples as one process does
+
+
+def test_batch_in_one_process(tmp_path, monkeypatch, capsys, one_torch_thread):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"seed": 4}) + "\n"
+                                         + json.dumps({"seed": 5, "frames": 9}) + "\n")
+    assert main(["generate", "--batch", "jobs.jsonl", "-o", "v.mp4", "--save-latents",
+                 *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "wrote v-001.mp4 (5 frames" in out and "wrote v-002.mp4 (9 frames" in out
+    latents, _ = load_latents(tmp_path / "v-002.latents.safetensors")
+    ref = I2VPipeline.demo().generate(seed=5, frames=9, width=64, height=64, decode=False)
+    assert torch.equal(latents, ref.latents)
+
+
+@pytest.mark.parametrize("lines,expect", [
+    (['{"seed": 1}', "[1]"], "line 2: expected a JSON object, got list"),
+    (['{"seed": 1, "colour": 2}'], "line 1: unknown key(s) colour; a line may set image,"),
+    (['{"output": "a.mp4"}', '{"output": "a.mp4"}'], "line 2: output 'a.mp4' is also line 1's"),
+    (["{seed: 1}"], "line 1: not JSON"),
+    (["{\"frames\": 6}"], "frames must be 4n+1"),
+])
+def test_bad_batch_lines_are_refused_before_loading(lines, expect, tmp_path, monkeypatch, capsys):
+    import turbowan.pipeline.demo
+
+    monkeypatch.setattr(turbowan.pipeline.demo, "write_demo_checkpoints",
+                        lambda *a: pytest.fail("loaded"))
+    (tmp_path / "jobs.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["generate", "--batch", str(tmp_path / "jobs.jsonl")]) == 2
+    assert expect in capsys.readouterr().err

@@ -32,6 +32,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     help="video file: .mp4 (H.264), .webm (VP9) or .gif (looping)")
     io.add_argument("--fps", type=float, default=16, help="frame rate (Wan is trained at 16)")
     io.add_argument("--quality", type=int, default=8, help="1 (small file) .. 10 (near lossless)")
+    io.add_argument("--batch", metavar="FILE.jsonl",
+                    help="many videos, one JSON object a line (image, prompt, seed, output, "
+                    "frames, ...; what a line leaves out comes from these flags); the models "
+                    "load once")
     io.add_argument("--save-latents", action="store_true",
                     help="also keep <output>.latents.safetensors (always kept if decoding fails)")
     io.add_argument("--vae-tiling", dest="vae_tiling", action="store_true",
@@ -193,22 +197,26 @@ def _run(args: argparse.Namespace, demo: bool) -> int:
         from turbowan.pipeline.timings import Timings
         from turbowan.sampler.rcm import MAX_STEPS
 
+        jobs = _jobs(args)
+        for job in jobs:  # every video's inputs, before anything loads
+            pipe.check_inputs(**job)
         pipe.parallel = parallel = dist_cli.join(args, pipe.device)  # loads nothing
         leader = dist_cli.is_leader(parallel)
-        progress = _Progress(args.steps if 1 <= args.steps <= MAX_STEPS and leader else 0)
-        try:
-            result = pipe.generate(
-                args.image, args.prompt, frames=args.frames, resolution=args.resolution,
-                aspect_ratio=args.aspect_ratio, width=args.width, height=args.height,
-                steps=args.steps, sigma_max=args.sigma_max, boundary=args.boundary,
-                seed=args.seed, ode=args.ode, resize=args.resize, callback=progress.on_step,
-                output=args.output, fps=args.fps, quality=args.quality,
-                save_latents=args.save_latents,
-                timings=Timings(on_start=progress.on_stage if leader else None),
-            )
-            spread = dist_cli.stage_spread(parallel, result.timings) if parallel else None
-        finally:
-            progress.close()
+        if parallel is not None:
+            from turbowan.pipeline.batch import share
+
+            jobs = share(jobs, parallel.group_index, parallel.groups)
+        for job in jobs:
+            progress = _Progress(job["steps"] if 1 <= job["steps"] <= MAX_STEPS and leader else 0)
+            try:
+                result = pipe.generate(
+                    **job, callback=progress.on_step, save_latents=args.save_latents,
+                    timings=Timings(on_start=progress.on_stage if leader else None))
+                spread = dist_cli.stage_spread(parallel, result.timings) if parallel else None
+            finally:
+                progress.close()
+            if leader:
+                _report(result, spread, parallel, demo)
     except (PreflightError, ValueError) as exc:
         print(f"turbowan generate: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -229,17 +237,29 @@ def _run(args: argparse.Namespace, demo: bool) -> int:
     except OSError as exc:  # e.g. a tokenizer or checkpoint that vanished after the checks
         print(f"turbowan generate: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    if not leader:
-        return EXIT_OK  # the group's leader reports and writes
+    return EXIT_OK
+
+
+def _jobs(args: argparse.Namespace) -> list[dict]:
+    """generate() arguments of each video: the flags, or each line of --batch over them."""
+    from turbowan.pipeline.batch import JOB_KEYS, read_batch
+
+    flags = {k: getattr(args, k) for k in JOB_KEYS}
+    return [flags] if args.batch is None else read_batch(args.batch, flags)
+
+
+def _report(result, spread, parallel, demo: bool) -> None:
+    """The leader's account of one video: timing table, per-rank spread, files written."""
+    from turbowan.distributed.pipeline import spread_summary
+
     s = result.settings
     print(result.timings.summary(device=s["device"]), file=sys.stderr)
     if spread:
-        print(dist_cli.spread_summary(spread, parallel.sp.size), file=sys.stderr)
+        print(spread_summary(spread, parallel.sp.size), file=sys.stderr)
     if result.latents_path is not None:
         print(f"latents: {result.latents_path}", file=sys.stderr)
     print(f"wrote {result.output} ({s['frames']} frames, {s['width']}x{s['height']}, "
-          f"{args.fps:g} fps, seed {s['seed']})")
+          f"{s['fps']:g} fps, seed {s['seed']})")
     if demo:
         print("(demo weights are random: the video is noise; see `turbowan generate --help` "
               "for real checkpoints)")
-    return EXIT_OK

@@ -97,7 +97,8 @@ def check(args: argparse.Namespace, demo: bool, *, gpus: int | None = None) -> l
         return []
     heads = heads_of(args, demo)
     problems = launch_problems(sp=args.sp, gpus=gpus, env=env, num_heads=heads or 1,
-                               device_type=device_type, device_count=_device_count(device_type))
+                               device_type=device_type, device_count=_device_count(device_type),
+                               batch=getattr(args, "batch", None) is not None)
     if not env.launched and gpus is None and args.sp not in (None, 1):
         problems.append(f"--sp {args.sp} needs {args.sp} processes: start them with "
                         f"torchrun --nproc-per-node {args.sp} -m turbowan generate ..., or "

@@ -7,9 +7,10 @@ from turbowan.distributed.dit import valid_sp_sizes
 
 
 def launch_problems(*, sp: int | None, gpus: int | None, env: LaunchEnv, num_heads: int,
-                    device_type: str, device_count: int) -> list[str]:
+                    device_type: str, device_count: int, batch: bool = False) -> list[str]:
     """Everything wrong with running ``sp``-way sequence parallel in this launch; empty when
-    it can run. ``gpus`` is ``--gpus`` (this process would launch the others)."""
+    it can run. ``gpus`` is ``--gpus`` (this process would launch the others); ``batch``:
+    a --batch file gives the world's groups their own videos."""
     problems = []
     if gpus is not None:
         if env.launched:
@@ -30,6 +31,10 @@ def launch_problems(*, sp: int | None, gpus: int | None, env: LaunchEnv, num_hea
     if world % sp:
         problems.append(f"{world} processes cannot form groups of --sp {sp}: the number of "
                         f"processes must be a multiple of --sp (e.g. --sp {_largest_divisor(world, num_heads)})")
+    elif world // sp > 1 and not batch:
+        problems.append(f"{world} processes with --sp {sp} form {world // sp} groups, each "
+                        "making its own videos: pass --batch FILE.jsonl (a line per video), "
+                        f"or --sp {world} for one video")
     if num_heads % sp:
         problems.append(f"--sp {sp} does not divide the model's {num_heads} attention heads; "
                         f"valid sizes: {', '.join(map(str, valid_sp_sizes(num_heads)))}")
