@@ -99,9 +99,31 @@ def _hung_peer(sp: SequenceParallel) -> str:
     return "no error"
 
 
+def demo_vae():
+    from turbowan.pipeline.demo import DEMO_VAE_PRESET
+    from turbowan.vae.config import build_manifest_model
+
+    vae = build_manifest_model(DEMO_VAE_PRESET)
+    vae.load_state_dict(_random_state(vae, 5), assign=True)
+    return vae.requires_grad_(False)
+
+
+VAE_LATENTS = torch.randn(1, 16, 3, 20, 24, generator=torch.Generator().manual_seed(9))
+VAE_TILING = dict(tile=64, overlap=16)  # 3 x 4 tiles of 8 latents
+
+
+def _vae_parallel(sp: SequenceParallel) -> torch.Tensor | None:
+    from turbowan.distributed.context import LaunchEnv, ParallelContext
+    from turbowan.distributed.vae import decode_tiles_parallel
+
+    ctx = ParallelContext(env=LaunchEnv(), sp=sp, group_index=0, groups=1, leader=0,
+                          device=torch.device("cpu"), vae_parallel=True)
+    return decode_tiles_parallel(demo_vae(), VAE_LATENTS, parallel=ctx, **VAE_TILING)
+
+
 def world_checks(rank: int, world: int) -> dict[str, object]:
     sp = SequenceParallel.of()
-    result: dict[str, object] = {"round_trip": _round_trips(sp)}
+    result: dict[str, object] = {"round_trip": _round_trips(sp), "vae": _vae_parallel(sp)}
     args = inputs()
     with torch.no_grad():
         for name, (quant, attention, mode, strategy, budget) in CASES.items():
@@ -139,7 +161,9 @@ def references() -> dict[str, torch.Tensor]:
     torch.set_num_threads(1)
     args = inputs()
     with torch.no_grad():
-        return {name: build(q, a, m)(*args) for name, (q, a, m, _, _) in CASES.items()}
+        refs = {name: build(q, a, m)(*args) for name, (q, a, m, _, _) in CASES.items()}
+        refs["vae"] = demo_vae().decode(VAE_LATENTS, tiled=True, **VAE_TILING)
+    return refs
 
 
 def test_split_sizes_never_pad_and_align_to_int8_tiles():
@@ -164,7 +188,11 @@ def test_ulysses_dit_matches_one_process(world, references, tmp_path):
     results = run_world(world_checks, world, tmp_path)
     for rank, got in enumerate(results):
         assert got["round_trip"] == {"even": True, "uneven": True, "aligned": True}, rank
+        # --vae-parallel: the leader's blend of every rank's tiles is the one-process tiled decode
+        assert torch.equal(got["vae"], references["vae"]) if rank == 0 else got["vae"] is None
         for name, ref in references.items():
+            if name == "vae":
+                continue
             # the all-to-all moves values without arithmetic, and with 2 heads per rank SLA sums
             # what it sums in one process: bitwise. With 1 head per rank (4 ranks) SLA's matmuls
             # take another path (6e-8 apart), which int8 `reference` would turn into a whole

@@ -20,6 +20,7 @@ from turbowan.pipeline.video_io import read_video, to_uint8_frames
 
 SMALL = ["--frames", "5", "--width", "64", "--height", "64"]  # the VAE dominates the demo
 A14B_HEADS = 40
+TILES = ["--vae-tile", "32", "--vae-overlap", "16"]  # 3 x 3 tiles of the 64 x 64 demo
 
 
 def _torchrun(args: list[str], cwd, timeout: float = 150) -> subprocess.CompletedProcess:
@@ -32,16 +33,17 @@ def _torchrun(args: list[str], cwd, timeout: float = 150) -> subprocess.Complete
 
 def test_torchrun_two_processes_write_the_one_process_demo(tmp_path, one_torch_thread):
     run = _torchrun(["--nproc-per-node", "2", "-m", "turbowan", "generate", "-o", "sp.mp4",
-                     "--save-latents", "--sp", "2", *SMALL], tmp_path)
+                     "--save-latents", "--sp", "2", "--vae-parallel", *TILES, *SMALL], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sp.latents.safetensors", "sp.mp4"]
     assert run.stdout.count("wrote sp.mp4") == 1  # only the leader reports
     assert run.stderr.count("per-rank seconds over the 2 ranks") == 1
     assert "sampling (low expert)" in run.stderr.split("per-rank seconds")[1]
 
-    pipe = I2VPipeline.demo()
+    pipe = I2VPipeline.demo(vae_tiling=True, vae_tile=32, vae_overlap=16)
     ref = pipe.generate(frames=5, width=64, height=64)
-    latents, _ = load_latents(tmp_path / "sp.latents.safetensors")
+    latents, settings = load_latents(tmp_path / "sp.latents.safetensors")
+    assert (settings["vae_tiling"], settings["vae_tile"]) == (True, 32)  # what --vae-parallel ran
     # 4 dual-expert steps with 1 head per rank: the fp32 sums run in another order
     assert (latents - ref.latents).abs().max() <= 1e-5
     frames = to_uint8_frames(pipe.decode(latents)).astype(int)

@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     if args.gpus is not None:
         return dist_cli.relaunch(args.gpus, getattr(args, "argv", sys.argv[1:]))
-    args.device = dist_cli.device_arg(args)
+    dist_cli.adjust_args(args)
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(cpu_threads(args.threads, demo))

@@ -19,7 +19,7 @@ from turbowan.distributed.context import (
 from turbowan.distributed.pipeline import LeaderFailedError, spread_summary, stage_spread
 from turbowan.distributed.preflight import launch_problems
 
-__all__ = ["add_arguments", "check", "device_arg", "join", "relaunch", "shutdown",
+__all__ = ["add_arguments", "adjust_args", "check", "join", "relaunch", "shutdown",
            "spread_summary", "stage_spread"]
 
 #: what a collective raises when another rank died, hung past the timeout, or failed first
@@ -59,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gpus", type=int,
                    help="start N processes on this machine through torchrun's launcher "
                    "(like torchrun --standalone --nproc-per-node N -m turbowan generate ...)")
+    g.add_argument("--vae-parallel", dest="vae_parallel", action="store_true",
+                   help="decode on every process of the group, a share of the VAE tiles each "
+                   "(--vae-tile/--vae-overlap; the same video as one process decoding tiled)")
     g.add_argument("--dist-timeout", dest="dist_timeout", type=float, default=DEFAULT_TIMEOUT_S,
                    help="seconds a process waits for the others before the run stops with an "
                    "error (a rank that died or hangs)")
@@ -106,12 +109,14 @@ def check(args: argparse.Namespace, demo: bool, *, gpus: int | None = None) -> l
     return problems
 
 
-def device_arg(args: argparse.Namespace) -> str | None:
-    """The --device of this rank: cuda:LOCAL_RANK under a launcher on a CUDA machine."""
+def adjust_args(args: argparse.Namespace) -> None:
+    """This rank's settings: --device cuda:LOCAL_RANK under a launcher on a CUDA machine;
+    --vae-parallel decodes tiled (it shares the tiles), so the run records a tiled decode."""
     env = LaunchEnv.read()
-    if not env.launched:
-        return args.device
-    return str(device_for(env, args.device))
+    if env.launched:
+        args.device = str(device_for(env, args.device))
+    if args.vae_parallel:
+        args.vae_tiling = True
 
 
 def join(args: argparse.Namespace, device: torch.device) -> ParallelContext | None:
@@ -119,7 +124,8 @@ def join(args: argparse.Namespace, device: torch.device) -> ParallelContext | No
     env = LaunchEnv.read()
     if not env.launched:
         return None
-    return init_parallel(args.sp or env.world, device, env=env, timeout_s=args.dist_timeout)
+    return init_parallel(args.sp or env.world, device, env=env, timeout_s=args.dist_timeout,
+                         vae_parallel=args.vae_parallel)
 
 
 def without_gpus_flag(argv: list[str]) -> list[str]:

@@ -57,6 +57,7 @@ class ParallelContext:
     groups: int  # world / sp
     leader: int  # global rank of this group's first rank
     device: torch.device
+    vae_parallel: bool = False  # decode tiles on every rank of the group (--vae-parallel)
 
     @property
     def is_leader(self) -> bool:
@@ -73,7 +74,8 @@ def device_for(env: LaunchEnv, device: str | torch.device | None) -> torch.devic
 
 
 def init_parallel(sp: int, device: torch.device, *, env: LaunchEnv | None = None,
-                  timeout_s: float = DEFAULT_TIMEOUT_S) -> ParallelContext:
+                  timeout_s: float = DEFAULT_TIMEOUT_S, vae_parallel: bool = False
+                  ) -> ParallelContext:
     """Join the launcher's process group (NCCL on CUDA, gloo on the CPU; the CPU build has no
     NCCL) and cut it into groups of ``sp`` consecutive ranks. Checks belong before this
     (:func:`turbowan.distributed.preflight.check_launch`)."""
@@ -92,7 +94,8 @@ def init_parallel(sp: int, device: torch.device, *, env: LaunchEnv | None = None
         group, _ = dist.new_subgroups_by_enumeration(
             [list(range(g, g + sp)) for g in range(0, world, sp)], timeout=timeout)
     return ParallelContext(env=env, sp=SequenceParallel.of(group), group_index=rank // sp,
-                           groups=world // sp, leader=rank - rank % sp, device=device)
+                           groups=world // sp, leader=rank - rank % sp, device=device,
+                           vae_parallel=vae_parallel)
 
 
 def shutdown() -> None:

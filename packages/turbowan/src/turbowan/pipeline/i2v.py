@@ -381,8 +381,15 @@ class I2VPipeline:
             with self._placed(vae, stage, blocks=self._vae_blocks(vae)):
                 vae.compute_device = self.device
                 try:
-                    video = vae.decode(latents, output_device="cpu", tiled=self.vae_tiling,
-                                       tile=self.vae_tile, overlap=self.vae_overlap)
+                    if self.parallel is not None and self.parallel.vae_parallel:
+                        from turbowan.distributed.vae import decode_tiles_parallel
+
+                        video = decode_tiles_parallel(vae, latents, tile=self.vae_tile,
+                                                      overlap=self.vae_overlap,
+                                                      parallel=self.parallel)
+                    else:
+                        video = vae.decode(latents, output_device="cpu", tiled=self.vae_tiling,
+                                           tile=self.vae_tile, overlap=self.vae_overlap)
                 finally:
                     vae.compute_device = None
             self._release_device_cache()
@@ -485,7 +492,9 @@ class I2VPipeline:
         )
         result = GenerationResult(latents=latents, settings=settings, timings=timings)
         if self.parallel is not None and not self.parallel.is_leader:
-            return result  # the group's leader decodes and writes
+            if decode and self.parallel.vae_parallel:
+                self.decode(latents, timings)  # this rank's tiles, sent to the leader
+            return result  # the group's leader writes
         out_path = Path(output) if output is not None else None
         if out_path is not None and save_latents:
             result.latents_path = save_latents_file(out_path, latents, settings)

@@ -11,6 +11,7 @@ wider overlaps and larger tiles make it closer.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -70,17 +71,25 @@ def _ramp_weights(size: int, start: int, length: int, tile: int, overlap_px: int
     return weight
 
 
-def decode_tiles_stream(
-    decoder: nn.Module, z: torch.Tensor, *, tile: int, overlap: int
-) -> Iterator[torch.Tensor]:
-    """Decode ``z`` (after ``conv2``) tile by tile, yielding blended float32 frame chunks."""
+@dataclass(frozen=True)
+class Tile:
+    """One spatial tile: latent rows/cols (r, c, height, width) and its pixel blend weight."""
+
+    r: int
+    c: int
+    th: int
+    tw: int
+    weight: torch.Tensor
+
+
+def tile_layout(height: int, width: int, *, tile: int, overlap: int
+                ) -> tuple[list[Tile], torch.Tensor]:
+    """The tiles of a (height, width) latent grid, in blend order, and the pixel weight sum."""
     tile_lat, overlap_lat = _check_tiling(tile, overlap)
-    _, _, frames, height, width = z.shape
     rows = tile_starts(height, tile_lat, overlap_lat)
     cols = tile_starts(width, tile_lat, overlap_lat)
     ramp = overlap_lat * SPATIAL_FACTOR
-    device = z.device
-    tiles: list[tuple[tuple[int, int, int, int], torch.Tensor, CausalCache]] = []
+    tiles: list[Tile] = []
     weight_sum = torch.zeros(height * SPATIAL_FACTOR, width * SPATIAL_FACTOR)
     for r in rows:
         th = min(tile_lat, height)
@@ -91,18 +100,43 @@ def decode_tiles_stream(
             weight = wy[:, None] * wx[None, :]
             y0, x0 = r * SPATIAL_FACTOR, c * SPATIAL_FACTOR
             weight_sum[y0 : y0 + weight.shape[0], x0 : x0 + weight.shape[1]] += weight
-            tiles.append(((r, c, th, tw), weight.to(device), CausalCache()))
-    weight_sum = weight_sum.to(device)
-    for t in range(frames):
-        out: torch.Tensor | None = None
-        for (r, c, th, tw), weight, cache in tiles:
-            cache.start_chunk()
-            piece = decoder(z[:, :, t : t + 1, r : r + th, c : c + tw], cache).float()
-            if out is None:
-                b, ch, f = piece.shape[:3]
-                out = piece.new_zeros(b, ch, f, height * SPATIAL_FACTOR, width * SPATIAL_FACTOR)
-            y0, x0 = r * SPATIAL_FACTOR, c * SPATIAL_FACTOR
-            region = out[..., y0 : y0 + piece.shape[-2], x0 : x0 + piece.shape[-1]]
-            region += piece * weight
-        assert out is not None
-        yield out / weight_sum
+            tiles.append(Tile(r, c, th, tw, weight))
+    return tiles, weight_sum
+
+
+def decode_tile(decoder: nn.Module, z: torch.Tensor, t: Tile, cache: CausalCache,
+                frame: int) -> torch.Tensor:
+    """Latent frame ``frame`` of tile ``t`` in pixels (float32); the tile's own causal cache
+    carries its earlier frames."""
+    cache.start_chunk()
+    return decoder(z[:, :, frame : frame + 1, t.r : t.r + t.th, t.c : t.c + t.tw], cache).float()
+
+
+def blend(pieces: list[torch.Tensor], tiles: list[Tile], weight_sum: torch.Tensor
+          ) -> torch.Tensor:
+    """One frame chunk from its tiles' pieces (in tile order): the weighted sum over the
+    overlaps divided by the weight sum, in one fixed order (so any producer gives the same)."""
+    device = weight_sum.device
+    out: torch.Tensor | None = None
+    for t, piece in zip(tiles, pieces, strict=True):
+        if out is None:
+            b, ch, f = piece.shape[:3]
+            out = piece.new_zeros(b, ch, f, weight_sum.shape[0], weight_sum.shape[1])
+        y0, x0 = t.r * SPATIAL_FACTOR, t.c * SPATIAL_FACTOR
+        region = out[..., y0 : y0 + piece.shape[-2], x0 : x0 + piece.shape[-1]]
+        region += piece * t.weight.to(device)
+    assert out is not None
+    return out / weight_sum
+
+
+def decode_tiles_stream(
+    decoder: nn.Module, z: torch.Tensor, *, tile: int, overlap: int
+) -> Iterator[torch.Tensor]:
+    """Decode ``z`` (after ``conv2``) tile by tile, yielding blended float32 frame chunks."""
+    _, _, frames, height, width = z.shape
+    tiles, weight_sum = tile_layout(height, width, tile=tile, overlap=overlap)
+    weight_sum = weight_sum.to(z.device)
+    caches = [CausalCache() for _ in tiles]
+    for f in range(frames):
+        pieces = [decode_tile(decoder, z, t, cache, f) for t, cache in zip(tiles, caches)]
+        yield blend(pieces, tiles, weight_sum)
