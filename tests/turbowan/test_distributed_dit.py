@@ -15,6 +15,8 @@ import torch.distributed as dist
 from worlds import run_world
 
 import offloadkit
+from offloadkit.strategies.adaptive import AdaptiveStrategy
+from offloadkit.strategy import Plan
 from turbowan.distributed import (
     SequenceParallel,
     disable_sequence_parallel,
@@ -121,6 +123,45 @@ def _vae_parallel(sp: SequenceParallel) -> torch.Tensor | None:
     return decode_tiles_parallel(demo_vae(), VAE_LATENTS, parallel=ctx, **VAE_TILING)
 
 
+class _RankReplan(AdaptiveStrategy):
+    """Stand-in policy whose re-plan depends on the rank: rank 0 proposes streaming every
+    block, the others nothing (as ranks with different measurements would)."""
+
+    name = "rank-replan"
+
+    def replan(self, plan, stats, profile):
+        if dist.get_rank() != 0:
+            return None
+        return Plan.build(profile, [], group_size=1, prefetch_depth=1, note="rank 0's")
+
+
+def _lockstep(sp: SequenceParallel, args) -> dict[str, object]:
+    """offloadkit with a process group: one budget (the smallest) and rank 0's re-plans."""
+    from offloadkit.distributed import agreed_budget
+
+    out: dict[str, object] = {}
+    own = 31_000_000 + 11_000_000 * sp.rank  # rank 1's budget holds the whole model
+    agreed = agreed_budget(own, "cpu", dist.group.WORLD)
+    out["agreed"] = agreed
+    for name, budget in (("own", own), ("agreed", agreed)):
+        model = build("none", "sla", None)
+        enable_sequence_parallel(model, sp)
+        with offloadkit.offloaded(model, strategy="adaptive", device="cpu", budget=budget) as h:
+            out[f"resident-{name}"] = list(h.plan.resident)
+    for name, group in (("independent", None), ("coordinated", dist.group.WORLD)):
+        model = build("none", "sla", None)
+        enable_sequence_parallel(model, sp)
+        options = {} if group is None else {"process_group": group}
+        with offloadkit.offloaded(model, strategy=_RankReplan(), device="cpu", budget="60MB",
+                                  replan_every=1, **options) as handle:
+            before = handle.plan.resident
+            model(*args)
+            model(*args)  # the re-plan comes after the second forward
+            out[name] = (len(before), len(handle.plan.resident))
+            out[f"{name}-out"] = model(*args)
+    return out
+
+
 def world_checks(rank: int, world: int) -> dict[str, object]:
     sp = SequenceParallel.of()
     result: dict[str, object] = {"round_trip": _round_trips(sp), "vae": _vae_parallel(sp)}
@@ -142,6 +183,7 @@ def world_checks(rank: int, world: int) -> dict[str, object]:
         if world == 4:
             return result
         result["hang"] = _hung_peer(sp)
+        result["lockstep"] = _lockstep(sp, args)
         # SP switched on after offloadkit placed the model gives the same
         model = build("none", "sla", None)
         with offloadkit.offloaded(model, strategy="layerwise", device="cpu", budget="31MB"):
@@ -207,6 +249,15 @@ def test_ulysses_dit_matches_one_process(world, references, tmp_path):
                 assert got[f"{name}-streamed"] >= 1, name  # the budget really streams
         if world == 4:
             continue
+        lock = got["lockstep"]
+        assert lock["agreed"] == 31_000_000  # the smallest of the ranks' budgets
+        assert lock["resident-own"] == ([] if rank == 0 else [0, 1, 2])  # plans would differ
+        assert lock["resident-agreed"] == []
+        # rank 0 decides: every rank streams all 3 blocks after the re-plan; without a group
+        # only rank 0 changes its plan
+        assert lock["coordinated"] == (3, 0)
+        assert lock["independent"] == ((3, 0) if rank == 0 else (3, 3))
+        assert torch.equal(lock["coordinated-out"], references["sla"])
         if rank == 0:
             assert got["hang"].startswith("error on rank 0: lost contact with another process "
                                           "of the run (RuntimeError: "), got["hang"]

@@ -74,6 +74,7 @@ class Engine:
         disk_path: str | None = None,
         replan_every: int = 8,
         trace: bool = True,
+        process_group: Any = None,
     ) -> None:
         self.model = model
         self.profile = profile
@@ -81,6 +82,7 @@ class Engine:
         self.device = torch.device(device)
         self.budget_bytes = budget_bytes
         self.replan_every = replan_every
+        self.process_group = process_group
         self.ledger = Ledger(max_trace_events=100_000 if trace else 0)
         if layout is None:
             layout = layout_model(model, [model.get_submodule(b.name) for b in profile.blocks])
@@ -433,7 +435,12 @@ class Engine:
         self.ledger.forwards += 1
         n = self.ledger.forwards
         if self.replan_every and n >= 2 and (n - 2) % self.replan_every == 0:
-            self.replan()
+            if self.process_group is None:
+                self.replan()
+            else:  # the group's first rank decides, so all ranks run one plan
+                from offloadkit.distributed import coordinated_replan
+
+                coordinated_replan(self, self.process_group)
 
     # ------------------------------------------------------------------ public (via handle)
     def replan(self) -> Plan | None:

@@ -5,6 +5,7 @@ gathered to the leader."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -43,6 +44,15 @@ def from_leader(parallel: ParallelContext | None,
     wire = value.to(parallel.device)  # NCCL moves device tensors only
     dist.broadcast(wire, group_src=0, group=group)
     return wire.cpu()
+
+
+def lockstep_placement(parallel: ParallelContext, budget: Any) -> dict[str, Any]:
+    """offloadkit arguments that make the group's ranks run one plan: the smallest of their
+    budgets (``"auto"`` resolved on each rank's device), and re-plans decided by the leader."""
+    from offloadkit.distributed import agreed_budget
+
+    group = parallel.sp.group if parallel.sp.group is not None else dist.group.WORLD
+    return {"budget": agreed_budget(budget, parallel.device, group), "process_group": group}
 
 
 def stage_spread(parallel: ParallelContext, timings: Timings) -> dict[str, tuple[float, float]]:

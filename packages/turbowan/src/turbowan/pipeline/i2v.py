@@ -627,13 +627,20 @@ class _ExpertRunner:
         self._lock = threading.Lock()
         self._cancelled = False
         self._thread: threading.Thread | None = None
+        # several ranks: one budget (the smallest) and rank 0's re-plans, agreed here on
+        # the sampling thread (the staging thread must not run collectives)
+        self._lockstep: dict[str, Any] = {}
+        if pipe.parallel is not None:
+            from turbowan.distributed.pipeline import lockstep_placement
+
+            self._lockstep = lockstep_placement(pipe.parallel, pipe.budget)
         if stage_low:
             self._thread = threading.Thread(target=self._stage_low, name="turbowan-stage-low", daemon=True)
 
     def _offload_kwargs(self) -> dict[str, Any]:
         pipe = self.pipe
-        return dict(device=pipe.device, budget=pipe.budget, blocks="blocks", home=pipe.home,
-                    **pipe.strategy_options)
+        return {**dict(device=pipe.device, budget=pipe.budget, blocks="blocks", home=pipe.home,
+                       **pipe.strategy_options), **self._lockstep}
 
     def _stage_low(self) -> None:
         """Background thread: read the low expert and pack it into the home tier now, so the
