@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "FLOPs and a matmul rate measured here)")
     plan.add_argument("--reserve", help="device memory kept for activations, e.g. 6GiB "
                                         "(default: estimated from the workload)")
+    plan.add_argument("--sp", help="also predict Ulysses sequence parallel over these process "
+                      "counts, e.g. 1,2,4,8: per-rank peak, host RAM per node, step time")
+    plan.add_argument("--link-bandwidth", dest="link_bandwidth", type=float, default=100.0,
+                      help="GB/s of the GPU-to-GPU all-to-all with --sp (default 100: an "
+                      "NVLink-class estimate; PCIe-only cards: about 20)")
     return p  # fmt: skip
 
 
@@ -257,6 +262,8 @@ def run_plan(args, argv: list[str]) -> int:
     if device == "cpu" and (args.bandwidth is None or args.block_ms is None):
         print("note: rates were measured on this machine's CPU; for your GPU give e.g. "
               "--bandwidth 25 --block-ms 340 (PCIe 4.0, RTX 4090 at 480p/81, bf16)")
+    sp_rows = _sp_plan(args, profile, config, workload, cards, strategies, bandwidth,
+                       block_seconds) if args.sp else None
     print(f"planned in {elapsed:.1f} s")
     if args.json:
         document = _header(args, argv, device)
@@ -267,9 +274,33 @@ def run_plan(args, argv: list[str]) -> int:
             "rate_source": rate_source, "block_bytes": [b.nbytes for b in profile.blocks],
             "non_block_bytes": profile.non_block_bytes, "plans": rows,
         })  # fmt: skip
+        if sp_rows is not None:
+            document["sequence_parallel"] = {
+                "link_bandwidth_bytes_per_s": args.link_bandwidth * 1e9, "rows": sp_rows}
         write_json(args.json, document)
         print(f"wrote {args.json}")
     return 0
+
+
+def _sp_plan(args, profile, config, workload, cards, strategies, bandwidth, block_seconds):
+    """The --sp table: per-rank plans of the first strategy for each process count."""
+    from turbowan.bench.sp_plan import sp_rows, sp_table
+
+    try:
+        sizes = [int(n) for n in _split(args.sp)]
+    except ValueError:
+        raise UsageError(f"--sp {args.sp!r}: give process counts such as 1,2,4,8") from None
+    if not sizes or min(sizes) < 1 or args.link_bandwidth <= 0:
+        raise UsageError("--sp needs counts of at least 1 and a positive --link-bandwidth")
+    if 1 not in sizes:
+        sizes = [1, *sizes]  # the speed-up is against one GPU
+    rows = sp_rows(profile, config, tokens=workload.tokens, cards=cards, sizes=sizes,
+                   strategy=strategies[0], bandwidth=bandwidth,
+                   link_bandwidth=args.link_bandwidth * 1e9, block_seconds=block_seconds)
+    print(f"\nUlysses sequence parallel ({strategies[0]}, all-to-all at "
+          f"{args.link_bandwidth:g} GB/s; host RAM: every process holds both experts):")
+    print(sp_table(rows))
+    return rows
 
 
 def _cuda() -> bool:

@@ -1,0 +1,102 @@
+"""Plan mode with ``--sp``: what N-way Ulysses sequence parallel asks of each GPU and of the
+host, predicted from shapes (no GPU, no weights).
+
+Per rank: a 1/N share of the tokens (cut on 128-token tiles), so the activation reserve
+shrinks and the weight budget grows; the block compute is taken as 1/N of one GPU's (the
+linears are token by token, and attention covers the whole sequence for 1/N of the heads);
+each self-attention trades q, k, v and its output, 4 x tokens x dim x 2 bytes / N per rank of
+which (N-1)/N crosses the link. Host RAM per node counts every process's own copy of both
+experts (no weight is shared between processes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from turbowan.bench.plan import CUDA_OVERHEAD_BYTES, Card, activation_bytes, plan_summary
+from turbowan.bench.simulate import simulate_step
+from turbowan.distributed.ulysses import INT8_TOKEN_TILE, split_sizes
+
+if TYPE_CHECKING:
+    from offloadkit import ModelProfile
+    from turbowan.dit.config import DiTConfig
+
+EXPERTS = 2  # high- and low-noise, both kept by every process
+
+
+def all_to_all_bytes(config: DiTConfig, tokens: int, sp: int, *, dtype_bytes: int = 2) -> int:
+    """Bytes one rank sends per block: q, k, v and the output, (N-1)/N of its chunk each."""
+    if sp == 1:
+        return 0
+    chunk = max(split_sizes(tokens, sp, INT8_TOKEN_TILE))
+    return int(4 * chunk * config.dim * dtype_bytes * (sp - 1) / sp)
+
+
+def sp_rows(profile: ModelProfile, config: DiTConfig, *, tokens: int, cards: Sequence[Card],
+            sizes: Sequence[int], strategy: str, bandwidth: float, link_bandwidth: float,
+            block_seconds: float, dtype_bytes: int = 2) -> list[dict]:
+    """One row per card and sp size: the per-rank plan, peak, host RAM and step time."""
+    from offloadkit import get_strategy
+
+    block_bytes = [b.nbytes for b in profile.blocks]
+    rows: list[dict] = []
+    for card in cards:
+        one_gpu = None
+        for n in sizes:
+            row: dict = {"card": card.label, "sp": n, "strategy": strategy}
+            rows.append(row)
+            if config.num_heads % n:
+                row["note"] = f"{n} does not divide the {config.num_heads} heads"
+                continue
+            chunk = max(split_sizes(tokens, n, INT8_TOKEN_TILE))
+            # the whole sequence for heads/N: q, k, v and the output after the trade
+            traded = 4 * tokens * (config.dim // n) * dtype_bytes
+            reserve = activation_bytes(config, chunk, dtype_bytes=dtype_bytes) + traded \
+                + CUDA_OVERHEAD_BYTES
+            budget = card.total_bytes - reserve
+            row.update(tokens_per_rank=chunk, reserve_bytes=reserve, budget_bytes=budget,
+                       host_bytes_per_node=n * EXPERTS * profile.total_bytes)
+            card_profile = dataclasses.replace(
+                profile, device_total_bytes=card.total_bytes,
+                device_free_bytes=max(0, card.total_bytes - CUDA_OVERHEAD_BYTES))
+            policy = get_strategy(strategy)()
+            need = policy.min_device_bytes(card_profile)
+            if budget < need:
+                row["note"] = f"does not fit: needs {need / 2**30:.2f} GiB for weights"
+                continue
+            plan = policy.plan(card_profile, budget)
+            row.update(plan_summary(plan))
+            a2a = all_to_all_bytes(config, tokens, n, dtype_bytes=dtype_bytes)
+            per_block = block_seconds / n + a2a / link_bandwidth
+            prediction = simulate_step(
+                block_bytes=block_bytes, block_seconds=[per_block] * len(block_bytes),
+                streamed=plan.streamed, bandwidth=bandwidth, group_size=plan.group_size,
+                slots=plan.num_slots, prefetch_depth=plan.prefetch_depth)
+            row.update(all_to_all_bytes_per_block=a2a,
+                       all_to_all_seconds_per_block=a2a / link_bandwidth,
+                       predicted_peak_bytes=plan.predicted_peak_device_bytes + reserve,
+                       predicted_seconds_per_step=prediction.seconds,
+                       predicted_stall_seconds=prediction.stall_seconds)
+            if n == 1:
+                one_gpu = prediction.seconds
+            if one_gpu:
+                row["predicted_speedup"] = one_gpu / prediction.seconds
+    return rows
+
+
+def sp_table(rows: Sequence[dict]) -> str:
+    from turbowan.bench.report import _fmt, _table, gib
+
+    headers = ["card", "sp", "tokens/rank", "budget GiB", "resident", "streamed",
+               "peak/rank GiB", "host GiB/node", "a2a MiB/block", "s/step", "speed-up", "note"]
+    lines = [[
+        r["card"], str(r["sp"]), _fmt(r.get("tokens_per_rank"), "d"), gib(r.get("budget_bytes")),
+        _fmt(r.get("resident_count"), "d"), _fmt(r.get("streamed_count"), "d"),
+        gib(r.get("predicted_peak_bytes")), gib(r.get("host_bytes_per_node")),
+        _fmt(None if "all_to_all_bytes_per_block" not in r
+             else r["all_to_all_bytes_per_block"] / 2**20, ".0f"),
+        _fmt(r.get("predicted_seconds_per_step"), ".2f"), _fmt(r.get("predicted_speedup"), ".2f"),
+        r.get("note") or ""] for r in rows]
+    return _table(headers, lines)
