@@ -11,12 +11,10 @@ experts (no weight is shared between processes).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from turbowan.bench.plan import CUDA_OVERHEAD_BYTES, Card, activation_bytes, plan_summary
-from turbowan.bench.simulate import simulate_step
+from turbowan.bench.plan import CUDA_OVERHEAD_BYTES, Card, activation_bytes, plan_strategy_rows
 from turbowan.distributed.ulysses import INT8_TOKEN_TILE, split_sizes
 
 if TYPE_CHECKING:
@@ -37,52 +35,37 @@ def all_to_all_bytes(config: DiTConfig, tokens: int, sp: int, *, dtype_bytes: in
 def sp_rows(profile: ModelProfile, config: DiTConfig, *, tokens: int, cards: Sequence[Card],
             sizes: Sequence[int], strategy: str, bandwidth: float, link_bandwidth: float,
             block_seconds: float, dtype_bytes: int = 2) -> list[dict]:
-    """One row per card and sp size: the per-rank plan, peak, host RAM and step time."""
-    from offloadkit import get_strategy
-
-    block_bytes = [b.nbytes for b in profile.blocks]
+    """One row per card and sp size: the per-rank plan (planned and simulated as for one GPU,
+    with the rank's reserve and block time), its peak, host RAM and step time."""
     rows: list[dict] = []
     for card in cards:
         one_gpu = None
         for n in sizes:
-            row: dict = {"card": card.label, "sp": n, "strategy": strategy}
-            rows.append(row)
             if config.num_heads % n:
-                row["note"] = f"{n} does not divide the {config.num_heads} heads"
+                rows.append({"card": card.label, "sp": n, "strategy": strategy,
+                             "note": f"{n} does not divide the {config.num_heads} heads"})
                 continue
             chunk = max(split_sizes(tokens, n, INT8_TOKEN_TILE))
             # the whole sequence for heads/N: q, k, v and the output after the trade
             traded = 4 * tokens * (config.dim // n) * dtype_bytes
             reserve = activation_bytes(config, chunk, dtype_bytes=dtype_bytes) + traded \
                 + CUDA_OVERHEAD_BYTES
-            budget = card.total_bytes - reserve
-            row.update(tokens_per_rank=chunk, reserve_bytes=reserve, budget_bytes=budget,
-                       host_bytes_per_node=n * EXPERTS * profile.total_bytes)
-            card_profile = dataclasses.replace(
-                profile, device_total_bytes=card.total_bytes,
-                device_free_bytes=max(0, card.total_bytes - CUDA_OVERHEAD_BYTES))
-            policy = get_strategy(strategy)()
-            need = policy.min_device_bytes(card_profile)
-            if budget < need:
-                row["note"] = f"does not fit: needs {need / 2**30:.2f} GiB for weights"
-                continue
-            plan = policy.plan(card_profile, budget)
-            row.update(plan_summary(plan))
             a2a = all_to_all_bytes(config, tokens, n, dtype_bytes=dtype_bytes)
-            per_block = block_seconds / n + a2a / link_bandwidth
-            prediction = simulate_step(
-                block_bytes=block_bytes, block_seconds=[per_block] * len(block_bytes),
-                streamed=plan.streamed, bandwidth=bandwidth, group_size=plan.group_size,
-                slots=plan.num_slots, prefetch_depth=plan.prefetch_depth)
-            row.update(all_to_all_bytes_per_block=a2a,
-                       all_to_all_seconds_per_block=a2a / link_bandwidth,
-                       predicted_peak_bytes=plan.predicted_peak_device_bytes + reserve,
-                       predicted_seconds_per_step=prediction.seconds,
-                       predicted_stall_seconds=prediction.stall_seconds)
+            [row] = plan_strategy_rows(profile, [strategy], [card], reserve_bytes=reserve,
+                                       bandwidth=bandwidth,
+                                       block_seconds=block_seconds / n + a2a / link_bandwidth)
+            rows.append(row)
+            row.update(sp=n, tokens_per_rank=chunk, reserve_bytes=reserve,
+                       host_bytes_per_node=n * EXPERTS * profile.total_bytes,
+                       all_to_all_bytes_per_block=a2a,
+                       all_to_all_seconds_per_block=a2a / link_bandwidth)
+            if "predicted_seconds_per_step" not in row:
+                continue
+            row["predicted_peak_bytes"] = row["predicted_peak_device_bytes"] + reserve
             if n == 1:
-                one_gpu = prediction.seconds
+                one_gpu = row["predicted_seconds_per_step"]
             if one_gpu:
-                row["predicted_speedup"] = one_gpu / prediction.seconds
+                row["predicted_speedup"] = one_gpu / row["predicted_seconds_per_step"]
     return rows
 
 
