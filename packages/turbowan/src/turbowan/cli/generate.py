@@ -12,8 +12,10 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
+from offloadkit import HOME_TIERS
+from turbowan.dit.config import ATTENTION_CHOICES
+
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
-MODEL_FLAGS = ("high", "low", "vae", "text_encoder")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -72,7 +74,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                           help="switch to the low-noise expert when t_rf drops below this")
     sampling.add_argument("--seed", type=int, default=0)
     sampling.add_argument("--ode", action="store_true", help="deterministic ODE steps instead of SDE")
-    sampling.add_argument("--attention", choices=["sla", "original", "sagesla"], default="sla")
+    sampling.add_argument("--attention", choices=ATTENTION_CHOICES, default="sla")
     sampling.add_argument("--sla-topk", dest="sla_topk", type=float,
                           help="share of key blocks SLA keeps (default 0.1; demo 0.5)")
 
@@ -81,7 +83,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="offload strategy (see `offloadkit list`)")
     place.add_argument("--budget", default="auto",
                        help="device memory for weights: auto, 12GiB, 500MB, 80%% or bytes")
-    place.add_argument("--home", choices=["host", "pinned", "disk"], default="host",
+    place.add_argument("--home", choices=HOME_TIERS, default="host",
                        help="where the DiT experts' streamed weights live: host RAM (pinned up "
                        "to half the free RAM on CUDA), pinned (all page-locked: fastest uploads), "
                        "or disk (a temporary file in $TMPDIR: least host RAM)")
@@ -142,64 +144,53 @@ def cpu_threads(requested: int | None, demo: bool) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def settings_from_args(args: argparse.Namespace):
+    """The command line as one :class:`RunSettings` (the whole run: pre-flight checks it all)."""
+    from turbowan.pipeline.settings import RunSettings
+
+    return RunSettings(
+        high=args.high, low=args.low, vae=args.vae, text_encoder=args.text_encoder,
+        tokenizer=args.tokenizer, strategy=args.offload, budget=args.budget, device=args.device,
+        dtype=args.dtype, home=args.home, threads=args.threads, attention=args.attention,
+        sla_topk=args.sla_topk, vae_tiling=args.vae_tiling, vae_tile=args.vae_tile,
+        vae_overlap=args.vae_overlap, image=args.image, prompt=args.prompt, frames=args.frames,
+        resolution=args.resolution, aspect_ratio=args.aspect_ratio, width=args.width,
+        height=args.height, resize=args.resize, steps=args.steps, sigma_max=args.sigma_max,
+        boundary=args.boundary, seed=args.seed, ode=args.ode, output=args.output, fps=args.fps,
+        quality=args.quality, save_latents=args.save_latents,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from turbowan.distributed import cli as dist_cli
+    from turbowan.pipeline.i2v import DecodeFailedError, DecodeInterrupted, I2VPipeline
+    from turbowan.pipeline.preflight import PreflightError
 
-    given = [f for f in MODEL_FLAGS if getattr(args, f) is not None]
-    demo = not given
-    problems = dist_cli.check(args, demo, gpus=args.gpus)
+    demo = all(getattr(args, role) is None for role in ("high", "low", "vae", "text_encoder"))
+    problems = dist_cli.check(args, demo, gpus=args.gpus)  # before anything is read
+    leader = dist_cli.LaunchEnv.read().rank == 0  # until the groups form
     if problems:
-        from turbowan.pipeline.preflight import PreflightError
-
-        if dist_cli.LaunchEnv.read().rank == 0:  # the same refusal on every rank: say it once
+        if leader:  # the same refusal on every rank: say it once
             print(f"turbowan generate: error: {PreflightError(problems)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.gpus is not None:
         return dist_cli.relaunch(args.gpus, getattr(args, "argv", sys.argv[1:]))
     dist_cli.adjust_args(args)
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(cpu_threads(args.threads, demo))
-        except ValueError as exc:
-            print(f"turbowan generate: error: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        stack.callback(dist_cli.shutdown)
-        return _run(args, demo)
-
-
-def _run(args: argparse.Namespace, demo: bool) -> int:
-    from turbowan.distributed import cli as dist_cli
-    from turbowan.pipeline.i2v import DecodeFailedError, DecodeInterrupted, I2VPipeline
-    from turbowan.pipeline.preflight import PreflightError
-
-    placement = dict(home=args.home, vae_tiling=args.vae_tiling, vae_tile=args.vae_tile,
-                     vae_overlap=args.vae_overlap)
+    settings = settings_from_args(args)
     try:
-        if demo:
-            if dist_cli.LaunchEnv.read().rank == 0:  # once, not once per process
-                from turbowan.pipeline.demo import NOISE_NOTICE
+        if demo and leader:
+            print("turbowan: no checkpoints given, running the embedded demo.", file=sys.stderr)
+            from turbowan.pipeline.demo import NOISE_NOTICE
 
-                print("turbowan: no checkpoints given, running the embedded demo.",
-                      file=sys.stderr)
-                print(NOISE_NOTICE, file=sys.stderr)
-            pipe = I2VPipeline.demo(
-                strategy=args.offload, budget=args.budget, device=args.device or "cpu",
-                dtype=args.dtype, attention=args.attention, sla_topk=args.sla_topk,
-                **placement,
-            )
-        else:
-            pipe = I2VPipeline.from_files(
-                high=args.high, low=args.low, vae=args.vae, text_encoder=args.text_encoder,
-                tokenizer=args.tokenizer, strategy=args.offload, budget=args.budget,
-                device=args.device, dtype=args.dtype, attention=args.attention,
-                sla_topk=0.1 if args.sla_topk is None else args.sla_topk, **placement,
-            )
-        from turbowan.pipeline.timings import Timings
-        from turbowan.sampler.rcm import MAX_STEPS
-
+            print(NOISE_NOTICE, file=sys.stderr)
+        # every problem of the run in one round; with --batch the lines are checked below
+        pipe = I2VPipeline(settings, whole_run=args.batch is None)
         jobs = _jobs(args)
         for job in jobs:  # every video's inputs, before anything loads
             pipe.check_inputs(**job)
+        from turbowan.pipeline.timings import Timings
+        from turbowan.sampler.rcm import MAX_STEPS
+
         pipe.parallel = parallel = dist_cli.join(args, pipe.device)  # loads nothing
         leader = dist_cli.is_leader(parallel)
         if parallel is not None:
@@ -207,11 +198,13 @@ def _run(args: argparse.Namespace, demo: bool) -> int:
 
             jobs = share(jobs, parallel.group_index, parallel.groups)
         for job in jobs:
-            progress = _Progress(job["steps"] if 1 <= job["steps"] <= MAX_STEPS and leader else 0)
+            steps = job.get("steps", args.steps)
+            progress = _Progress(steps if 1 <= steps <= MAX_STEPS and leader else 0)
             try:
-                result = pipe.generate(
-                    **job, callback=progress.on_step, save_latents=args.save_latents,
-                    timings=Timings(on_start=progress.on_stage if leader else None))
+                with cpu_threads(settings.threads, demo):
+                    result = pipe.generate(
+                        callback=progress.on_step,
+                        timings=Timings(on_start=progress.on_stage if leader else None), **job)
                 spread = dist_cli.stage_spread(parallel, result.timings) if parallel else None
             finally:
                 progress.close()
@@ -237,15 +230,16 @@ def _run(args: argparse.Namespace, demo: bool) -> int:
     except OSError as exc:  # e.g. a tokenizer or checkpoint that vanished after the checks
         print(f"turbowan generate: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        dist_cli.shutdown()
     return EXIT_OK
 
 
 def _jobs(args: argparse.Namespace) -> list[dict]:
-    """generate() arguments of each video: the flags, or each line of --batch over them."""
-    from turbowan.pipeline.batch import JOB_KEYS, read_batch
+    """generate() arguments of each video: none over the flags, or each line of --batch."""
+    from turbowan.pipeline.batch import read_batch
 
-    flags = {k: getattr(args, k) for k in JOB_KEYS}
-    return [flags] if args.batch is None else read_batch(args.batch, flags)
+    return [{}] if args.batch is None else read_batch(args.batch, {"output": args.output})
 
 
 def _report(result, spread, parallel, demo: bool) -> None:

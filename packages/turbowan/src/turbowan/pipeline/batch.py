@@ -25,7 +25,7 @@ class BatchFileError(ValueError):
 
 def read_batch(path: str | os.PathLike[str], defaults: dict[str, Any]) -> list[dict[str, Any]]:
     """Jobs (generate() keyword arguments) of a JSON-lines file, blank lines skipped; each
-    filled in from ``defaults`` (the command line's values for :data:`JOB_KEYS`)."""
+    over ``defaults`` (at least ``output``, from which lines without one get theirs)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")

@@ -20,7 +20,7 @@ from turbowan.vae.cache import CausalCache
 from turbowan.vae.frames import SPATIAL_FACTOR
 
 
-def _check_tiling(tile: int, overlap: int) -> tuple[int, int]:
+def check_tiling(tile: int, overlap: int) -> tuple[int, int]:
     """Pixel tile/overlap -> latent units, with errors that name a valid setting."""
     if tile % SPATIAL_FACTOR or overlap % SPATIAL_FACTOR or tile < 2 * SPATIAL_FACTOR:
         raise ValueError(
@@ -85,7 +85,7 @@ class Tile:
 def tile_layout(height: int, width: int, *, tile: int, overlap: int
                 ) -> tuple[list[Tile], torch.Tensor]:
     """The tiles of a (height, width) latent grid, in blend order, and the pixel weight sum."""
-    tile_lat, overlap_lat = _check_tiling(tile, overlap)
+    tile_lat, overlap_lat = check_tiling(tile, overlap)
     rows = tile_starts(height, tile_lat, overlap_lat)
     cols = tile_starts(width, tile_lat, overlap_lat)
     ramp = overlap_lat * SPATIAL_FACTOR
