@@ -103,7 +103,7 @@ def _hung_peer(sp: SequenceParallel) -> str:
 
 def demo_vae():
     from turbowan.pipeline.demo import DEMO_VAE_PRESET
-    from turbowan.vae.config import build_manifest_model
+    from turbowan.vae.meta import build_manifest_model
 
     vae = build_manifest_model(DEMO_VAE_PRESET)
     vae.load_state_dict(_random_state(vae, 5), assign=True)
@@ -137,7 +137,7 @@ class _RankReplan(AdaptiveStrategy):
 
 def _lockstep(sp: SequenceParallel, args) -> dict[str, object]:
     """offloadkit with a process group: one budget (the smallest) and rank 0's re-plans."""
-    from offloadkit.distributed import agreed_budget
+    from offloadkit import agreed_budget
 
     out: dict[str, object] = {}
     own = 31_000_000 + 11_000_000 * sp.rank  # rank 1's budget holds the whole model

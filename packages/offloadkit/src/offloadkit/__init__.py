@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from offloadkit.api import apply, offloaded, stage
 from offloadkit.budget import Budget, parse_budget
+from offloadkit.distributed import agreed_budget
 from offloadkit.engine.profile import profile_model
 from offloadkit.errors import (
     AlreadyOffloadedError,
@@ -54,6 +55,7 @@ __all__ = [
     "StagedModel",
     "Strategy",
     "UnknownStrategyError",
+    "agreed_budget",
     "apply",
     "check_fits",
     "describe_bytes",

@@ -49,7 +49,7 @@ def from_leader(parallel: ParallelContext | None,
 def lockstep_placement(parallel: ParallelContext, budget: Any) -> dict[str, Any]:
     """offloadkit arguments that make the group's ranks run one plan: the smallest of their
     budgets (``"auto"`` resolved on each rank's device), and re-plans decided by the leader."""
-    from offloadkit.distributed import agreed_budget
+    from offloadkit import agreed_budget
 
     group = parallel.sp.group if parallel.sp.group is not None else dist.group.WORLD
     return {"budget": agreed_budget(budget, parallel.device, group), "process_group": group}
