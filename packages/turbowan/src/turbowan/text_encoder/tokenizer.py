@@ -75,14 +75,24 @@ def clean_prompt(text: str) -> str:
 
 
 class _SentencePieceBackend:
+    """``spiece.model`` encoded the way upstream's HF tokenizer does (see ``spm_convert``).
+
+    SentencePiece loads the file (validating it, giving its special ids); the pieces come from
+    the HF conversion of the same model, so a byte-fallback model yields ``<unk>`` where
+    upstream does, not ``<0xNN>`` byte pieces.
+    """
+
     def __init__(self, model_proto: bytes) -> None:
         import sentencepiece
 
+        from turbowan.text_encoder.spm_convert import hf_tokenizer_from_spiece
+
         self._sp = sentencepiece.SentencePieceProcessor()
         self._sp.LoadFromSerializedProto(model_proto)
+        self._hf = hf_tokenizer_from_spiece(model_proto)
 
     def piece_ids(self, text: str) -> list[int]:
-        return list(self._sp.EncodeAsIds(text))
+        return list(self._hf.encode(text, add_special_tokens=False).ids)
 
     def vocab_size(self) -> int:
         return int(self._sp.GetPieceSize())
