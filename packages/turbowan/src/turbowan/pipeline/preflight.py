@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from turbowan.limits import reported
 from turbowan.pipeline import resolution, video_io
 from turbowan.pipeline.conditioning import check_resize_mode, open_image
 
@@ -413,6 +414,7 @@ def meta_text_encoder(config: Any, *, dtype: torch.dtype) -> PlacedModel:
     return PlacedModel(model, model.blocks)
 
 
+@reported("building the models on meta from their checkpoint headers")
 def placed_models_from_specs(specs: dict[str, dict[str, Any]], *, dtype: torch.dtype,
                              attention: str, sla_topk: float, home: str) -> dict[str, PlacedModel]:
     """role -> meta model, configured from the headers :func:`inspect_model_file` read (no
@@ -506,6 +508,7 @@ def check_budget_fits(models: dict[str, PlacedModel], *, strategy: str, budget: 
                   f"more, or use {alternative}")
 
 
+@reported("building the demo models on meta")
 def demo_placed_models(*, dtype: torch.dtype, attention: str, sla_topk: float,
                        home: str) -> dict[str, PlacedModel]:
     """The demo's models on ``meta``, from the presets its checkpoints are written from
