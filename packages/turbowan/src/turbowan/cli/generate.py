@@ -96,8 +96,10 @@ class _Progress:
     def __init__(self, total: int) -> None:
         self.total = total
         self.bar = None
+        self.current = "setting up"  # the stage an error is reported in
 
     def on_stage(self, name: str) -> None:
+        self.current = name
         if name.startswith("sampling"):
             if self.bar is None:
                 from tqdm import tqdm
@@ -150,9 +152,12 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, demo: bool) -> int:
     from turbowan.pipeline.i2v import DecodeFailedError, DecodeInterrupted, I2VPipeline
     from turbowan.pipeline.preflight import PreflightError
+    from turbowan.resource_errors import describe_resource_error
+    from turbowan.sampler.rcm import MAX_STEPS
 
     placement = dict(home=args.home, vae_tiling=args.vae_tiling, vae_tile=args.vae_tile,
                      vae_overlap=args.vae_overlap)
+    progress = _Progress(args.steps if isinstance(args.steps, int) and 1 <= args.steps <= MAX_STEPS else 0)
     try:
         if demo:
             print("turbowan: no checkpoints given, running the embedded demo.", file=sys.stderr)
@@ -172,9 +177,7 @@ def _run(args: argparse.Namespace, demo: bool) -> int:
                 sla_topk=0.1 if args.sla_topk is None else args.sla_topk, **placement,
             )
         from turbowan.pipeline.timings import Timings
-        from turbowan.sampler.rcm import MAX_STEPS
 
-        progress = _Progress(args.steps if 1 <= args.steps <= MAX_STEPS else 0)
         try:
             result = pipe.generate(
                 args.image, args.prompt, frames=args.frames, resolution=args.resolution,
@@ -198,8 +201,12 @@ def _run(args: argparse.Namespace, demo: bool) -> int:
     except DecodeFailedError as exc:
         print(f"turbowan generate: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except OSError as exc:  # e.g. a tokenizer or checkpoint that vanished after the checks
-        print(f"turbowan generate: error: {exc}", file=sys.stderr)
+    except (OSError, MemoryError, RuntimeError) as exc:
+        # a full disk, exhausted memory, or a file that vanished after the checks
+        message = describe_resource_error(exc, progress.current)
+        if message is None and not isinstance(exc, OSError):
+            raise
+        print(f"turbowan generate: error: {message or exc}", file=sys.stderr)
         return EXIT_FAILED
     s = result.settings
     print(result.timings.summary(device=s["device"]), file=sys.stderr)

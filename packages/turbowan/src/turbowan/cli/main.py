@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+
 # command name -> module holding add_parser() and run()
 COMMANDS = {
     "generate": "turbowan.cli.generate",
@@ -39,8 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    module = importlib.import_module(COMMANDS[args.command])
-    return int(module.run(args) or 0)
+    from turbowan.interrupts import signals_as_interrupt
+
+    with signals_as_interrupt() as stop:  # SIGTERM/SIGHUP take Ctrl-C's cleanup paths
+        try:
+            module = importlib.import_module(COMMANDS[args.command])
+            code = int(module.run(args) or 0)
+        except KeyboardInterrupt:  # a command without its own handling: no traceback
+            print(f"turbowan {args.command}: interrupted", file=sys.stderr)
+            code = EXIT_INTERRUPTED
+    return stop.exit_code(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from turbowan.dtypes import parse_float_dtype
+from turbowan.interrupts import stop_thread
 from turbowan.pipeline import preflight
 from turbowan.pipeline.conditioning import (
     DEFAULT_RESIZE,
@@ -43,9 +44,12 @@ from turbowan.pipeline.conditioning import (
     image_to_tensor,
     resize_image,
 )
+from turbowan.pipeline.finite import NonFiniteError, ensure_finite
 from turbowan.pipeline.latents_io import latents_path_for, save_latents
+from turbowan.pipeline.rescue import rescue_latents
 from turbowan.pipeline.timings import Stage, Timings
 from turbowan.pipeline.video_io import DEFAULT_FPS, DEFAULT_QUALITY, to_uint8_frames, write_video
+from turbowan.resource_errors import describe_resource_error
 from turbowan.sampler.rcm import (
     DEFAULT_BOUNDARY,
     DEFAULT_SIGMA_MAX,
@@ -475,29 +479,28 @@ class I2VPipeline:
         )
         result = GenerationResult(latents=latents, settings=settings, timings=timings)
         out_path = Path(output) if output is not None else None
-        if out_path is not None and save_latents:
-            result.latents_path = save_latents_file(out_path, latents, settings)
-        if not decode:
-            return result
         try:
+            if out_path is not None and save_latents:
+                result.latents_path = save_latents_file(out_path, latents, settings)
+            ensure_finite(latents, "sampling")  # kept (below) for inspection
+            if not decode:
+                return result
             result.video = self.decode(latents, timings)
+            ensure_finite(result.video, "VAE decode")
             if out_path is not None:
                 with timings.stage("write video"):
                     result.output = write_video(result.frames, out_path, fps=fps, quality=quality)
         except BaseException as exc:
             if out_path is None or isinstance(exc, GeneratorExit):
                 raise
-            rescued = result.latents_path or save_latents_file(out_path, latents, settings)
-            how = (f"the sampled latents are saved in {rescued}; finish with:\n"
-                   f"  turbowan decode {rescued} -o {out_path}")
+            rescued, how = rescue_latents(out_path, latents, settings, result.latents_path)
             if isinstance(exc, KeyboardInterrupt):
-                raise DecodeInterrupted(f"interrupted while decoding; {how}", rescued) from exc
-            raise DecodeFailedError(
-                f"sampling finished but decoding failed ({type(exc).__name__}: {exc}); {how}"
-                + ("  --budget <smaller> or --offload layerwise uses less device memory"
-                   if isinstance(exc, torch.OutOfMemoryError) else ""),
-                rescued,
-            ) from exc
+                raise DecodeInterrupted(f"interrupted after sampling; {how}", rescued) from exc
+            stage = timings.stages[-1].name if timings.stages else "decode"
+            what = (str(exc) if isinstance(exc, NonFiniteError) else
+                    describe_resource_error(exc, stage) or
+                    f"{stage} failed ({type(exc).__name__}: {exc})")
+            raise DecodeFailedError(f"sampling finished but {what}; {how}", rescued) from exc
         return result
 
     __call__ = generate
@@ -619,17 +622,18 @@ class _ExpertRunner:
         switch only has to place it."""
         import offloadkit
 
+        staged = None
         try:
             model = self.pipe._load_expert(self.pipe.files.low)
             staged = offloadkit.stage(model, self.pipe.strategy, **self._offload_kwargs())
+            with self._lock:
+                if not self._cancelled:
+                    self._staged["staged"], staged = staged, None
         except BaseException as exc:  # re-raised in the sampling thread at the switch
             self._staged["error"] = exc
-            return
-        with self._lock:
-            if self._cancelled:  # the run ended first: give the memory (or temp file) back
+        finally:
+            if staged is not None:  # the run ended first: give the memory (or temp file) back
                 staged.discard(restore=False)
-            else:
-                self._staged["staged"] = staged
 
     def expert(self, name: str) -> Callable[..., torch.Tensor]:
         def run(x, t, context, y):
@@ -705,11 +709,18 @@ class _ExpertRunner:
             self.pipe._release_device_cache()
 
     def close(self, wait: bool = True) -> None:
-        """Release the placed expert and any staged one; ``wait=False`` leaves a staging
-        thread running (a daemon; it discards its result when it finishes)."""
+        """Release the placed expert and any staged one. ``wait=False`` (an error, Ctrl-C,
+        SIGTERM) stops a staging thread at once instead of letting it finish, and still waits
+        for it to clean up: a thread left running into interpreter shutdown aborts the process
+        and leaves its disk tier in $TMPDIR."""
         self._deactivate()
-        if wait and self._thread is not None and self._thread.is_alive():
-            self._thread.join()
+        if self._thread is not None:
+            if not wait:
+                with self._lock:
+                    self._cancelled = True
+                stop_thread(self._thread)
+            elif self._thread.is_alive():
+                self._thread.join()
         with self._lock:
             self._cancelled = True
             staged = self._staged.pop("staged", None)
