@@ -207,7 +207,7 @@ def _round_fp32(value):
 def test_tile_gemm_accumulates_with_one_rounding_like_upstream_fma():
     from fractions import Fraction
 
-    from turbowan.quant.int8_linear import _tile_gemm_torch
+    from turbowan.quant.blockwise import _tile_gemm_torch
 
     g = torch.Generator().manual_seed(3)
     q_x = torch.randint(-128, 128, (24, 384), generator=g, dtype=torch.int8)

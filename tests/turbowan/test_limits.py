@@ -64,11 +64,11 @@ def test_width_of_2_pow_40_in_a_pth_is_refused(files, tmp_path, capsys):
 
 
 def test_any_exception_from_a_meta_build_is_reported(files, monkeypatch):
-    from turbowan.pipeline import preflight
+    import turbowan.dit.meta
 
     def overflow(*args, **kwargs):
         raise RuntimeError("Storage size calculation overflowed")
 
-    monkeypatch.setattr(preflight, "meta_dit", overflow)
+    monkeypatch.setattr(turbowan.dit.meta, "WanDiT", overflow)
     message = _from_files(files)
-    assert "building the models on meta" in message and "RuntimeError" in message
+    assert "building the DiT on meta" in message and "RuntimeError" in message

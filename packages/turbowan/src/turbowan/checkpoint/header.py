@@ -14,13 +14,25 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["HeaderError", "parse_header", "validate_header"]
+__all__ = ["SAFETENSORS_DTYPES", "HeaderError", "parse_header", "validate_header"]
 
-# each dtype's size in bytes (safetensors names)
-_ITEMSIZE = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-}  # fmt: skip
+# safetensors dtype names, for reading headers and (inverted) for writing them
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+_ITEMSIZE = {name: dtype.itemsize for name, dtype in SAFETENSORS_DTYPES.items()}
 # bigger than any real tensor (2**50 bytes = 1 PiB): refuse before multiplying further
 _MAX_DIM = 2**50
 
@@ -98,8 +110,6 @@ def validate_header(
     ``data_len`` is the number of bytes after the header. A range past the end of the data
     reads as truncation (``truncated_hint`` says what to do); any other break is corruption.
     """
-    from turbowan.checkpoint.io import SAFETENSORS_DTYPES
-
     if not isinstance(header, dict):
         raise HeaderError(
             f"{path}: safetensors header is a JSON {type(header).__name__}, not an object "

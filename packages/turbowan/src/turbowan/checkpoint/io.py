@@ -16,24 +16,16 @@ from pathlib import Path
 
 import torch
 
+from turbowan.checkpoint.header import (  # noqa: F401  (SAFETENSORS_DTYPES re-exported)
+    SAFETENSORS_DTYPES,
+    HeaderError,
+    parse_header,
+    validate_header,
+)
+
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
-# safetensors dtype names, for reading headers and (inverted) for writing them
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 # the fix for every damaged file, said where the damage is found (CLI and loaders alike)
@@ -117,8 +109,6 @@ def load_state_dict(path: str | os.PathLike[str], *, mmap: bool = True) -> dict[
 
 def _safetensors_header(path: Path) -> dict[str, TensorSpec]:
     """Read and fully validate the header (see ``checkpoint.header``)."""
-    from turbowan.checkpoint.header import HeaderError, parse_header, validate_header
-
     size = path.stat().st_size
     with path.open("rb") as fh:
         head = fh.read(8)

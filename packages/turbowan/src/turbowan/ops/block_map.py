@@ -129,3 +129,8 @@ def _low_precision_scores(
         dim=2,
     )
     return pooled_q @ pooled_k.transpose(-1, -2)
+
+
+def tileable(*sizes: int) -> bool:
+    """The kernels tile head_dim and both block sizes with powers of two >= 16."""
+    return all(n >= 16 and n & (n - 1) == 0 for n in sizes)

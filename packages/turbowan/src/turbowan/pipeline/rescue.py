@@ -15,7 +15,7 @@ import torch
 from turbowan.pipeline.latents_io import latents_path_for, save_latents
 from turbowan.resource_errors import describe_resource_error
 
-__all__ = ["rescue_latents"]
+__all__ = ["failure_text", "rescue_latents"]
 
 
 def rescue_latents(output: Path, latents: torch.Tensor, settings: dict[str, Any],
@@ -30,3 +30,13 @@ def rescue_latents(output: Path, latents: torch.Tensor, settings: dict[str, Any]
             return None, f"the sampled latents could not be kept: {why}"
     return saved, (f"the sampled latents are saved in {saved}; finish with:\n"
                    f"  turbowan decode {saved} -o {output}")
+
+
+def failure_text(exc: BaseException, timings: Any) -> str:
+    """What went wrong after sampling, naming the stage (the last one recorded)."""
+    from turbowan.pipeline.finite import NonFiniteError
+
+    if isinstance(exc, NonFiniteError):
+        return str(exc)  # names its stage
+    stage = timings.stages[-1].name if timings.stages else "decoding"
+    return describe_resource_error(exc, stage) or f"{stage} failed ({type(exc).__name__}: {exc})"
