@@ -29,11 +29,11 @@ from typing import Any
 
 import torch
 
+from turbowan.finite import ensure_finite
 from turbowan.pipeline import preflight
 from turbowan.pipeline.checks import check_image
 from turbowan.pipeline.conditioning import build_clip, build_y, image_to_tensor, resize_image
 from turbowan.pipeline.experts import ExpertRunner
-from turbowan.pipeline.finite import ensure_finite
 from turbowan.pipeline.placement import placed, release_device_cache, vae_blocks
 from turbowan.pipeline.preflight import CheckedRun, PipelineFacts, Problems
 from turbowan.pipeline.rescue import failure_text, rescue_latents

@@ -34,7 +34,7 @@ def rescue_latents(output: Path, latents: torch.Tensor, settings: dict[str, Any]
 
 def failure_text(exc: BaseException, timings: Any) -> str:
     """What went wrong after sampling, naming the stage (the last one recorded)."""
-    from turbowan.pipeline.finite import NonFiniteError
+    from turbowan.finite import NonFiniteError
 
     if isinstance(exc, NonFiniteError):
         return str(exc)  # names its stage

@@ -3,9 +3,11 @@ black video with exit status 0."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-__all__ = ["NonFiniteError", "count_non_finite", "ensure_finite"]
+__all__ = ["NonFiniteError", "count_non_finite", "ensure_finite", "non_finite_tensors"]
 
 
 class NonFiniteError(FloatingPointError):
@@ -36,3 +38,16 @@ def ensure_finite(tensor: torch.Tensor, stage: str, hint: str = "") -> None:
             "check the checkpoints for NaN/Inf weights with `turbowan check --full FILE`, or "
             "run in a wider dtype (--dtype bf16 or fp32 instead of fp16)" + (f"; {hint}" if hint else "")
         )
+
+
+def non_finite_tensors(path: str | os.PathLike[str]) -> dict[str, int]:
+    """key -> NaN/Inf count for every tensor of a checkpoint that holds any (reads every byte,
+    memory-mapped, a chunk at a time)."""
+    from turbowan.checkpoint.io import load_state_dict
+
+    found = {}
+    for key, tensor in load_state_dict(path, mmap=True).items():
+        bad = count_non_finite(tensor)
+        if bad:
+            found[key] = bad
+    return found
