@@ -18,6 +18,8 @@ from typing import Protocol
 
 import torch
 
+from turbowan.text_encoder.tokenizer_file import check_sentencepiece_bytes, check_tokenizer_file
+
 __all__ = [
     "EOS_ID",
     "PAD_ID",
@@ -152,6 +154,7 @@ class UMT5Tokenizer:
             )
         if not path.is_file():
             raise MissingTokenizerError(f"{path}: no such tokenizer file. {DOWNLOAD_HINT}")
+        check_tokenizer_file(path)  # size and magic first: SentencePiece can crash on others
         if path.suffix.lower() == ".json":
             try:
                 backend: _Backend = _HFTokenizerBackend(path)
@@ -205,7 +208,11 @@ class UMT5Tokenizer:
 
 
 def _sentencepiece_or_error(data: bytes, source: str) -> _SentencePieceBackend:
+    check_sentencepiece_bytes(data, source)
     try:
+        from turbowan.text_encoder.spm_convert import parse_spiece
+
+        parse_spiece(data)  # well-formed protobuf before SentencePiece's own parser sees it
         return _SentencePieceBackend(data)
     except Exception as exc:
         raise ValueError(
