@@ -1,5 +1,6 @@
-"""SIGTERM/SIGHUP sent to a real `turbowan generate` process act like Ctrl-C, and a full
-$TMPDIR (a file-size limit) ends in one message, never in an abort.
+"""Faults a real `turbowan generate` process meets: SIGTERM/SIGHUP act like Ctrl-C; a full
+disk (a file-size limit) or exhausted memory (an address-space limit) end in one message naming
+the stage and the fix, never in an abort or a traceback.
 
 The child runs the real CLI; the only test addition is a *gate* (a wait at one point of the run,
 announced on stderr) so the signal lands at a known stage instead of racing the run.
@@ -47,6 +48,10 @@ if os.environ.get("FSIZE"):  # a full disk: writes past this size fail with EFBI
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     limit = int(os.environ["FSIZE"])
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+if os.environ.get("ADDRESS_SPACE"):  # a machine without that much memory
+    import resource
+    limit = int(os.environ["ADDRESS_SPACE"])
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 from turbowan.cli.main import main
 sys.exit(main(sys.argv[1:]))
 '''
@@ -55,12 +60,13 @@ SMALL = ["--frames", "5", "--width", "64", "--height", "64", "--home", "disk"]
 
 
 def run_cli(tmp_path: Path, args: list[str], *, gate: str | None = None, send: int | None = None,
-            fsize: int | None = None) -> tuple[int, str, Path]:
+            fsize: int | None = None, address_space: int | None = None) -> tuple[int, str, Path]:
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir()
-    env = {**os.environ, "TMPDIR": str(tmpdir), "GATE": gate or "", "FSIZE": str(fsize or "")}
+    env = {**os.environ, "TMPDIR": str(tmpdir), "GATE": gate or "", "FSIZE": str(fsize or ""),
+           "ADDRESS_SPACE": str(address_space or "")}
     proc = subprocess.Popen([sys.executable, str(driver), *args], stderr=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, env=env, text=True)
     lines = []
@@ -109,7 +115,8 @@ def test_sighup_while_the_low_expert_stages_stops_the_thread_and_cleans_up(tmp_p
     assert leftovers(tmpdir) == []  # the half-written disk tier of the low expert too
 
 
-def test_full_tmpdir_with_disk_home_is_one_message_not_an_abort(tmp_path):
+def real_format_args(tmp_path: Path, *extra: str) -> list[str]:
+    """`generate` on checkpoints written here (nothing large is written during the run)."""
     from PIL import Image
 
     from turbowan.pipeline.demo import write_demo_checkpoints
@@ -118,13 +125,44 @@ def test_full_tmpdir_with_disk_home_is_one_message_not_an_abort(tmp_path):
     files = write_demo_checkpoints(tmp_path / "ckpt")
     image = tmp_path / "start.png"
     Image.new("RGB", (64, 64), (200, 120, 40)).save(image)
-    out = tmp_path / "out" / "clip.mp4"
-    args = ["generate", "--high", str(files.high), "--low", str(files.low), "--vae", str(files.vae),
+    return ["generate", "--high", str(files.high), "--low", str(files.low), "--vae", str(files.vae),
             "--text-encoder", str(files.text_encoder), "--tokenizer", str(DEMO_TOKENIZER),
-            "--image", str(image), "--device", "cpu", *SMALL, "-o", str(out)]
+            "--image", str(image), "--device", "cpu", *SMALL, *extra]
+
+
+def test_full_tmpdir_with_disk_home_is_one_message_not_an_abort(tmp_path):
+    out = tmp_path / "out" / "clip.mp4"
+    args = real_format_args(tmp_path, "-o", str(out))
     rc, err, tmpdir = run_cli(tmp_path, args, fsize=256 * 1024)
     assert rc == 1, err
     assert "the disk is full or a file-size limit was reached" in err, err
     assert "--home host" in err and "sampling (high expert)" in err
     assert "Traceback" not in err and "terminate called" not in err
+    assert leftovers(tmpdir) == []
+
+
+def test_full_disk_after_sampling_reports_both_failures_in_one_message(tmp_path):
+    """The video cannot be written and the latents rescue cannot either: one message, no
+    second traceback from inside the rescue."""
+    out = tmp_path / "out" / "clip.mp4"
+    args = real_format_args(tmp_path, "-o", str(out))
+    args[args.index("disk")] = "host"  # nothing written before the video
+    rc, err, _ = run_cli(tmp_path, args, fsize=2048)
+    assert rc == 1, err
+    assert "sampling finished but write video: the disk is full" in err, err
+    assert "the sampled latents could not be kept: saving the latents: the disk is full" in err
+    assert "Traceback" not in err and "SafetensorError" not in err.split("(")[0]
+    assert not out.exists() and not list(out.parent.glob(".*partial*"))
+
+
+def test_host_memory_exhausted_in_vae_encode_is_one_line(tmp_path):
+    # within the family's bounds (4093 frames, 2560x1440) but a 181 GB pixel clip
+    args = ["generate", "--frames", "4093", "--width", "2560", "--height", "1440",
+            "-o", str(tmp_path / "big.mp4")]
+    rc, err, tmpdir = run_cli(tmp_path, args, address_space=24 << 30)
+    assert rc == 1, err
+    lines = [line for line in err.splitlines() if line.startswith("turbowan generate: error")]
+    assert len(lines) == 1, err
+    assert "VAE encode: out of host memory" in lines[0] and "lower --frames" in lines[0]
+    assert "Traceback" not in err
     assert leftovers(tmpdir) == []
