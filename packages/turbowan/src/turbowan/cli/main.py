@@ -12,6 +12,8 @@ import importlib
 import sys
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+#: exit status for an offloadkit plugin setup that cannot work (as for bad input)
+EXIT_BAD_SETUP = 2
 
 # command name -> module holding add_parser() and run()
 COMMANDS = {
@@ -50,6 +52,15 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:  # a command without its own handling: no traceback
             print(f"turbowan {args.command}: interrupted", file=sys.stderr)
             code = EXIT_INTERRUPTED
+        except Exception as exc:
+            # a broken plugin setup (two plugins claiming one strategy name, a junk
+            # OFFLOADKIT_* switch) is the user's installation to fix: one line, not a traceback
+            from offloadkit import PluginError
+
+            if not isinstance(exc, PluginError):
+                raise
+            print(f"turbowan {args.command}: error: {exc}", file=sys.stderr)
+            code = EXIT_BAD_SETUP
     return stop.exit_code(code)
 
 
