@@ -115,24 +115,32 @@ def test_sighup_while_the_low_expert_stages_stops_the_thread_and_cleans_up(tmp_p
     assert leftovers(tmpdir) == []  # the half-written disk tier of the low expert too
 
 
-def real_format_args(tmp_path: Path, *extra: str) -> list[str]:
-    """`generate` on checkpoints written here (nothing large is written during the run)."""
+@pytest.fixture(scope="module")
+def real_files(tmp_path_factory):
+    """Real-format checkpoints and a start image, written once here."""
     from PIL import Image
 
     from turbowan.pipeline.demo import write_demo_checkpoints
+
+    root = tmp_path_factory.mktemp("real")
+    image = root / "start.png"
+    Image.new("RGB", (64, 64), (200, 120, 40)).save(image)
+    return write_demo_checkpoints(root / "ckpt"), image
+
+
+def real_format_args(real_files, *extra: str) -> list[str]:
+    """`generate` on checkpoints written beforehand (nothing large is written during the run)."""
     from turbowan.text_encoder.tokenizer import DEMO_TOKENIZER
 
-    files = write_demo_checkpoints(tmp_path / "ckpt")
-    image = tmp_path / "start.png"
-    Image.new("RGB", (64, 64), (200, 120, 40)).save(image)
+    files, image = real_files
     return ["generate", "--high", str(files.high), "--low", str(files.low), "--vae", str(files.vae),
             "--text-encoder", str(files.text_encoder), "--tokenizer", str(DEMO_TOKENIZER),
-            "--image", str(image), "--device", "cpu", *SMALL, *extra]
+            "--image", str(image), "--device", "cpu", "--threads", "1", *SMALL, *extra]
 
 
-def test_full_tmpdir_with_disk_home_is_one_message_not_an_abort(tmp_path):
+def test_full_tmpdir_with_disk_home_is_one_message_not_an_abort(tmp_path, real_files):
     out = tmp_path / "out" / "clip.mp4"
-    args = real_format_args(tmp_path, "-o", str(out))
+    args = real_format_args(real_files, "-o", str(out))
     rc, err, tmpdir = run_cli(tmp_path, args, fsize=256 * 1024)
     assert rc == 1, err
     assert "the disk is full or a file-size limit was reached" in err, err
@@ -141,11 +149,11 @@ def test_full_tmpdir_with_disk_home_is_one_message_not_an_abort(tmp_path):
     assert leftovers(tmpdir) == []
 
 
-def test_full_disk_after_sampling_reports_both_failures_in_one_message(tmp_path):
+def test_full_disk_after_sampling_reports_both_failures_in_one_message(tmp_path, real_files):
     """The video cannot be written and the latents rescue cannot either: one message, no
     second traceback from inside the rescue."""
     out = tmp_path / "out" / "clip.mp4"
-    args = real_format_args(tmp_path, "-o", str(out))
+    args = real_format_args(real_files, "--steps", "2", "-o", str(out))  # the high expert only
     args[args.index("disk")] = "host"  # nothing written before the video
     rc, err, _ = run_cli(tmp_path, args, fsize=2048)
     assert rc == 1, err
