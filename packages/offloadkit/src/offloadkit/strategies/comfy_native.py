@@ -168,6 +168,9 @@ class ComfyPlacement:
     def replan(self) -> Plan | None:
         return None
 
+    def state_dict(self) -> dict[str, Any]:
+        return self._container.inner.state_dict()
+
     def remove(self) -> None:
         self.patcher.unpatch_model(device_to=self.patcher.offload_device)
         loaded = getattr(self._management, "current_loaded_models", None)

@@ -41,6 +41,7 @@ class CpuOnlyPlacement:
     def __init__(self, model: torch.nn.Module, plan: Plan, name: str) -> None:
         self.plan = plan
         self._name = name
+        self._model = model
         self._ledger = Ledger(max_trace_events=0)
         self._moved: list[tuple[TensorRef, torch.Tensor]] = []
         for ref in module_tensor_refs(model, ""):
@@ -63,6 +64,9 @@ class CpuOnlyPlacement:
 
     def replan(self) -> Plan | None:
         return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._model.state_dict()
 
     def remove(self) -> None:
         for ref, original in reversed(self._moved):
