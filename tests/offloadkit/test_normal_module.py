@@ -70,6 +70,20 @@ def test_state_dict_while_offloaded_is_the_real_weights(tmp_path, home):
         handle.remove()
 
 
+def test_load_state_dict_while_offloaded_is_refused_before_anything_loads(tmp_path):
+    model = _tiny()
+    before = snapshot(model)
+    other = _tiny(seed=9).state_dict()
+    with _apply(model, tmp_path):
+        for target, state in ((model, other),
+                              (model.blocks[1], model.blocks[1].state_dict())):
+            with pytest.raises(OffloadError, match=r"load_state_dict.*Nothing was loaded"):
+                target.load_state_dict(state)
+    _same_model(snapshot(model), before)
+    model.load_state_dict(other)  # after remove(): a plain module again
+    assert torch.equal(model.blocks[0].qkv.weight, other["blocks.0.qkv.weight"])
+
+
 def test_save_pretrained_while_offloaded_round_trips(tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,

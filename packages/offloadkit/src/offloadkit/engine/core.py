@@ -556,6 +556,35 @@ class Engine(Placement):
                         state[key] = self.read_entry(index, entry)
 
             self._undo.append(module.register_state_dict_post_hook(hook).remove)
+        self._refuse_load_state_dict()
+
+    def _refuse_load_state_dict(self) -> None:
+        """``load_state_dict`` would copy into the stand-ins (or into a slot the next group
+        overwrites): refused before anything loads, by the outermost module it reaches."""
+        modules = dict(self._named_modules)
+        below: dict[str, list[str]] = {}  # module name -> block tensors under it, relative
+        for block in self.blocks:
+            for entry in block.entries:
+                parts = entry.ref.qualname.split(".")
+                for depth in range(len(parts)):
+                    below.setdefault(".".join(parts[:depth]), []).append(
+                        ".".join(parts[depth:]))
+        for name, names in below.items():
+            module = modules.get(name)
+            if module is None:
+                continue
+
+            def pre(_module: torch.nn.Module, state: dict, prefix: str, *_: Any,
+                    names: list[str] = names) -> None:
+                hit = next((prefix + n for n in names if prefix + n in state), None)
+                if hit is not None:
+                    raise OffloadError(
+                        f"load_state_dict() while offloadkit offloads the model: {hit!r} is a "
+                        "streamed block tensor (a stand-in in the module). Nothing was loaded. "
+                        "Call handle.remove(), load, then offloadkit.apply() again."
+                    )
+
+            self._undo.append(module.register_load_state_dict_pre_hook(pre).remove)
 
     def read_entry(self, index: int, entry: TensorEntry) -> torch.Tensor:
         """One block tensor's real value, as a new CPU tensor read from the home tier."""
