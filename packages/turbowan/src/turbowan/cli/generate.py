@@ -105,8 +105,10 @@ class _Progress:
     def __init__(self, total: int) -> None:
         self.total = total
         self.bar = None
+        self.current = "setting up"  # the stage an error is reported in
 
     def on_stage(self, name: str) -> None:
+        self.current = name
         if name.startswith("sampling"):
             if self.bar is None:
                 from tqdm import tqdm
@@ -165,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
     from turbowan.distributed import cli as dist_cli
     from turbowan.pipeline.i2v import DecodeFailedError, DecodeInterrupted, I2VPipeline
     from turbowan.pipeline.preflight import PreflightError
+    from turbowan.resource_errors import describe_resource_error
+    from turbowan.sampler.rcm import MAX_STEPS
 
     demo = all(getattr(args, role) is None for role in ("high", "low", "vae", "text_encoder"))
     problems = dist_cli.check(args, demo, gpus=args.gpus)  # before anything is read
@@ -177,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
         return dist_cli.relaunch(args.gpus, getattr(args, "argv", sys.argv[1:]))
     dist_cli.adjust_args(args)
     settings = settings_from_args(args)
+    progress = _Progress(0)  # one per video below; its stage names a resource error
     try:
         if demo and leader:
             print("turbowan: no checkpoints given, running the embedded demo.", file=sys.stderr)
@@ -189,7 +194,6 @@ def run(args: argparse.Namespace) -> int:
         for job in jobs:  # every video's inputs, before anything loads
             pipe.check_inputs(**job)
         from turbowan.pipeline.timings import Timings
-        from turbowan.sampler.rcm import MAX_STEPS
 
         pipe.parallel = parallel = dist_cli.join(args, pipe.device)  # loads nothing
         leader = dist_cli.is_leader(parallel)
@@ -199,7 +203,8 @@ def run(args: argparse.Namespace) -> int:
             jobs = share(jobs, parallel.group_index, parallel.groups)
         for job in jobs:
             steps = job.get("steps", args.steps)
-            progress = _Progress(steps if 1 <= steps <= MAX_STEPS and leader else 0)
+            progress = _Progress(steps if isinstance(steps, int) and 1 <= steps <= MAX_STEPS
+                                  and leader else 0)
             try:
                 with cpu_threads(settings.threads, demo):
                     result = pipe.generate(
@@ -222,13 +227,15 @@ def run(args: argparse.Namespace) -> int:
     except DecodeFailedError as exc:
         print(f"turbowan generate: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except RuntimeError as exc:
-        if not dist_cli.is_lost_peer(exc):
+    except (OSError, MemoryError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and dist_cli.is_lost_peer(exc):
+            print(f"turbowan generate: {dist_cli.lost_peer_message(exc)}", file=sys.stderr)
+            return EXIT_FAILED
+        # a full disk, exhausted memory, or a file that vanished after the checks
+        message = describe_resource_error(exc, progress.current)
+        if message is None and not isinstance(exc, OSError):
             raise
-        print(f"turbowan generate: {dist_cli.lost_peer_message(exc)}", file=sys.stderr)
-        return EXIT_FAILED
-    except OSError as exc:  # e.g. a tokenizer or checkpoint that vanished after the checks
-        print(f"turbowan generate: error: {exc}", file=sys.stderr)
+        print(f"turbowan generate: error: {message or exc}", file=sys.stderr)
         return EXIT_FAILED
     finally:
         dist_cli.shutdown()
