@@ -290,12 +290,12 @@ class ComfyUI:
 
         def throw_exception_if_processing_interrupted():  # throw_exception_if_processing_interrupted
             standin.interrupt_checks += 1
-            if standin.on_interrupt_check is not None:
-                standin.on_interrupt_check(standin.interrupt_checks)
             with mm.interrupt_processing_mutex:
                 if mm.interrupt_processing:
                     mm.interrupt_processing = False
                     raise InterruptProcessingException()
+            if standin.on_interrupt_check is not None:  # the user may press Cancel after
+                standin.on_interrupt_check(standin.interrupt_checks)  # this check passed
 
         for fn in (get_torch_device, is_device_cpu, cpu_mode, get_free_memory,
                    extra_reserved_memory, minimum_inference_memory, unet_offload_device,
@@ -376,8 +376,6 @@ class ComfyUI:
         return self
 
     # ------------------------------------------------------------------ device memory
-    others: list[OtherModelPatcher]
-
     def other_device_bytes(self) -> int:
         """Bytes held by models ComfyUI no longer lists (none, if everyone cleans up)."""
         return 0
@@ -484,8 +482,8 @@ def load_other_model(comfy: ComfyUI, size: int, name: str = "TextEncoder") -> Ot
 
 @contextlib.contextmanager
 def interrupt_when(comfy: ComfyUI, predicate: Callable[[int], bool]):
-    """Press Cancel (from the checking thread, like the UI would between two checks) the
-    first time ``predicate(number of interrupt checks so far)`` holds."""
+    """Press Cancel right after a check passed, the first time ``predicate(number of checks
+    so far)`` holds: the node must stop at its next check."""
     def hook(count: int) -> None:
         if predicate(count):
             comfy.interrupt()

@@ -9,8 +9,12 @@ ComfyUI runs other workflows.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from turbowan.dit.config import config_from_state_dict
 from turbowan.dit.keys import normalize_dit_keys
@@ -29,6 +33,8 @@ class TurboWanModel:
     text_dim: int
     nbytes: int  # tensor bytes in the file: what the expert weighs once loaded
     description: str
+    #: LoRAs applied to this expert (TurboWanLoraLoader returns a copy with one more)
+    loras: tuple[Any, ...] = ()
 
     def placement(self) -> tuple[str, str, str, float]:
         return self.strategy, self.budget, self.attention, float(self.sla_topk)
@@ -41,6 +47,8 @@ class TurboWanVAE:
     path: Path
     nbytes: int
     description: str
+    strategy: str = "adaptive"
+    budget: str = "auto"
 
 
 def _tensor_bytes(specs: dict) -> int:
@@ -69,6 +77,10 @@ def check_dit(path: Path, *, attention: str, sla_topk: float, strategy: str, bud
         if attention in ("sla", "sagesla") and layout.attention != "sla":
             c.add(f"{path.name} has no SLA proj_l weights, so attention_type={attention!r} "
                   "cannot run it as trained; choose attention_type 'original'")
+    if layout is not None and not c.problems:
+        c.check(lambda: check_fits(path, preflight.meta_dit(
+            layout.config, quant=layout.quant, attention=attention, sla_topk=sla_topk,
+            dtype=_run_dtype(device)), strategy=strategy, budget=budget, device=device))
     if attention == "sagesla":
         from turbowan.ops.sagesla import sagesla_available
 
@@ -87,9 +99,53 @@ def check_dit(path: Path, *, attention: str, sla_topk: float, strategy: str, bud
     )
 
 
-def check_vae(path: Path) -> TurboWanVAE:
+def check_vae(path: Path, *, strategy: str = "adaptive", budget: str = "auto",
+              device: torch.device | None = None) -> TurboWanVAE:
+    """Header check of the VAE and of its own placement settings; loads no weights."""
+    from turbowan.vae.config import config_from_state_dict as vae_config
+    from turbowan.vae.loading import strip_prefix
+
+    device = device if device is not None else torch.device("cpu")
     try:
+        preflight.check_placement(strategy, budget, device)
         description, specs = preflight.inspect_model_file("vae", path)
-    except ValueError as exc:
+        placed = preflight.meta_vae(vae_config(strip_prefix(specs)), dtype=_run_dtype(device))
+        check_fits(path, placed, strategy=strategy, budget=budget, device=device)
+    except (ValueError, preflight.PreflightError) as exc:
         raise ValueError(_node_message("TurboWanVAELoader", exc)) from None
-    return TurboWanVAE(path=path, nbytes=_tensor_bytes(specs), description=description)
+    return TurboWanVAE(path=path, nbytes=_tensor_bytes(specs), description=description,
+                       strategy=strategy, budget=str(budget))
+
+
+def _run_dtype(device: torch.device) -> torch.dtype:
+    from turbowan.pipeline.i2v import default_dtype
+
+    return default_dtype(torch.device(device))
+
+
+def check_fits(path: Path, placed: preflight.PlacedModel, *, strategy: str, budget: Any,
+               device: torch.device) -> None:
+    """The budget holds the least ``strategy`` needs for the model in ``path`` (built on
+    meta as the sampler will place it); else a ValueError naming file, strategy, minimum
+    and the fix, raised when the loader runs rather than minutes later in the sampler."""
+    import offloadkit
+    from offloadkit.engine.profile import profile_model, with_device_memory
+    from offloadkit.strategy import describe_bytes
+
+    chosen = offloadkit.get_strategy(strategy)()
+    if not getattr(chosen, "uses_budget", True):
+        return  # cpu_only: no device memory
+    device = torch.device(device)
+    have = preflight._budget_bytes_for_check(budget, device)
+    profile = with_device_memory(
+        profile_model(placed.model, placed.blocks, device=device, home=placed.home), device)
+    need = chosen.min_device_bytes(profile)
+    if have < need:
+        layerwise = offloadkit.get_strategy("layerwise")().min_device_bytes(profile)
+        other = ("offload_strategy 'layerwise' (needs "
+                 f"{describe_bytes(layerwise)})" if layerwise < need else
+                 "offload_strategy 'cpu_only' (no GPU memory, slow)")
+        raise ValueError(
+            f"{path.name} needs at least {describe_bytes(need)} of device memory with "
+            f"offload_strategy {strategy!r}, but budget {budget!r} is {describe_bytes(have)}. "
+            f"Set budget to {math.ceil(need / 2**20)}MiB or more, or choose {other}")

@@ -36,6 +36,7 @@ import torch
 
 from turbowan.dtypes import parse_float_dtype
 from turbowan.pipeline import preflight
+from turbowan.pipeline.cancel import StopFlag, checked
 from turbowan.pipeline.conditioning import (
     DEFAULT_RESIZE,
     build_clip,
@@ -186,6 +187,11 @@ class I2VPipeline:
         self.vae_tile = vae_tile
         self.vae_overlap = vae_overlap
         self._vae: Any = None
+        #: a host's Cancel (ComfyUI): raises to stop; see turbowan.pipeline.cancel
+        self.interrupt_check: Callable[[], None] | None = None
+        #: the VAE's own placement; None: the strategy/budget of the experts
+        self.vae_strategy: str | None = None
+        self.vae_budget: int | str | None = None
         self._demo_dir: Path | None = None
         self._demo_written = False
 
@@ -298,17 +304,22 @@ class I2VPipeline:
     # ------------------------------------------------------------------ placement
     @contextmanager
     def _placed(self, model: torch.nn.Module, stage: Stage | None, *, restore: bool = True,
-                **extra: Any):
+                strategy: str | None = None, budget: Any = None, **extra: Any):
         """Place ``model`` with offloadkit for the duration of the block; record its peak.
         ``restore=False`` for a model dropped after the block (no copy of its weights back)."""
         import offloadkit
 
+        own = strategy is not None and strategy != self.strategy
+        options = {} if own else dict(self.strategy_options)
+        if self.interrupt_check is not None:
+            options["interrupt_check"] = self.interrupt_check
         handle = offloadkit.apply(
-            model, self.strategy, device=self.device, budget=self.budget,
-            **{**self.strategy_options, **extra},
+            model, strategy or self.strategy, device=self.device,
+            budget=self.budget if budget is None else budget, **{**options, **extra},
         )
         try:
-            yield handle
+            with checked(model, self.interrupt_check):
+                yield handle
         finally:
             _remove_recording_peak(handle, stage, restore=restore)
 
@@ -362,7 +373,8 @@ class I2VPipeline:
             vae = self._get_vae()
             pixels = image_to_tensor(resize_image(pil, width, height, resize))
             clip = build_clip(pixels, frames)
-            with self._placed(vae, stage, blocks=self._vae_blocks(vae)):
+            with self._placed(vae, stage, blocks=self._vae_blocks(vae), strategy=self.vae_strategy,
+                              budget=self.vae_budget):
                 vae.compute_device = self.device
                 try:
                     latents = vae.encode(clip)
@@ -376,7 +388,8 @@ class I2VPipeline:
         timings = timings or Timings()
         with timings.stage("VAE decode") as stage:
             vae = self._get_vae()
-            with self._placed(vae, stage, blocks=self._vae_blocks(vae)):
+            with self._placed(vae, stage, blocks=self._vae_blocks(vae), strategy=self.vae_strategy,
+                              budget=self.vae_budget):
                 vae.compute_device = self.device
                 try:
                     video = vae.decode(latents, output_device="cpu", tiled=self.vae_tiling,
@@ -392,6 +405,14 @@ class I2VPipeline:
         self._ensure_demo_files()
         return load_dit(path, attention=self.attention, sla_topk=self.sla_topk, device="cpu",
                         dtype=self.dtype)
+
+    def _load_expert_checked(self, path: Path, check: Callable[[], None] | None):
+        if check is not None:
+            check()
+        model = self._load_expert(path)
+        if check is not None:
+            check()
+        return model
 
     def sample(
         self,
@@ -605,14 +626,16 @@ class _ExpertRunner:
         self._staged: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._cancelled = False
+        self._stop = StopFlag()  # the staging thread's cancel point (never the host's check)
         self._thread: threading.Thread | None = None
         if stage_low:
             self._thread = threading.Thread(target=self._stage_low, name="turbowan-stage-low", daemon=True)
 
-    def _offload_kwargs(self) -> dict[str, Any]:
+    def _offload_kwargs(self, check: Callable[[], None] | None) -> dict[str, Any]:
         pipe = self.pipe
+        extra = {} if check is None else {"interrupt_check": check}
         return dict(device=pipe.device, budget=pipe.budget, blocks="blocks", home=pipe.home,
-                    **pipe.strategy_options)
+                    **pipe.strategy_options, **extra)
 
     def _stage_low(self) -> None:
         """Background thread: read the low expert and pack it into the home tier now, so the
@@ -620,8 +643,8 @@ class _ExpertRunner:
         import offloadkit
 
         try:
-            model = self.pipe._load_expert(self.pipe.files.low)
-            staged = offloadkit.stage(model, self.pipe.strategy, **self._offload_kwargs())
+            model = self.pipe._load_expert_checked(self.pipe.files.low, self._stop)
+            staged = offloadkit.stage(model, self.pipe.strategy, **self._offload_kwargs(self._stop))
         except BaseException as exc:  # re-raised in the sampling thread at the switch
             self._staged["error"] = exc
             return
@@ -635,7 +658,8 @@ class _ExpertRunner:
         def run(x, t, context, y):
             if self.active != name:
                 self._activate(name)
-            return self.model(x, t, context, y)
+            with checked(self.model, self.pipe.interrupt_check):
+                return self.model(x, t, context, y)
 
         return run
 
@@ -648,11 +672,12 @@ class _ExpertRunner:
         home = self.pipe.home
         if name == "high":
             start = time.perf_counter()
-            model = self.pipe._load_expert(self.pipe.files.high)
+            check = self.pipe.interrupt_check
+            model = self.pipe._load_expert_checked(self.pipe.files.high, check)
             loaded = time.perf_counter() - start
             if self._thread is not None:
                 self._thread.start()  # stage the low expert while the high one samples
-            self.handle = offloadkit.apply(model, self.pipe.strategy, **self._offload_kwargs())
+            self.handle = offloadkit.apply(model, self.pipe.strategy, **self._offload_kwargs(check))
             stats = self.handle.stats()
             self.stage.note = (f"loaded in {loaded:.2f} s, packed ({home}) in "
                                f"{stats.stage_seconds:.2f} s, placed in {stats.place_seconds:.2f} s")
@@ -677,8 +702,9 @@ class _ExpertRunner:
         staged = self._staged.pop("staged", None)
         background = staged is not None
         if staged is None:  # not staged ahead (no thread): stage now, on this thread
-            model = self.pipe._load_expert(self.pipe.files.low)
-            staged = offloadkit.stage(model, self.pipe.strategy, **self._offload_kwargs())
+            check = self.pipe.interrupt_check
+            model = self.pipe._load_expert_checked(self.pipe.files.low, check)
+            staged = offloadkit.stage(model, self.pipe.strategy, **self._offload_kwargs(check))
         start = time.perf_counter()
         handle = staged.place()
         placed = time.perf_counter() - start
@@ -707,6 +733,8 @@ class _ExpertRunner:
     def close(self, wait: bool = True) -> None:
         """Release the placed expert and any staged one; ``wait=False`` leaves a staging
         thread running (a daemon; it discards its result when it finishes)."""
+        if not wait:
+            self._stop.set()  # the staging thread stops at its next block
         self._deactivate()
         if wait and self._thread is not None and self._thread.is_alive():
             self._thread.join()
