@@ -34,6 +34,7 @@ from offloadkit.engine.layout import (
     tensor_nbytes,
     view_in,
 )
+from offloadkit.engine.modes import engine_mode
 from offloadkit.engine.oom import is_oom, shrink_plan
 from offloadkit.engine.packing import HostStore, release_memory
 from offloadkit.engine.profile import ModelLayout, layout_model, with_device_memory
@@ -98,7 +99,7 @@ class Engine:
         self._resident: dict[int, torch.Tensor] = {}
         self._resident_views: dict[int, list[torch.Tensor]] = {}
         self._placeholders: dict[tuple[int, str], list[torch.Tensor]] = {}
-        self._placeholder_seed: dict[tuple[torch.dtype, str], torch.Tensor] = {}
+        self._placeholder_seed: dict[tuple[torch.dtype, str, bool], torch.Tensor] = {}
         self._slots: list[Slot] = []
         self._groups: list[tuple[int, ...]] = []
         self._group_of: dict[int, int] = {}
@@ -125,6 +126,7 @@ class Engine:
             self.remove()
             raise
 
+    @engine_mode()
     def place(self, plan: Plan | None = None, budget_bytes: int | None = None) -> None:
         """Put the staged model on the device: non-block tensors, resident blocks, slots,
         forward wrappers. ``plan``/``budget_bytes`` replace the staged ones (a budget read
@@ -195,7 +197,7 @@ class Engine:
         """Block by block: pack into the home tier, then drop the originals (the block's
         tensors point at CPU stand-ins until :meth:`place` binds device ones)."""
         start, t = self.ledger.now(), time.perf_counter()
-        with torch.no_grad():
+        with engine_mode():
             for block in self.blocks:
                 if self.interrupt_check is not None:
                     self.interrupt_check()
@@ -218,20 +220,24 @@ class Engine:
         key = (block.index, str(device))
         cached = self._placeholders.get(key)
         if cached is None:
-            with torch.inference_mode(False):
+            with engine_mode():
                 cached = [self._placeholder(e, device) for e in block.entries]
             self._placeholders[key] = cached
         return cached
 
     def _placeholder(self, entry: TensorEntry, device: torch.device) -> torch.Tensor:
-        seed = self._placeholder_seed.get((entry.dtype, str(device)))
-        if seed is None:
-            fill = float("nan") if entry.dtype.is_floating_point or entry.dtype.is_complex else 0
-            seed = torch.full((1,), fill, dtype=entry.dtype, device=device)
-            self._placeholder_seed[(entry.dtype, str(device))] = seed
-        return seed.view([1] * len(entry.shape)).expand(entry.shape)
+        key = (entry.dtype, str(device), entry.inference)
+        with torch.inference_mode(entry.inference):  # the kind of tensor the model had
+            seed = self._placeholder_seed.get(key)
+            if seed is None:
+                fill = float("nan") if entry.dtype.is_floating_point or entry.dtype.is_complex \
+                    else 0
+                seed = torch.full((1,), fill, dtype=entry.dtype, device=device)
+                self._placeholder_seed[key] = seed
+            return seed.view([1] * len(entry.shape)).expand(entry.shape)
 
     # ------------------------------------------------------------------ plan in force
+    @engine_mode()
     def _configure(self, plan: Plan) -> None:
         """Make the device match ``plan``: free what leaves first, then allocate."""
         plan.validate(self.profile)
@@ -256,8 +262,7 @@ class Engine:
             self.ledger.record_transfer(f"resident block {index}", block.nbytes, start,
                                         time.perf_counter() - t)
             self._resident[index] = buffer
-            with torch.inference_mode(False):
-                views = [view_in(buffer, e) for e in block.entries]
+            views = [view_in(buffer, e, for_model=True) for e in block.entries]
             self._resident_views[index] = views
             self._bind_block(index, views)
         self._groups = plan.groups(self.profile)
@@ -307,8 +312,7 @@ class Engine:
         if views is None:
             offset = self._offset_in_group[index]
             region = slot.buffer[offset : offset + self.blocks[index].nbytes]
-            with torch.inference_mode(False):
-                views = [view_in(region, e) for e in self.blocks[index].entries]
+            views = [view_in(region, e, for_model=True) for e in self.blocks[index].entries]
             slot.views[index] = views
         return views
 
@@ -370,6 +374,7 @@ class Engine:
         slot.ticket = self.transport.submit(f"group {group} ({members[0]}..{members[-1]})",
                                             copies, after=slot.free_token)
 
+    @engine_mode()
     def _before(self, index: int) -> None:
         if index in self._resident:
             self._pump(index)
@@ -390,6 +395,7 @@ class Engine:
             self._bind_group(slot)
         self._pump(index)
 
+    @engine_mode()
     def _after(self, index: int) -> None:
         if index not in self._resident:
             group = self._group_of[index]
@@ -444,6 +450,7 @@ class Engine:
             self.replan()
 
     # ------------------------------------------------------------------ public (via handle)
+    @engine_mode()
     def replan(self) -> Plan | None:
         """Ask the strategy for a better plan from measurements; put it in force if any."""
         profile = with_device_memory(self.profile, self.device)
@@ -498,6 +505,7 @@ class Engine:
         weights out of the home tier."""
         self.remove(restore=False)
 
+    @engine_mode()
     def remove(self, restore: bool = True) -> None:
         """Put every tensor back where it was (values, device, dtype, requires_grad), drop
         the wrappers, free device memory and the home tier. Safe after a failed set-up.
@@ -547,15 +555,15 @@ class Engine:
     def _restore_block(self, block: BlockLayout) -> None:
         """Each tensor gets its own fresh memory again, filled from the home tier."""
         raw = None if isinstance(self.store, DiskStore) else self.store.read_block(block.index)
-        with torch.inference_mode(False):
+        with engine_mode():
             for entry in block.entries:
                 if raw is None:
                     restored = torch.empty(entry.shape, dtype=entry.dtype)
                     self.store.read_entry(block.index, entry, restored)
                 else:
-                    restored = view_in(raw, entry).clone()
-                if restored.device != entry.original_device:
-                    restored = restored.to(entry.original_device)
+                    restored = view_in(raw, entry)
+                with torch.inference_mode(entry.inference):  # the kind of tensor it was
+                    restored = restored.to(entry.original_device, copy=True)
                 if entry.ref.kind == "buffer" and entry.requires_grad:
                     restored.requires_grad_(True)
                 entry.ref.set(restored)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from offloadkit.engine.layout import BlockLayout, TensorEntry, require_data
+from offloadkit.engine.modes import engine_mode
 from offloadkit.ledger import Ledger
 
 HEADER_ALIGN = 4096  # data section starts on a page boundary
@@ -111,6 +112,7 @@ class DiskStore:
         start, nbytes = self.offsets[index]
         return DiskSource(self.fd, self.data_start + start, nbytes)
 
+    @engine_mode()
     def read_block(self, index: int) -> torch.Tensor:
         out = torch.empty(self.offsets[index][1], dtype=torch.uint8)
         self.source(index).read_into(out)

@@ -15,6 +15,7 @@ import sys
 import torch
 
 from offloadkit.engine.layout import BlockLayout, require_data, view_in
+from offloadkit.engine.modes import engine_mode
 from offloadkit.ledger import Ledger
 
 DEFAULT_PIN_FRACTION = 0.5  # of the host's available RAM, when no pin_limit_bytes is given
@@ -76,6 +77,7 @@ class HostStore:
         self.pinned_bytes = 0  # page-locked bytes held, as the allocator rounds them
         self.sources: dict[int, HostSource] = {}
 
+    @engine_mode()  # home buffers are written back to later, from any mode
     def _allocate(self, nbytes: int) -> tuple[torch.Tensor, bool]:
         if self.pin and self.pinned_bytes + pinned_footprint(nbytes) <= self.pin_limit:
             try:
