@@ -80,16 +80,21 @@ def comfy_image(pil) -> torch.Tensor:
     return torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).unsqueeze(0)
 
 
+#: the installed plugin needs its resident list: the loaders' strategy_options input
+OPTIONS = {"manual": '{"resident": [0]}'}
+
+
 def load_models(comfy: ComfyUI, strategy="adaptive", budget="auto", vae_strategy=None,
-                vae_budget=None, **options):
+                vae_budget=None):
     """The two loader nodes and the VAE loader, each run by the executor."""
     def expert(name):
         return comfy.run_node(LOADER, model_name=name, attention_type="sla",
                               sla_topk=DEMO_SLA_TOPK, offload_strategy=strategy,
-                              budget=budget)[0]
+                              budget=budget, strategy_options=OPTIONS.get(strategy, ""))[0]
     vae = comfy.run_node(VAE_LOADER, vae_name="demo_vae.safetensors",
                          offload_strategy=vae_strategy or strategy,
-                         budget=vae_budget or budget)[0]
+                         budget=vae_budget or budget,
+                         strategy_options=OPTIONS.get(vae_strategy or strategy, ""))[0]
     return expert("demo_dit_high.safetensors"), expert("demo_dit_low.safetensors"), vae
 
 
@@ -230,7 +235,7 @@ def _phase_tracker(monkeypatch) -> dict:
         monkeypatch.setattr(owner, name, wrapped)
 
     wrap(vae_model.WanVAE, "encode", "encode")
-    wrap(vae_model.WanVAE, "decode_stream", "decode")
+    wrap(vae_model.WanVAE, "decode", "decode")
     wrap(i2v.I2VPipeline, "_load_expert_checked", "loading")
     wrap(offloadkit, "apply", "placing")  # offloadkit packs and places block by block
     wrap(i2v, "rcm_sample", "sampling")

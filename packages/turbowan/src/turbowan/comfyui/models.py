@@ -9,6 +9,7 @@ ComfyUI runs other workflows.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +36,14 @@ class TurboWanModel:
     description: str
     #: LoRAs applied to this expert (TurboWanLoraLoader returns a copy with one more)
     loras: tuple[Any, ...] = ()
+    strategy_options: str = ""  # JSON object for the strategy (e.g. manual's resident list)
 
-    def placement(self) -> tuple[str, str, str, float]:
-        return self.strategy, self.budget, self.attention, float(self.sla_topk)
+    def placement(self) -> tuple[str, str, str, float, str]:
+        return (self.strategy, self.budget, self.attention, float(self.sla_topk),
+                self.strategy_options)
+
+    def options(self) -> dict[str, Any]:
+        return parse_strategy_options(self.strategy_options)
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,24 @@ class TurboWanVAE:
     description: str
     strategy: str = "adaptive"
     budget: str = "auto"
+    strategy_options: str = ""
+
+    def options(self) -> dict[str, Any]:
+        return parse_strategy_options(self.strategy_options)
+
+
+def parse_strategy_options(text: str) -> dict[str, Any]:
+    """The loaders' strategy_options input: empty, or a JSON object of strategy options."""
+    if not text or not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"strategy_options must be a JSON object such as "
+                         f'{{"resident": [0, 2]}}, got {text!r} ({exc.msg})') from None
+    if not isinstance(value, dict):
+        raise ValueError(f"strategy_options must be a JSON object, got {text!r}")
+    return value
 
 
 def _tensor_bytes(specs: dict) -> int:
@@ -64,9 +88,10 @@ def _node_message(node: str, exc: Exception) -> str:
 
 
 def check_dit(path: Path, *, attention: str, sla_topk: float, strategy: str, budget: str,
-              device) -> TurboWanModel:
+              device, strategy_options: str = "") -> TurboWanModel:
     """Header check of a DiT expert and of its placement settings; loads no weights."""
     c = preflight.new_collector()
+    options = c.check(lambda: _strategy_with(strategy, strategy_options))
     preflight.check_attention(attention, sla_topk, collector=c)
     preflight.check_placement(strategy, budget, device, collector=c)
     checked = c.check(lambda: preflight.inspect_model_file("high", path))  # reads the header once
@@ -80,7 +105,8 @@ def check_dit(path: Path, *, attention: str, sla_topk: float, strategy: str, bud
     if layout is not None and not c.problems:
         c.check(lambda: check_fits(path, preflight.meta_dit(
             layout.config, quant=layout.quant, attention=attention, sla_topk=sla_topk,
-            dtype=_run_dtype(device)), strategy=strategy, budget=budget, device=device))
+            dtype=_run_dtype(device)), strategy=strategy, budget=budget, device=device,
+            options=options))
     if attention == "sagesla":
         from turbowan.ops.sagesla import sagesla_available
 
@@ -95,12 +121,12 @@ def check_dit(path: Path, *, attention: str, sla_topk: float, strategy: str, bud
     return TurboWanModel(
         path=path, attention=attention, sla_topk=float(sla_topk), strategy=strategy,
         budget=str(budget), text_dim=layout.config.text_dim, nbytes=_tensor_bytes(specs),
-        description=description,
+        description=description, strategy_options=strategy_options.strip(),
     )
 
 
 def check_vae(path: Path, *, strategy: str = "adaptive", budget: str = "auto",
-              device: torch.device | None = None) -> TurboWanVAE:
+              device: torch.device | None = None, strategy_options: str = "") -> TurboWanVAE:
     """Header check of the VAE and of its own placement settings; loads no weights."""
     from turbowan.vae.config import config_from_state_dict as vae_config
     from turbowan.vae.loading import strip_prefix
@@ -108,13 +134,25 @@ def check_vae(path: Path, *, strategy: str = "adaptive", budget: str = "auto",
     device = device if device is not None else torch.device("cpu")
     try:
         preflight.check_placement(strategy, budget, device)
+        options = _strategy_with(strategy, strategy_options)
         description, specs = preflight.inspect_model_file("vae", path)
         placed = preflight.meta_vae(vae_config(strip_prefix(specs)), dtype=_run_dtype(device))
-        check_fits(path, placed, strategy=strategy, budget=budget, device=device)
-    except (ValueError, preflight.PreflightError) as exc:
+        check_fits(path, placed, strategy=strategy, budget=budget, device=device, options=options)
+    except (ValueError, TypeError, preflight.PreflightError) as exc:
         raise ValueError(_node_message("TurboWanVAELoader", exc)) from None
     return TurboWanVAE(path=path, nbytes=_tensor_bytes(specs), description=description,
-                       strategy=strategy, budget=str(budget))
+                       strategy=strategy, budget=str(budget),
+                       strategy_options=strategy_options.strip())
+
+
+def _strategy_with(strategy: str, text: str) -> dict[str, Any]:
+    """The parsed options, checked by building the strategy with them (a plugin's own
+    option errors, such as manual's missing resident list, surface at the loader)."""
+    import offloadkit
+
+    options = parse_strategy_options(text)
+    offloadkit.get_strategy(strategy)(**options)
+    return options
 
 
 def _run_dtype(device: torch.device) -> torch.dtype:
@@ -124,7 +162,7 @@ def _run_dtype(device: torch.device) -> torch.dtype:
 
 
 def check_fits(path: Path, placed: preflight.PlacedModel, *, strategy: str, budget: Any,
-               device: torch.device) -> None:
+               device: torch.device, options: dict[str, Any] | None = None) -> None:
     """The budget holds the least ``strategy`` needs for the model in ``path`` (built on
     meta as the sampler will place it); else a ValueError naming file, strategy, minimum
     and the fix, raised when the loader runs rather than minutes later in the sampler."""
@@ -132,7 +170,7 @@ def check_fits(path: Path, placed: preflight.PlacedModel, *, strategy: str, budg
     from offloadkit.engine.profile import profile_model, with_device_memory
     from offloadkit.strategy import describe_bytes
 
-    chosen = offloadkit.get_strategy(strategy)()
+    chosen = offloadkit.get_strategy(strategy)(**(options or {}))
     if not getattr(chosen, "uses_budget", True):
         return  # cpu_only: no device memory
     device = torch.device(device)

@@ -47,6 +47,8 @@ STRATEGY_TOOLTIP = (
     "stream in groups; comfy_native: ComfyUI decides how much GPU memory the model gets "
     "(it unloads its other models first and can take memory back), the rest streams; "
     "cpu_only: no GPU at all (very slow)")
+OPTIONS_INPUT = {"default": "", "tooltip": 'options for the strategy as JSON, e.g. '
+                 '{"resident": [0, 2]} for the manual plugin; empty for the built-ins'}
 BUDGET_TOOLTIP = ("GPU memory for weights: auto (free memory less a reserve), 12GiB, 500MB "
                   "or 80%. With comfy_native it caps what ComfyUI grants")
 
@@ -91,15 +93,17 @@ class TurboWanModelLoader:
                 "offload_strategy": (strategies, {
                     "default": _default_strategy(strategies), "tooltip": STRATEGY_TOOLTIP}),
                 "budget": ("STRING", {"default": DEFAULT_BUDGET, "tooltip": BUDGET_TOOLTIP}),
+                "strategy_options": ("STRING", OPTIONS_INPUT),
             },
         }
 
     def load(self, model_name: str, attention_type: str = "sla", sla_topk: float = 0.1,
-             offload_strategy: str = DEFAULT_STRATEGY, budget: str = DEFAULT_BUDGET) -> tuple[TurboWanModel]:
+             offload_strategy: str = DEFAULT_STRATEGY, budget: str = DEFAULT_BUDGET,
+             strategy_options: str = "") -> tuple[TurboWanModel]:
         path = comfy_env.full_path("diffusion_models", model_name)
         model = check_dit(path, attention=attention_type, sla_topk=sla_topk,
                           strategy=offload_strategy, budget=budget.strip(),
-                          device=comfy_env.compute_device())
+                          device=comfy_env.compute_device(), strategy_options=strategy_options)
         return (model,)
 
 
@@ -123,14 +127,16 @@ class TurboWanVAELoader:
                 "offload_strategy": (strategies, {"default": _default_strategy(strategies),
                                                   "tooltip": STRATEGY_TOOLTIP}),
                 "budget": ("STRING", {"default": DEFAULT_BUDGET, "tooltip": BUDGET_TOOLTIP}),
+                "strategy_options": ("STRING", OPTIONS_INPUT),
             },
         }
 
     def load(self, vae_name: str, offload_strategy: str = DEFAULT_STRATEGY,
-             budget: str = DEFAULT_BUDGET) -> tuple[TurboWanVAE]:
+             budget: str = DEFAULT_BUDGET, strategy_options: str = "") -> tuple[TurboWanVAE]:
         path = comfy_env.full_path("vae", vae_name)
         return (check_vae(path, strategy=offload_strategy, budget=budget.strip(),
-                          device=comfy_env.compute_device()),)
+                          device=comfy_env.compute_device(),
+                          strategy_options=strategy_options),)
 
 
 def _frames_problem(num_frames: Any) -> str | None:
@@ -258,9 +264,10 @@ def _run(plan: dict[str, Any]) -> torch.Tensor:
         ModelFiles(high=high.path, low=low.path if low is not None else None, vae=vae.path,
                    text_encoder=None),
         strategy=high.strategy, budget=high.budget, device=device, dtype=default_dtype(device),
-        attention=high.attention, sla_topk=high.sla_topk,
+        attention=high.attention, sla_topk=high.sla_topk, strategy_options=high.options(),
     )
     pipe.vae_strategy, pipe.vae_budget = vae.strategy, vae.budget
+    pipe.vae_strategy_options = vae.options()
     pipe.interrupt_check = comfy_env.raise_if_interrupted  # Cancel: within one block or stage
     if "comfy_native" not in (high.strategy, vae.strategy):  # comfy_native asks for itself
         largest = max(high.nbytes, low.nbytes if low is not None else 0, vae.nbytes)

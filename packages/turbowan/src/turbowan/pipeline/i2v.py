@@ -192,6 +192,7 @@ class I2VPipeline:
         #: the VAE's own placement; None: the strategy/budget of the experts
         self.vae_strategy: str | None = None
         self.vae_budget: int | str | None = None
+        self.vae_strategy_options: dict[str, Any] | None = None
         self._demo_dir: Path | None = None
         self._demo_written = False
 
@@ -304,13 +305,15 @@ class I2VPipeline:
     # ------------------------------------------------------------------ placement
     @contextmanager
     def _placed(self, model: torch.nn.Module, stage: Stage | None, *, restore: bool = True,
-                strategy: str | None = None, budget: Any = None, **extra: Any):
+                strategy: str | None = None, budget: Any = None,
+                options: dict[str, Any] | None = None, **extra: Any):
         """Place ``model`` with offloadkit for the duration of the block; record its peak.
         ``restore=False`` for a model dropped after the block (no copy of its weights back)."""
         import offloadkit
 
-        own = strategy is not None and strategy != self.strategy
-        options = {} if own else dict(self.strategy_options)
+        if options is None:
+            options = {} if strategy not in (None, self.strategy) else self.strategy_options
+        options = dict(options)
         if self.interrupt_check is not None:
             options["interrupt_check"] = self.interrupt_check
         handle = offloadkit.apply(
@@ -374,7 +377,7 @@ class I2VPipeline:
             pixels = image_to_tensor(resize_image(pil, width, height, resize))
             clip = build_clip(pixels, frames)
             with self._placed(vae, stage, blocks=self._vae_blocks(vae), strategy=self.vae_strategy,
-                              budget=self.vae_budget):
+                              budget=self.vae_budget, options=self.vae_strategy_options):
                 vae.compute_device = self.device
                 try:
                     latents = vae.encode(clip)
@@ -389,7 +392,7 @@ class I2VPipeline:
         with timings.stage("VAE decode") as stage:
             vae = self._get_vae()
             with self._placed(vae, stage, blocks=self._vae_blocks(vae), strategy=self.vae_strategy,
-                              budget=self.vae_budget):
+                              budget=self.vae_budget, options=self.vae_strategy_options):
                 vae.compute_device = self.device
                 try:
                     video = vae.decode(latents, output_device="cpu", tiled=self.vae_tiling,
