@@ -462,3 +462,45 @@ def test_install_writes_the_two_line_shim(tmp_path):
     exec(compile(SHIM, str(target), "exec"), namespace)
     assert namespace["NODE_CLASS_MAPPINGS"] is NODE_CLASS_MAPPINGS
     assert install(tmp_path) == target  # idempotent
+    # what ComfyUI serves under /api/workflow_templates/turbowan, and the registry metadata
+    pack = target.parent
+    assert [p.name for p in (pack / "example_workflows").iterdir()] == ["turbowan_i2v_480p.json"]
+    import tomllib
+
+    meta = tomllib.loads((pack / "pyproject.toml").read_text())
+    comfy_meta = meta["tool"]["comfy"]
+    assert comfy_meta["PublisherId"] and comfy_meta["DisplayName"] and "Icon" in comfy_meta
+    assert meta["project"]["name"] and meta["project"]["version"]
+
+
+def test_example_workflow_is_a_ui_workflow_of_real_nodes_with_valid_widgets(tmp_path):
+    """UI format (nodes + links), every TurboWan widget value a valid choice for its input."""
+    import json
+    from importlib import resources
+
+    text = (resources.files("turbowan.comfyui") / "pack" / "example_workflows"
+            / "turbowan_i2v_480p.json").read_text()
+    workflow = json.loads(text)
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    core = {"LoadImage", "CLIPLoader", "CLIPTextEncode"}
+    assert {n["type"] for n in nodes.values()} <= set(NODE_CLASS_MAPPINGS) | core
+    for link_id, src, src_slot, dst, dst_slot, kind in workflow["links"]:
+        assert nodes[src]["outputs"][src_slot]["type"] == kind
+        assert nodes[dst]["inputs"][dst_slot]["type"] == kind
+        assert nodes[dst]["inputs"][dst_slot]["link"] == link_id
+    clip = next(n for n in nodes.values() if n["type"] == "CLIPLoader")
+    assert clip["widgets_values"][1] == "wan"
+    for n in nodes.values():
+        if n["type"] not in NODE_CLASS_MAPPINGS:
+            continue
+        spec = NODE_CLASS_MAPPINGS[n["type"]].INPUT_TYPES()
+        widgets = [(name, s) for part in ("required", "optional")
+                   for name, s in spec.get(part, {}).items()
+                   if isinstance(s[0], list) or s[0] in ("INT", "FLOAT", "STRING", "BOOLEAN")]
+        values = [v for v in n["widgets_values"] if v != "fixed"]  # seed's control widget
+        assert len(values) == len(widgets), n["type"]
+        for (name, s), value in zip(widgets, values, strict=True):
+            if isinstance(s[0], list) and s[0]:  # a combo with known choices
+                assert value in s[0], (n["type"], name, value)
+    sampler = next(n for n in nodes.values() if n["type"] == "TurboDiffusionI2VSampler")
+    assert sampler["widgets_values"][2] == "480p"
