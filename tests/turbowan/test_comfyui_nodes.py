@@ -29,7 +29,8 @@ from turbowan.pipeline.demo import (
     demo_image,
     write_demo_checkpoints,
 )
-from turbowan.pipeline.i2v import I2VPipeline, ModelFiles
+from turbowan.pipeline.i2v import I2VPipeline
+from turbowan.pipeline.settings import RunSettings
 from turbowan.pipeline.video_io import read_video
 
 RUN = dict(num_frames=5, num_steps=4, resolution="480p", aspect_ratio="16:9", boundary=0.9,
@@ -66,9 +67,9 @@ def comfy(models_dir, tmp_path, monkeypatch):
 def reference(models_dir):
     """The same run through I2VPipeline directly, and the demo prompt's text states."""
     files = demo_files(models_dir)
-    pipe = I2VPipeline(ModelFiles(high=files.high, low=files.low, vae=files.vae,
-                                  text_encoder=files.text_encoder, tokenizer="demo"),
-                       device=torch.device("cpu"), dtype=torch.float32, sla_topk=DEMO_SLA_TOPK)
+    pipe = I2VPipeline(RunSettings(high=files.high, low=files.low, vae=files.vae,
+                                   text_encoder=files.text_encoder, tokenizer="demo",
+                                   device="cpu", dtype=torch.float32, sla_topk=DEMO_SLA_TOPK))
     context = pipe.encode_prompt(DEMO_PROMPT)
     result = pipe.generate(demo_image(), DEMO_PROMPT, frames=RUN["num_frames"], width=16,
                            height=16, steps=4, seed=1, sigma_max=200.0, boundary=0.9, ode=False)
@@ -307,11 +308,11 @@ def test_a_budget_below_the_minimum_fails_at_the_loader(comfy):
                        budget="64KB")
     message = str(err.value)
     assert message.startswith("TurboWanModelLoader:") and "demo_dit_high.safetensors" in message
-    assert "'adaptive'" in message and "budget '64KB' is 64000 bytes (0.000 GiB)" in message
-    need = int(message.split("needs at least ")[1].split(" bytes")[0])
+    assert "strategy 'adaptive'" in message and "budget '64KB' = 64000 bytes (0.000 GiB)" in message
+    need = int(message.split("demo_dit_high.safetensors: ")[1].split(" bytes")[0])
     assert need > 64000 and f"{need} bytes ({need / 2**30:.3f} GiB)" in message
-    assert f"Set budget to {-(-need // 2**20)}MiB or more" in message
-    with pytest.raises(ValueError, match=r"TurboWanVAELoader:.*demo_vae.safetensors.*'layerwise'.*Set budget"):
+    assert f"set budget to {-(-need // 2**20)}MiB or more" in message
+    with pytest.raises(ValueError, match=r"TurboWanVAELoader:.*'layerwise'.*demo_vae.safetensors.*set budget"):
         comfy.run_node(VAE_LOADER, vae_name="demo_vae.safetensors", offload_strategy="layerwise",
                        budget="64KB")
     # cpu_only places nothing on the device: any budget is fine

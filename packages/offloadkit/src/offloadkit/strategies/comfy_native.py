@@ -38,9 +38,11 @@ from typing import Any
 
 import torch
 
+from offloadkit.engine.options import ENGINE_OPTIONS
 from offloadkit.errors import OffloadError
 from offloadkit.hookspecs import hookimpl
 from offloadkit.ledger import OffloadStats, TraceEvent
+from offloadkit.placement import Placement
 from offloadkit.strategies.adaptive import AdaptiveStrategy
 from offloadkit.strategy import ModelProfile, Plan, Strategy
 
@@ -57,36 +59,6 @@ def comfy_model_management() -> Any:
             f"memory, which cannot be imported here ({exc}). Run inside ComfyUI, or use "
             "strategy='adaptive' (the default) outside it."
         ) from None
-
-
-class ComfyNativeStrategy(Strategy):
-    name = "comfy_native"
-    description = ("Inside ComfyUI: takes the memory ComfyUI grants, streams the rest, and "
-                   "shrinks when ComfyUI needs room.")
-    option_defaults = {"activation_reserve": DEFAULT_ACTIVATION_RESERVE}
-
-    def plan(self, profile: ModelProfile, budget_bytes: int) -> Plan:
-        """Fewest blocks streamed for this budget (adaptive's placement, one prefetch)."""
-        return AdaptiveStrategy(prefetch_depth=1).plan(profile, budget_bytes)
-
-    def apply(self, model: torch.nn.Module, *, device: torch.device, budget_bytes: int,
-              profile: ModelProfile, **engine_options: Any):
-        from offloadkit.engine import Engine
-        from offloadkit.handle import OffloadHandle
-
-        management = comfy_model_management()
-        self.require_budget(profile, budget_bytes)
-        least = self.min_device_bytes(profile)
-        engine = Engine(model, profile=profile, plan=self.plan(profile, least), strategy=self,
-                        device=device, budget_bytes=least, **engine_options)
-        placement = ComfyPlacement(engine, management, cap_bytes=budget_bytes, least_bytes=least,
-                                   reserve_bytes=int(self.options["activation_reserve"]))
-        try:
-            placement.register()
-        except BaseException:
-            placement.remove()
-            raise
-        return OffloadHandle(placement)
 
 
 class ComfyPatcher:
@@ -162,20 +134,33 @@ class ComfyPatcher:
         pass
 
 
-class ComfyPlacement:
-    """The engine plus its registration with ComfyUI (the handle's placement)."""
+class ComfyPlacement(Placement):
+    """offloadkit's engine plus its registration with ComfyUI (see the module docstring)."""
 
-    def __init__(self, engine: Any, management: Any, *, cap_bytes: int, least_bytes: int,
-                 reserve_bytes: int) -> None:
-        self.engine = engine
-        self._mm = management
-        self._cap = cap_bytes
-        self._least = least_bytes
-        self._reserve = reserve_bytes
+    accepts_options = frozenset(ENGINE_OPTIONS)
+    needs_layout = True  # StagedModel passes the staged profile and block layout
+
+    def __init__(self, model: torch.nn.Module, *, plan: Plan, strategy: Strategy,
+                 device: torch.device, budget_bytes: int, profile: ModelProfile,
+                 layout: Any, **engine_options: Any) -> None:
+        from offloadkit.engine import Engine
+
+        self._mm = comfy_model_management()  # before anything is packed
+        self._least = strategy.min_device_bytes(profile)
+        self._cap = budget_bytes
+        self._reserve = int(strategy.options["activation_reserve"])
         self._registered = False
-        offload = torch.device(getattr(management, "unet_offload_device", lambda: "cpu")())
-        self.patcher = ComfyPatcher(self, engine.model, engine.device, offload)
-        self._hook = engine.model.register_forward_pre_hook(self._before_forward)
+        self.engine = Engine(model, profile=profile, plan=strategy.plan(profile, self._least),
+                             strategy=strategy, device=device, budget_bytes=self._least,
+                             layout=layout, **engine_options)
+        offload = torch.device(getattr(self._mm, "unet_offload_device", lambda: "cpu")())
+        self.patcher = ComfyPatcher(self, model, self.engine.device, offload)
+        self._hook = model.register_forward_pre_hook(self._before_forward)
+        try:
+            self.register()
+        except BaseException:
+            self.remove()
+            raise
 
     @property
     def plan(self) -> Plan:
@@ -245,18 +230,26 @@ class ComfyPlacement:
     def replan(self) -> Plan | None:
         return self.engine.replan()
 
-    def remove(self) -> None:
-        self._close(restore=True)
-
-    def release(self) -> None:
-        self._close(restore=False)
-
-    def _close(self, *, restore: bool) -> None:
+    def remove(self, *, restore: bool = True) -> None:
         self._hook.remove()
         try:
             self._unregister()
         finally:
             self.engine.remove(restore=restore)
+
+
+class ComfyNativeStrategy(Strategy):
+    name = "comfy_native"
+    description = ("Inside ComfyUI: takes the memory ComfyUI grants, streams the rest, and "
+                   "shrinks when ComfyUI needs room.")
+    option_defaults = {"activation_reserve": DEFAULT_ACTIVATION_RESERVE}
+    budget_hint = ("comfy_native needs at least the non-block weights and one block on the "
+                   "device; raise the budget, or use strategy 'cpu_only'.")
+    placement = ComfyPlacement
+
+    def plan(self, profile: ModelProfile, budget_bytes: int) -> Plan:
+        """Fewest blocks streamed for this budget (adaptive's placement, one prefetch)."""
+        return AdaptiveStrategy(prefetch_depth=1).plan(profile, budget_bytes)
 
 
 @hookimpl

@@ -20,6 +20,7 @@ import torch
 from turbowan.dit.config import config_from_state_dict
 from turbowan.dit.keys import normalize_dit_keys
 from turbowan.pipeline import preflight
+from turbowan.pipeline.budget_fit import PlacedModel, placed_dit, placed_vae
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def check_dit(path: Path, *, attention: str, sla_topk: float, strategy: str, bud
             c.add(f"{path.name} has no SLA proj_l weights, so attention_type={attention!r} "
                   "cannot run it as trained; choose attention_type 'original'")
     if layout is not None and not c.problems:
-        c.check(lambda: check_fits(path, preflight.meta_dit(
+        c.check(lambda: check_fits(path, placed_dit(
             layout.config, quant=layout.quant, attention=attention, sla_topk=sla_topk,
             dtype=_run_dtype(device)), strategy=strategy, budget=budget, device=device,
             options=options))
@@ -136,7 +137,7 @@ def check_vae(path: Path, *, strategy: str = "adaptive", budget: str = "auto",
         preflight.check_placement(strategy, budget, device)
         options = _strategy_with(strategy, strategy_options)
         description, specs = preflight.inspect_model_file("vae", path)
-        placed = preflight.meta_vae(vae_config(strip_prefix(specs)), dtype=_run_dtype(device))
+        placed = placed_vae(vae_config(strip_prefix(specs)), dtype=_run_dtype(device))
         check_fits(path, placed, strategy=strategy, budget=budget, device=device, options=options)
     except (ValueError, TypeError, preflight.PreflightError) as exc:
         raise ValueError(_node_message("TurboWanVAELoader", exc)) from None
@@ -156,34 +157,21 @@ def _strategy_with(strategy: str, text: str) -> dict[str, Any]:
 
 
 def _run_dtype(device: torch.device) -> torch.dtype:
-    from turbowan.pipeline.i2v import default_dtype
-
-    return default_dtype(torch.device(device))
+    return preflight.default_dtype(torch.device(device))
 
 
-def check_fits(path: Path, placed: preflight.PlacedModel, *, strategy: str, budget: Any,
+def check_fits(path: Path, placed: PlacedModel, *, strategy: str, budget: Any,
                device: torch.device, options: dict[str, Any] | None = None) -> None:
     """The budget holds the least ``strategy`` needs for the model in ``path`` (built on
-    meta as the sampler will place it); else a ValueError naming file, strategy, minimum
-    and the fix, raised when the loader runs rather than minutes later in the sampler."""
+    meta as the sampler will place it), answered by ``offloadkit.check_fits``; else a
+    ValueError naming file, strategy, minimum (bytes and GiB) and the fix, raised when the
+    loader runs rather than minutes later in the sampler."""
     import offloadkit
-    from offloadkit.engine.profile import profile_model, with_device_memory
-    from offloadkit.strategy import describe_bytes
 
-    chosen = offloadkit.get_strategy(strategy)(**(options or {}))
-    if not getattr(chosen, "uses_budget", True):
-        return  # cpu_only: no device memory
-    device = torch.device(device)
-    have = preflight._budget_bytes_for_check(budget, device)
-    profile = with_device_memory(
-        profile_model(placed.model, placed.blocks, device=device, home=placed.home), device)
-    need = chosen.min_device_bytes(profile)
-    if have < need:
-        layerwise = offloadkit.get_strategy("layerwise")().min_device_bytes(profile)
-        other = ("offload_strategy 'layerwise' (needs "
-                 f"{describe_bytes(layerwise)})" if layerwise < need else
-                 "offload_strategy 'cpu_only' (no GPU memory, slow)")
-        raise ValueError(
-            f"{path.name} needs at least {describe_bytes(need)} of device memory with "
-            f"offload_strategy {strategy!r}, but budget {budget!r} is {describe_bytes(have)}. "
-            f"Set budget to {math.ceil(need / 2**20)}MiB or more, or choose {other}")
+    report = offloadkit.check_fits(placed.model, strategy, budget, torch.device(device),
+                                   blocks=placed.blocks, home=placed.home, name=path.name,
+                                   **(options or {}))
+    if not report.fits:
+        raise ValueError(f"{report.message} In this node: set budget to "
+                         f"{math.ceil(report.minimum_bytes / 2**20)}MiB or more, or choose "
+                         "another offload_strategy")
