@@ -228,6 +228,8 @@ def _phase_tracker(monkeypatch) -> dict:
         real = getattr(owner, name)
 
         def wrapped(*args, **kwargs):
+            if threading.current_thread().name == "turbowan-stage-low":
+                return real(*args, **kwargs)  # the phase is the node thread's
             before, phase["now"] = phase["now"], label
             try:
                 return real(*args, **kwargs)
@@ -269,6 +271,43 @@ def test_cancel_takes_effect_at_the_next_check_and_the_next_run_works(
     comfy.progress.clear()
     frames = sample(comfy, high, low, vae, context)
     assert torch.equal(frames, expected)
+    assert_nothing_left(comfy)
+
+
+def test_a_cancel_stops_the_background_staging_thread(comfy, reference, monkeypatch):
+    """The low expert's staging thread is still reading when the user cancels: it stops at
+    its next check instead of packing the expert, and nothing stays staged."""
+    context, expected = reference
+    high, low, vae = load_models(comfy, "adaptive", "1GiB")
+    from turbowan.pipeline.i2v import I2VPipeline as Pipeline
+
+    release = threading.Event()
+    real_load = Pipeline._load_expert
+
+    def slow_low_read(self, path):
+        if threading.current_thread().name == "turbowan-stage-low":
+            release.wait(30)  # the read is still going when Cancel is pressed
+        return real_load(self, path)
+
+    staged_on: list[str] = []
+    real_stage = offloadkit.stage
+
+    def spy_stage(*args, **kwargs):
+        staged_on.append(threading.current_thread().name)
+        return real_stage(*args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "_load_expert", slow_low_read)
+    monkeypatch.setattr(offloadkit, "stage", spy_stage)
+    phase = _phase_tracker(monkeypatch)
+    with interrupt_when(comfy, lambda count: phase["now"] == "sampling"):
+        with pytest.raises(InterruptProcessingException):
+            sample(comfy, high, low, vae, context)
+    release.set()  # the read finishes after the run was cancelled
+    assert_nothing_left(comfy)  # joins the staging thread
+    assert staged_on == []  # it stopped before packing the low expert
+    # without a Cancel the same thread does stage it
+    frames = sample(comfy, high, low, vae, context)
+    assert torch.equal(frames, expected) and staged_on == ["turbowan-stage-low"]
     assert_nothing_left(comfy)
 
 
