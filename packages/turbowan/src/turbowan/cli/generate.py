@@ -12,7 +12,7 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
-from offloadkit.strategy import HOME_TIERS
+from offloadkit import HOME_TIERS
 from turbowan.dit.config import ATTENTION_CHOICES
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130

@@ -7,6 +7,7 @@ Wan-architecture I2V checkpoint loads without naming a preset.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
@@ -89,6 +90,26 @@ def get_preset(name: str) -> DiTConfig:
         raise ValueError(
             f"unknown DiT preset {name!r}; known DiT presets: {', '.join(sorted(PRESETS))}"
         ) from None
+
+
+def attention_problems(attention: str, sla_topk: float) -> list[str]:
+    """What is wrong with an attention backend and SLA top-k (empty: nothing). Checked where a
+    run or a model starts (pre-flight, ``load_dit``, ``WanDiT``), never in a forward."""
+    problems = []
+    if attention not in ATTENTION_CHOICES:
+        problems.append(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTION_CHOICES)} "
+                        "(default sla)")
+    if not (isinstance(sla_topk, (int, float)) and not isinstance(sla_topk, bool)
+            and 0 < sla_topk <= 1 and math.isfinite(sla_topk)):
+        problems.append(f"sla_topk is the kept share of key blocks, in (0, 1] (default 0.1), got {sla_topk!r}")
+    return problems
+
+
+def check_attention(attention: str, sla_topk: float) -> None:
+    """:func:`attention_problems` as one ValueError."""
+    problems = attention_problems(attention, sla_topk)
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from turbowan.dit.config import (
-    ATTENTION_CHOICES,
     OPTION_VARIANTS,
     PRESETS,
     QUANT_CHOICES,
@@ -36,5 +35,4 @@ def build_manifest_model(
     """The DiT of ``preset`` on ``meta`` with the checkpoint's dtypes (bf16, fp32 norms, int8)."""
     config = preset if isinstance(preset, DiTConfig) else get_preset(preset)
     check_choice("quant", quant, QUANT_CHOICES)
-    check_choice("attention", attention, ATTENTION_CHOICES)
     return build_meta(config, quant=quant, attention=attention, dtype=torch.bfloat16)

@@ -1,9 +1,9 @@
 """Pre-flight: every check of a run, done in one round before any model is loaded.
 
 A 14B run spends minutes loading and sampling; a typo in the frame count or a wrong file must
-not be discovered at the end, nor one problem per attempt. :func:`check` takes a
-:class:`~turbowan.pipeline.settings.RunSettings` and reports every problem it has together
-(one :class:`PreflightError`), each with its fix. Checkpoints are checked from their headers
+not be discovered at the end, nor one problem per attempt. :func:`check_pipeline` and
+:func:`check_run` check a :class:`~turbowan.pipeline.settings.RunSettings` into one collector,
+so every problem of a run is reported together (one :class:`PreflightError`), each with its fix. Checkpoints are checked from their headers
 (shapes and dtypes), never loaded here; the budget is compared with each model's minimum
 under the strategy on ``meta`` copies built from those headers.
 
@@ -174,16 +174,5 @@ def check_run(settings: RunSettings, *, complete: bool = True,
     return CheckedRun(clip=clip, prompt=prompt, image=pil, image_label=label)
 
 
-def check(settings: RunSettings, *, roles: tuple[str, ...] = PIPELINE_ROLES,
-          complete: bool = True) -> tuple[PipelineFacts, CheckedRun]:
-    """Every problem of the run, pipeline and generation alike, in one :class:`PreflightError`."""
-    c = Problems()
-    facts = check_pipeline(settings, roles=roles, collector=c)
-    run = check_run(settings, complete=complete, collector=c)
-    c.raise_if_any()
-    assert facts is not None and run is not None
-    return facts, run
-
-
 __all__ = ["PIPELINE_ROLES", "CheckedRun", "PipelineFacts", "PreflightError", "Problems",
-           "check", "check_pipeline", "check_run"]
+           "check_pipeline", "check_run"]
