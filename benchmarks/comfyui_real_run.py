@@ -111,6 +111,31 @@ def api(port: int, path: str, body: dict | None = None) -> dict:
         return json.loads(resp.read())
 
 
+def wait_for(port: int, prompt_id: str, deadline: float) -> dict:
+    """The history entry of a prompt once it finished (success, error or interrupted)."""
+    while time.monotonic() < deadline:
+        entry = api(port, f"/history/{prompt_id}").get(prompt_id)
+        if entry and entry["status"].get("status_str") in ("success", "error"):
+            return entry
+        time.sleep(0.5)
+    raise RuntimeError("time limit reached")
+
+
+def describe(entry: dict) -> str:
+    status = entry["status"]
+    made = sorted(o["filename"] for node in entry.get("outputs", {}).values()
+                  for key in ("images", "video", "videos") for o in node.get(key, [])
+                  if isinstance(o, dict) and "filename" in o)
+    kinds = sorted({name.rsplit(".", 1)[-1] for name in made})
+    events = [m[0] for m in status.get("messages", [])]
+    error = next((m[1].get("exception_message", "") for m in status.get("messages", [])
+                  if m[0] == "execution_error"), "")
+    text = f"{status['status_str']}; {len(made)} outputs ({', '.join(kinds)})"
+    if "execution_interrupted" in events:
+        text += "; execution_interrupted"
+    return text + (f"; error: {error.strip()}" if error else "")
+
+
 def run(comfy: Path, python: str, port: int, limit_s: float) -> list[str]:
     server = subprocess.Popen([python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port",
                                str(port)], cwd=comfy, stdout=subprocess.DEVNULL,
@@ -124,31 +149,28 @@ def run(comfy: Path, python: str, port: int, limit_s: float) -> list[str]:
                 break
             except OSError:
                 if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("ComfyUI did not start; see turbowan_real_run.log")
+                    raise RuntimeError("ComfyUI did not start; see turbowan_real_run.log") from None
                 time.sleep(1)
         for strategy in STRATEGIES:
-            queued = api(port, "/prompt", {"prompt": workflow(strategy)})
-            prompt_id = queued["prompt_id"]
-            while True:
-                history = api(port, f"/history/{prompt_id}")
-                if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
-                    entry = history[prompt_id]
-                    if entry["status"]["status_str"] == "success" or entry["status"]["completed"]:
-                        break
-                    if entry["status"]["status_str"] == "error":
-                        break
-                if time.monotonic() > deadline:
-                    raise RuntimeError("time limit reached")
-                time.sleep(0.5)
-            status = entry["status"]
-            outputs = entry.get("outputs", {})
-            made = sorted(o["filename"] for node in outputs.values()
-                          for key in ("images", "video", "videos") for o in node.get(key, [])
-                          if isinstance(o, dict) and "filename" in o)
-            error = next((m[1].get("exception_message", "") for m in status.get("messages", [])
-                          if m[0] == "execution_error"), "")
-            lines.append(f"{strategy}: {status['status_str']}; outputs {made}"
-                         + (f"; error: {error.strip()}" if error else ""))
+            entry = wait_for(port, api(port, "/prompt", {"prompt": workflow(strategy)})["prompt_id"],
+                             deadline)
+            lines.append(f"{strategy}: {describe(entry)}")
+        # Cancel while sampling (a longer clip), then the same run again
+        for strategy in ("adaptive", "comfy_native"):
+            long_run = workflow(strategy)
+            long_run["6"]["inputs"].update(num_frames=33, width=96, height=96)
+            prompt_id = api(port, "/prompt", {"prompt": long_run})["prompt_id"]
+            while not api(port, "/queue")["queue_running"]:
+                time.sleep(0.1)
+            time.sleep(1.5)
+            api(port, "/interrupt", {})
+            cancelled = wait_for(port, prompt_id, deadline)
+            next_run = workflow(strategy)
+            next_run["6"]["inputs"]["seed"] = 2  # not served from ComfyUI's output cache
+            again = wait_for(port, api(port, "/prompt", {"prompt": next_run})["prompt_id"],
+                             deadline)
+            lines.append(f"{strategy} cancelled mid-run: {describe(cancelled)}; next run: "
+                         f"{describe(again)}")
         return lines
     finally:
         server.terminate()

@@ -113,7 +113,7 @@ class ComfyUI:
             else:
                 used = sum(m.model_loaded_memory() for m in mm.current_loaded_models
                            if m.model is not None)
-                free = standin.vram_bytes - used - standin.other_device_bytes()
+                free = standin.vram_bytes - used
             return (free, 0) if torch_free_too else free
 
         def extra_reserved_memory() -> int:
@@ -376,10 +376,6 @@ class ComfyUI:
         return self
 
     # ------------------------------------------------------------------ device memory
-    def other_device_bytes(self) -> int:
-        """Bytes held by models ComfyUI no longer lists (none, if everyone cleans up)."""
-        return 0
-
     @property
     def current_loaded_models(self) -> list:
         return self.mm.current_loaded_models

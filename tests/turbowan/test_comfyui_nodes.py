@@ -18,7 +18,7 @@ import torch
 from comfy_standin import ComfyUI, InterruptProcessingException, interrupt_when
 
 import offloadkit
-from offloadkit.engine import Engine
+from offloadkit.engine.core import Engine
 from turbowan.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from turbowan.comfyui.conditioning import conditioning_to_context
 from turbowan.comfyui.install import SHIM, install

@@ -143,7 +143,7 @@ class ComfyPlacement(Placement):
     def __init__(self, model: torch.nn.Module, *, plan: Plan, strategy: Strategy,
                  device: torch.device, budget_bytes: int, profile: ModelProfile,
                  layout: Any, **engine_options: Any) -> None:
-        from offloadkit.engine import Engine
+        from offloadkit.engine.core import Engine
 
         self._mm = comfy_model_management()  # before anything is packed
         self._least = strategy.min_device_bytes(profile)
