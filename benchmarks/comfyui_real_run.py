@@ -30,7 +30,8 @@ OPTIONS = {"manual": '{"resident": [0]}'}
 TEST_NODE = '''
 import torch
 from turbowan.pipeline.demo import DEMO_PROMPT, demo_files
-from turbowan.pipeline.i2v import I2VPipeline, ModelFiles
+from turbowan.pipeline.i2v import I2VPipeline
+from turbowan.pipeline.settings import RunSettings
 import folder_paths
 
 
@@ -46,9 +47,9 @@ class TurboWanTestConditioning:
 
     def encode(self):
         files = demo_files(folder_paths.get_folder_paths("text_encoders")[0])
-        pipe = I2VPipeline(ModelFiles(high=files.high, low=files.low, vae=files.vae,
-                                      text_encoder=files.text_encoder, tokenizer="demo"),
-                           device=torch.device("cpu"), dtype=torch.float32)
+        pipe = I2VPipeline(RunSettings(high=files.high, low=files.low, vae=files.vae,
+                                       text_encoder=files.text_encoder, tokenizer="demo",
+                                       device="cpu", dtype=torch.float32))
         return ([[pipe.encode_prompt(DEMO_PROMPT), {}]],)
 
 
@@ -108,7 +109,8 @@ def api(port: int, path: str, body: dict | None = None) -> dict:
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.loads(resp.read())
+        text = resp.read()
+    return json.loads(text) if text.strip() else {}  # /interrupt answers with no body
 
 
 def wait_for(port: int, prompt_id: str, deadline: float) -> dict:
