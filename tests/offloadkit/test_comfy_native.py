@@ -71,7 +71,8 @@ def test_comfyui_makes_room_and_its_grant_is_the_budget(comfy_for):
     assert torch.equal(model(tokens, mask=mask), expected)
 
 
-def test_comfyui_shrinks_it_when_another_model_needs_the_device(comfy_for):
+def placed_with_room_for_all(comfy_for):
+    """The test model placed by comfy_native in a stand-in whose device holds all of it."""
     model = make_model()
     tokens, mask = make_inputs()
     expected = model(tokens, mask=mask)
@@ -80,6 +81,12 @@ def test_comfyui_shrinks_it_when_another_model_needs_the_device(comfy_for):
     comfy = comfy_for(mode="normal", vram_bytes=total + 2 * reserve, reserve_bytes=reserve)
     handle = offloadkit.apply(model, "comfy_native", device="cpu", budget="1GiB",
                               activation_reserve=reserve)
+    return comfy, model, handle, (tokens, mask, expected), (total, non_block, block), reserve
+
+
+def test_comfyui_shrinks_it_when_another_model_needs_the_device(comfy_for):
+    comfy, model, handle, (tokens, mask, expected), (total, non_block, block), reserve = \
+        placed_with_room_for_all(comfy_for)
     assert handle.stats().resident_blocks == len(model.blocks)  # everything fit
     before = handle.stats().current_device_bytes
 
@@ -96,14 +103,8 @@ def test_comfyui_shrinks_it_when_another_model_needs_the_device(comfy_for):
 
 
 def test_a_full_unload_keeps_the_minimum_and_reregisters_before_the_next_forward(comfy_for):
-    model = make_model()
-    tokens, mask = make_inputs()
-    expected = model(tokens, mask=mask)
-    total, non_block, block = sizes(model)
-    reserve = block // 4
-    comfy = comfy_for(mode="normal", vram_bytes=total + 2 * reserve, reserve_bytes=reserve)
-    handle = offloadkit.apply(model, "comfy_native", device="cpu", budget="1GiB",
-                              activation_reserve=reserve)
+    comfy, model, handle, (tokens, mask, expected), (total, non_block, block), reserve = \
+        placed_with_room_for_all(comfy_for)
     comfy.mm.unload_all_models()  # the "Unload models" button: free_memory(1e30, device)
     assert entries(comfy) == []
     assert handle.stats().current_device_bytes == non_block + block
