@@ -43,6 +43,7 @@ from offloadkit.errors import OffloadError
 from offloadkit.hookspecs import hookimpl
 from offloadkit.ledger import OffloadStats, TraceEvent
 from offloadkit.placement import Placement
+from offloadkit.planner import make_plan
 from offloadkit.strategies.adaptive import AdaptiveStrategy
 from offloadkit.strategy import ModelProfile, Plan, Strategy
 
@@ -150,7 +151,7 @@ class ComfyPlacement(Placement):
         self._cap = budget_bytes
         self._reserve = int(strategy.options["activation_reserve"])
         self._registered = False
-        self.engine = Engine(model, profile=profile, plan=strategy.plan(profile, self._least),
+        self.engine = Engine(model, profile=profile, plan=make_plan(strategy, profile, self._least),
                              strategy=strategy, device=device, budget_bytes=self._least,
                              layout=layout, **engine_options)
         offload = torch.device(getattr(self._mm, "unet_offload_device", lambda: "cpu")())
@@ -188,7 +189,7 @@ class ComfyPlacement(Placement):
         total = self.engine.profile.total_bytes
         budget = int(max(self._least, min(self._cap, total, target)))
         before = self.device_bytes()
-        plan = self.engine.strategy.plan(self.engine.profile, budget)
+        plan = make_plan(self.engine.strategy, self.engine.profile, budget)
         if not self.engine.placed:
             self.engine.place(plan, budget)
         elif (plan.resident, plan.num_slots) != (self.engine.plan.resident, self.engine.plan.num_slots):
