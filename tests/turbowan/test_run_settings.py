@@ -87,6 +87,9 @@ def test_unknown_settings_are_named():
 
 
 def test_every_field_has_a_scope_and_the_settings_are_frozen():
+    import turbowan
+
+    assert turbowan.RunSettings is RunSettings  # the public name
     assert set(field_names()) == set(field_names("pipeline")) | set(field_names("run"))
     assert not set(field_names("pipeline")) & set(field_names("run"))
     s = RunSettings(strategy_options={"prefetch": 2})

@@ -154,19 +154,9 @@ def sparse_linear_attention(
                        compute_dtype=compute_dtype)
 
 
-def sla_forward(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    topk: float,
-    block_q: int = 128,
-    block_k: int = 64,
-    proj_weight: Tensor | None = None,
-    proj_bias: Tensor | None = None,
-    backend: str = "auto",
-    compute_dtype: torch.dtype | None = None,
-) -> Tensor:
+def sla_forward(q: Tensor, k: Tensor, v: Tensor, *, topk: float, block_q: int, block_k: int,
+                proj_weight: Tensor | None, proj_bias: Tensor | None, backend: str = "auto",
+                compute_dtype: torch.dtype | None = None) -> Tensor:
     """:func:`sparse_linear_attention` without checking its arguments: for callers that
     checked them once when they were built (the DiT's attention, once per block per step)."""
     needs_grad = torch.is_grad_enabled() and any(
