@@ -10,11 +10,10 @@ thread (never in inference mode) copies into them, or a forward runs in another 
 from __future__ import annotations
 
 import contextlib
-import threading
 
 import pytest
 import torch
-from models import make_inputs, make_model, snapshot
+from models import make_inputs, make_model, run_on_thread, snapshot
 
 import offloadkit
 from offloadkit.engine import profile_model
@@ -41,21 +40,11 @@ def _frozen_model(built_in: str):
 
 
 def _stage_on_thread(mode: str, model, *args, **kwargs):
-    box: dict = {}
+    def stage():
+        with MODES[mode]():
+            return offloadkit.stage(model, *args, **kwargs)
 
-    def work():
-        try:
-            with MODES[mode]():
-                box["staged"] = offloadkit.stage(model, *args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the test thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=work, name="test-stager")
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["staged"]
+    return run_on_thread(stage)
 
 
 @pytest.mark.parametrize("where", ["caller", "staging_thread"])

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from offloadkit.engine.layout import BlockLayout, require_data, view_in
+from offloadkit.engine.layout import BlockLayout, TensorEntry, require_data, view_in
 from offloadkit.engine.modes import engine_mode
 from offloadkit.ledger import Ledger
 
@@ -103,6 +103,14 @@ class HostStore:
     def read_block(self, index: int) -> torch.Tensor:
         """The block's bytes as a host tensor (used to restore the model)."""
         return self.sources[index].buffer
+
+    def read_entry(self, index: int, entry: TensorEntry, out: torch.Tensor) -> None:
+        """Copy one tensor of a block into ``out`` (state_dict while offloaded)."""
+        out.copy_(view_in(self.sources[index].buffer, entry))
+
+    def write_entry(self, index: int, entry: TensorEntry, value: torch.Tensor) -> None:
+        """Overwrite one tensor of a block (a buffer its forward updated in place)."""
+        view_in(self.sources[index].buffer, entry).copy_(value)
 
     def drop(self, index: int) -> None:
         source = self.sources.pop(index)

@@ -231,6 +231,9 @@ class ComfyPlacement(Placement):
     def replan(self) -> Plan | None:
         return self.engine.replan()
 
+    def state_dict(self) -> dict[str, Any]:
+        return self._container.inner.state_dict()
+
     def remove(self, *, restore: bool = True) -> None:
         self._hook.remove()
         try:

@@ -3,25 +3,20 @@
 A host gives the pipeline one ``interrupt_check`` callable that raises when the user
 cancelled. It runs before every member of every ``nn.ModuleList`` of a placed model (each
 DiT block, each VAE down/middle/up block, so within one VAE chunk or tile too), between
-blocks while offloadkit packs and places a model, and around checkpoint loading. The
-background thread that stages the low-noise expert does not call the host's check (it
-would consume ComfyUI's one-shot flag on the wrong thread); it stops at its next block
-once the sampling thread has given up (:class:`StopFlag`).
+blocks while offloadkit packs and places a model, and around checkpoint loading, all on the
+sampling thread. The background thread that stages the low-noise expert never calls the
+host's check (it would consume ComfyUI's one-shot flag on the wrong thread): when the run
+ends it is stopped by :func:`turbowan.interrupts.stop_thread`.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 
 InterruptCheck = Callable[[], None]
-
-
-class Cancelled(RuntimeError):
-    """The background staging stopped because the run it served ended."""
 
 
 def check_points(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -46,17 +41,3 @@ def checked(model: torch.nn.Module, check: InterruptCheck | None) -> Iterator[No
     finally:
         for hook in hooks:
             hook.remove()
-
-
-class StopFlag:
-    """Set by the sampling thread when the run ends; raises in the staging thread."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def set(self) -> None:
-        self._event.set()
-
-    def __call__(self) -> None:
-        if self._event.is_set():
-            raise Cancelled("the run ended (cancelled or failed); staging stopped")

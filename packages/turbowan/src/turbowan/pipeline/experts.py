@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from turbowan.pipeline.cancel import StopFlag, checked
+from turbowan.interrupts import stop_thread
+from turbowan.pipeline.cancel import checked
 from turbowan.pipeline.placement import release_device_cache, remove_recording_peak
 from turbowan.pipeline.timings import Stage, Timings
 
@@ -35,12 +36,13 @@ class ExpertRunner:
         self._staged: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._cancelled = False
-        self._stop = StopFlag()  # the staging thread's cancel point (never the host's check)
         self._thread: threading.Thread | None = None
         if stage_low:
             self._thread = threading.Thread(target=self._stage_low, name="turbowan-stage-low", daemon=True)
 
-    def _offload_kwargs(self, check: Callable[[], None] | None) -> dict[str, Any]:
+    def _offload_kwargs(self, check: Callable[[], None] | None = None) -> dict[str, Any]:
+        """``check``: the host's Cancel, on the sampling thread only (the staging thread is
+        stopped by :func:`~turbowan.interrupts.stop_thread` instead)."""
         pipe = self.pipe
         extra = {} if check is None else {"interrupt_check": check}
         return dict(device=pipe.device, budget=pipe.budget, blocks="blocks", home=pipe.home,
@@ -51,17 +53,18 @@ class ExpertRunner:
         switch only has to place it."""
         import offloadkit
 
+        staged = None
         try:
-            model = self.pipe._load_expert_checked(self.pipe.files.low, self._stop)
-            staged = offloadkit.stage(model, self.pipe.strategy, **self._offload_kwargs(self._stop))
+            model = self.pipe._load_expert(self.pipe.files.low)
+            staged = offloadkit.stage(model, self.pipe.strategy, **self._offload_kwargs())
+            with self._lock:
+                if not self._cancelled:
+                    self._staged["staged"], staged = staged, None
         except BaseException as exc:  # re-raised in the sampling thread at the switch
             self._staged["error"] = exc
-            return
-        with self._lock:
-            if self._cancelled:  # the run ended first: give the memory (or temp file) back
+        finally:
+            if staged is not None:  # the run ended first: give the memory (or temp file) back
                 staged.discard(restore=False)
-            else:
-                self._staged["staged"] = staged
 
     def expert(self, name: str) -> Callable[..., torch.Tensor]:
         def run(x, t, context, y):
@@ -140,13 +143,18 @@ class ExpertRunner:
             release_device_cache(self.pipe.device)
 
     def close(self, wait: bool = True) -> None:
-        """Release the placed expert and any staged one; ``wait=False`` leaves a staging
-        thread running (a daemon; it stops at its next block and discards what it staged)."""
-        if not wait:
-            self._stop.set()
+        """Release the placed expert and any staged one. ``wait=False`` (an error, Ctrl-C,
+        SIGTERM) stops a staging thread at once instead of letting it finish, and still waits
+        for it to clean up: a thread left running into interpreter shutdown aborts the process
+        and leaves its disk tier in $TMPDIR."""
         self._deactivate()
-        if wait and self._thread is not None and self._thread.is_alive():
-            self._thread.join()
+        if self._thread is not None:
+            if not wait:
+                with self._lock:
+                    self._cancelled = True
+                stop_thread(self._thread)
+            elif self._thread.is_alive():
+                self._thread.join()
         with self._lock:
             self._cancelled = True
             staged = self._staged.pop("staged", None)
