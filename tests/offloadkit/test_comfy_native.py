@@ -16,6 +16,13 @@ import offloadkit
 from offloadkit.errors import OffloadError
 
 
+@pytest.fixture(autouse=True)
+def inference_mode():
+    """offloadkit is inference-only; ComfyUI runs every node inside inference mode."""
+    with torch.inference_mode():
+        yield
+
+
 def sizes(model) -> tuple[int, int, int]:
     """(total, non-block, one block) bytes, as the strategy's profile counts them."""
     profile = offloadkit.profile_model(model, device="cpu")

@@ -10,6 +10,13 @@ from models import make_inputs, make_model
 import offloadkit
 
 
+@pytest.fixture(autouse=True)
+def inference_mode():
+    """offloadkit is inference-only; ComfyUI runs every node inside inference mode."""
+    with torch.inference_mode():
+        yield
+
+
 class Cancel(Exception):
     pass
 
