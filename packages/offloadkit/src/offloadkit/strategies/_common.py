@@ -25,11 +25,15 @@ def fewest_streamed(profile: ModelProfile, room: int, among: Iterable[int] | Non
     if room < 0:
         return None
     pool = list(range(profile.num_blocks)) if among is None else sorted(among)
+    by_size = sorted(pool, key=lambda i: -profile.blocks[i].nbytes)
     for streamed_count in range(0, len(pool) + 1):
-        streamed = {pool[k] for k in spread(streamed_count, len(pool))}
-        resident = [i for i in pool if i not in streamed]
-        if profile.bytes_of(resident) <= room:
-            return resident
+        # evenly spread first; with blocks of unequal size, the largest ones if spread
+        # ones do not free enough
+        for streamed in ({pool[k] for k in spread(streamed_count, len(pool))},
+                         set(by_size[:streamed_count])):
+            resident = [i for i in pool if i not in streamed]
+            if profile.bytes_of(resident) <= room:
+                return resident
     return []
 
 
