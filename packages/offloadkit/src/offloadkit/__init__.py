@@ -11,6 +11,8 @@ from offloadkit.api import apply, offloaded, stage
 from offloadkit.budget import parse_budget
 from offloadkit.engine import profile_model
 from offloadkit.errors import (
+    BlockCoverageWarning,
+    BlockDiscoveryError,
     BudgetError,
     OffloadError,
     PluginError,
@@ -25,6 +27,8 @@ from offloadkit.staged import StagedModel
 from offloadkit.strategy import ModelProfile, Plan, Strategy
 
 __all__ = [
+    "BlockCoverageWarning",
+    "BlockDiscoveryError",
     "BudgetError",
     "DeviceMemory",
     "ModelProfile",
