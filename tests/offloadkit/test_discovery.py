@@ -196,6 +196,13 @@ def test_adaptive_uses_the_budget_on_a_unet():
             assert torch.equal(run(model), expected)
             stats, plan = handle.stats(), handle.plan
     assert stats.resident_blocks == 3 and stats.streamed_blocks == 3
+    # blocks given in execution order (the README's example): no block is loaded late
+    with torch.no_grad(), offloadkit.offloaded(
+            model, "layerwise", device="cpu", budget=10**9,
+            blocks=[model.down_blocks, model.mid_block, model.up_blocks]) as handle:
+        assert torch.equal(run(model), expected) and torch.equal(run(model), expected)
+        assert handle.stats().streamed_blocks == 5
+        assert handle.stats().mispredicted_loads == 0
     assert stats.peak_device_bytes <= weights
     profile = offloadkit.profile_model(model)
     smallest = sorted(profile.blocks, key=lambda b: b.nbytes)[:3]

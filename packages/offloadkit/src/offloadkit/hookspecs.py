@@ -35,5 +35,7 @@ def offloadkit_find_blocks(model: torch.nn.Module) -> torch.nn.ModuleList | None
     """Return the list of repeated blocks to stream for ``model``, or None to pass.
 
     Lets a plugin teach offloadkit the layout of a model family whose blocks the generic
-    search (the largest ModuleList of same-typed modules) would not find.
+    search (every outermost ModuleList/Sequential of blocks, see
+    ``offloadkit.engine.discovery``) would not find or would order wrongly. A list of
+    modules is accepted too. The first plugin that answers wins over the search.
     """
