@@ -2,11 +2,13 @@
 
 A *block list* is a ``ModuleList`` or ``nn.Sequential`` (the model itself included) holding
 two or more distinct submodules with weights, either all of one type (transformer layers,
-timm's ``blocks``, a Sequential of Linear layers) or all composite modules of mixed types
-(UNet ``down_blocks``). The search takes every outermost block list, so a list inside a block
-of another chosen list is never taken twice and the choice covers the most bytes: Flux gets
-``transformer_blocks`` and ``single_transformer_blocks``, a UNet its down and up blocks and
-the mid block's resnets. Lists holding under ``MIN_LIST_SHARE`` of the weights stay resident.
+timm's ``blocks``) or all composite modules of mixed types (UNet ``down_blocks``). The search
+takes every outermost block list, so a list inside a block of another chosen list is never
+taken twice and the choice covers the most bytes: Flux gets ``transformer_blocks`` and
+``single_transformer_blocks``, a UNet its down and up blocks and the mid block's resnets.
+Lists of plain layers (a Sequential of Linear) count only when the lists of composite blocks
+hold under half of the weights, so a small MLP beside a transformer's layers stays resident.
+Lists holding under ``MIN_LIST_SHARE`` of the weights stay resident.
 
 Order is module registration order (lists in the order the model registers them, each list
 in index order). That is the execution order of nearly every model; where it is not (a
@@ -144,9 +146,23 @@ def module_sizes(model: torch.nn.Module) -> dict[int, int]:
 
 
 def discover(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Children of every outermost block list, in registration order (module docstring)."""
+    """Children of every outermost block list, in registration order (module docstring).
+
+    Lists of composite blocks come first; lists of plain layers (a Sequential of Linear) are
+    added only when those cover under half of the weights, so the MLP Sequentials beside a
+    transformer's layer list stay resident while a model made of layers still streams."""
     sizes = module_sizes(model)
     uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    chosen = _outermost_lists(model, sizes, uses, layers_too=False)
+    if sum(sizes[id(m)] for m in chosen) < WARN_BELOW_SHARE * sizes[id(model)]:
+        chosen = _outermost_lists(model, sizes, uses, layers_too=True)
+    if not chosen:
+        raise BlockDiscoveryError(_not_found_message(model, sizes, uses))
+    return chosen
+
+
+def _outermost_lists(model: torch.nn.Module, sizes: dict[int, int], uses: Counter,
+                     layers_too: bool) -> list[torch.nn.Module]:
     floor = MIN_LIST_SHARE * sizes[id(model)]
     chosen: list[torch.nn.Module] = []
     seen: set[int] = set()
@@ -155,7 +171,7 @@ def discover(model: torch.nn.Module) -> list[torch.nn.Module]:
         if id(module) in seen:
             return
         seen.add(id(module))
-        members = _list_members(module, sizes, uses)
+        members = _list_members(module, sizes, uses, layers_too)
         if members is not None and sizes[id(module)] >= floor:
             chosen.extend(members)
             return
@@ -163,22 +179,22 @@ def discover(model: torch.nn.Module) -> list[torch.nn.Module]:
             visit(child)
 
     visit(model)
-    if not chosen:
-        raise BlockDiscoveryError(_not_found_message(model, sizes, uses))
     return chosen
 
 
-def _list_members(module: torch.nn.Module, sizes: dict[int, int], uses: Counter
-                  ) -> list[torch.nn.Module] | None:
-    """The blocks of ``module`` if it is a block list, else None."""
+def _list_members(module: torch.nn.Module, sizes: dict[int, int], uses: Counter,
+                  layers_too: bool) -> list[torch.nn.Module] | None:
+    """The blocks of ``module`` if it is a block list, else None. ``layers_too``: accept
+    a list of plain layers (modules without submodules) too."""
     if not isinstance(module, LIST_TYPES):
         return None
     members = [c for c in module.children() if sizes[id(c)] > 0 and uses[id(c)] == 1]
     if len(members) < 2:
         return None
-    if len({type(c) for c in members}) == 1:
+    composite = all(next(c.children(), None) is not None for c in members)
+    if len({type(c) for c in members}) == 1 and (composite or layers_too):
         return members
-    if all(next(c.children(), None) is not None for c in members):
+    if composite:
         return members  # mixed types, every one a composite block (UNet down_blocks)
     return None
 
