@@ -51,9 +51,10 @@ def find_blocks(model: torch.nn.Module, blocks: BlocksArg = None
     """
     names = {id(m): n for n, m in model.named_modules()}
     if blocks is None:
-        found = _plugin_blocks(model)
+        found = _plugin_blocks(model)  # a plugin's answer is deliberate, like blocks=
         if found is None:
             found = discover(model)
+            warn_if_low_coverage(model, found)
         else:
             found = list(found)
         explicit = False
@@ -234,14 +235,15 @@ def _mib(n: int) -> str:
 
 
 # ---------------------------------------------------------------------- coverage warning
-def warn_if_low_coverage(model: torch.nn.Module, block_modules: Sequence[torch.nn.Module],
-                         block_bytes: int, total_bytes: int) -> None:
-    """Warn when the streamed blocks hold under half of the weights: offloading then saves
+def warn_if_low_coverage(model: torch.nn.Module, block_modules: Sequence[torch.nn.Module]
+                         ) -> None:
+    """Warn when the blocks found hold under half of the weights: offloading then saves
     little, and the message names the largest modules left resident so the user can pass
     ``blocks=`` themselves."""
+    sizes = module_sizes(model)
+    block_bytes, total_bytes = sum(sizes[id(b)] for b in block_modules), sizes[id(model)]
     if total_bytes <= 0 or block_bytes >= WARN_BELOW_SHARE * total_bytes:
         return
-    sizes = module_sizes(model)
     names = {id(m): n for n, m in model.named_modules()}
     inside = {id(m) for b in block_modules for m in b.modules()}
     holders = {id(model)}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from offloadkit.engine.discovery import BlocksArg, find_blocks, warn_if_low_coverage
+from offloadkit.engine.discovery import BlocksArg, find_blocks
 from offloadkit.engine.layout import (
     BlockLayout,
     TensorRef,
@@ -71,10 +71,6 @@ def layout_model(model: torch.nn.Module, blocks: BlocksArg = None) -> ModelLayou
         seen.add(key)
         if key not in inside or is_shared(r.get()):
             outside.append(r)
-    if blocks is None:  # found automatically: say so when they hold little of the model
-        streamed = sum(e.nbytes for b in layouts for e in b.entries)
-        kept = sum(tensor_nbytes(t) for t in {id(r.get()): r.get() for r in outside}.values())
-        warn_if_low_coverage(model, [m for _, m in found], streamed, streamed + kept)
     return ModelLayout(tuple(layouts), tuple(m for _, m in found), tuple(outside))
 
 
