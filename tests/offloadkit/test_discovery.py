@@ -13,9 +13,9 @@ from third_party import build
 from torch import nn
 
 import offloadkit
+from offloadkit import BlockProfile, ModelProfile
 from offloadkit.engine import find_blocks, layout_model
 from offloadkit.errors import BlockCoverageWarning, BlockDiscoveryError
-from offloadkit.strategy import BlockProfile, ModelProfile
 
 
 def names(model: nn.Module, blocks=None) -> list[str]:

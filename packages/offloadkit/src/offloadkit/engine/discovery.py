@@ -81,12 +81,9 @@ def find_blocks(model: torch.nn.Module, blocks: BlocksArg = None
 
 
 def _plugin_blocks(model: torch.nn.Module) -> torch.nn.ModuleList | None:
-    try:
-        from offloadkit.registry import get_plugin_manager
+    from offloadkit.registry import plugin_blocks
 
-        return get_plugin_manager().hook.offloadkit_find_blocks(model=model)
-    except ImportError:  # registry missing: generic search only
-        return None
+    return plugin_blocks(model)
 
 
 def _resolve(model: torch.nn.Module, blocks: BlocksArg) -> list[torch.nn.Module]:

@@ -20,7 +20,7 @@ from offloadkit.engine.layout import (
     module_tensor_refs,
     tensor_nbytes,
 )
-from offloadkit.strategy import HOME_TIERS, BlockProfile, ModelProfile
+from offloadkit.plans import HOME_TIERS, BlockProfile, ModelProfile
 
 __all__ = ["BlocksArg", "ModelLayout", "find_blocks", "layout_model", "profile_model"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from offloadkit.hookspecs import hookimpl
+from offloadkit import hookimpl
 
 
 @hookimpl
