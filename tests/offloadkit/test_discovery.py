@@ -177,7 +177,7 @@ def test_adaptive_sizes_slots_for_the_streamed_blocks():
     profile = ModelProfile(blocks=tuple(BlockProfile(i, f"b.{i}", n, 1)
                                         for i, n in enumerate(sizes)),
                            non_block_bytes=0, device="cpu")
-    plan = offloadkit.get_strategy("adaptive")().make_plan(profile, sum(sizes) - 50)
+    plan = offloadkit.make_plan(offloadkit.get_strategy("adaptive")(), profile, sum(sizes) - 50)
     assert 0 in plan.resident and plan.prefetch_depth == 1
     assert profile.bytes_of(plan.streamed) == 300
     assert plan.predicted_peak_device_bytes == 1000 + 300 + 2 * 100
