@@ -18,6 +18,13 @@ from offloadkit.engine import find_blocks, layout_model
 from offloadkit.errors import BlockCoverageWarning, BlockDiscoveryError
 
 
+@pytest.fixture(autouse=True)
+def own_rng():
+    """Models here are built from seeds; the global RNG is left as it was for later tests."""
+    with torch.random.fork_rng():
+        yield
+
+
 def names(model: nn.Module, blocks=None) -> list[str]:
     return [name for name, _ in find_blocks(model, blocks)]
 

@@ -18,6 +18,13 @@ STRATEGIES = ["adaptive", "layerwise", "chunkwise", "cpu_only", "manual"]
 CHUNK = {"chunk_size": 2}
 
 
+@pytest.fixture(autouse=True)
+def own_rng():
+    """Models here are built from seeds; the global RNG is left as it was for later tests."""
+    with torch.random.fork_rng():
+        yield
+
+
 def tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer slot, shared ones under each of their names."""
     return dict([*model.named_parameters(remove_duplicate=False),
