@@ -168,14 +168,13 @@ def resolve_device(text: str | None) -> str:
     (its check: cpu or an existing cuda:N)."""
     import torch
 
-    from offloadkit.api import resolve_device as placement_device
-    from offloadkit.errors import DeviceUnavailableError
+    import offloadkit
 
     if text is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        device = placement_device(text)
-    except DeviceUnavailableError as exc:
+        device = offloadkit.resolve_device(text)
+    except offloadkit.DeviceUnavailableError as exc:
         raise UsageError(f"--device {text}: {exc}") from None
     return "cpu" if device.type == "cpu" else text  # the sweep compares names with "cpu"
 

@@ -7,12 +7,11 @@ Wan-architecture I2V checkpoint loads without naming a preset.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
-
-import torch
 
 HEAD_DIM = 128  # every Wan model; heads = dim / 128
 QUANT_CHOICES = ("int8", "none")
@@ -93,23 +92,30 @@ def get_preset(name: str) -> DiTConfig:
         ) from None
 
 
+def attention_problems(attention: str, sla_topk: float) -> list[str]:
+    """What is wrong with an attention backend and SLA top-k (empty: nothing). Checked where a
+    run or a model starts (pre-flight, ``load_dit``, ``WanDiT``), never in a forward."""
+    problems = []
+    if attention not in ATTENTION_CHOICES:
+        problems.append(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTION_CHOICES)} "
+                        "(default sla)")
+    if not (isinstance(sla_topk, (int, float)) and not isinstance(sla_topk, bool)
+            and 0 < sla_topk <= 1 and math.isfinite(sla_topk)):
+        problems.append(f"sla_topk is the kept share of key blocks, in (0, 1] (default 0.1), got {sla_topk!r}")
+    return problems
+
+
+def check_attention(attention: str, sla_topk: float) -> None:
+    """:func:`attention_problems` as one ValueError."""
+    problems = attention_problems(attention, sla_topk)
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     """Refuse an option value outside ``choices``, listing them."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-
-
-def build_manifest_model(
-    preset: str | DiTConfig, *, quant: str = "int8", attention: str = "sla"
-) -> torch.nn.Module:
-    """The DiT of ``preset`` on ``meta`` with the checkpoint's dtypes (bf16, fp32 norms, int8)."""
-    from turbowan.dit.model import WanDiT
-
-    config = preset if isinstance(preset, DiTConfig) else get_preset(preset)
-    check_choice("quant", quant, QUANT_CHOICES)
-    check_choice("attention", attention, ATTENTION_CHOICES)
-    with torch.device("meta"):
-        return WanDiT(config, quant=quant, attention=attention, dtype=torch.bfloat16)
 
 
 # every option combination a DiT file can come in, used by `turbowan check` to auto-detect

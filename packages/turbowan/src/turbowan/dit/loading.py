@@ -16,14 +16,9 @@ import torch
 
 from turbowan.checkpoint.io import load_state_dict, read_tensor_specs
 from turbowan.checkpoint.report import CheckpointMismatchError, compare_specs, module_specs
-from turbowan.dit.config import (
-    ATTENTION_CHOICES,
-    PROJ_L,
-    DetectedLayout,
-    check_choice,
-    config_from_state_dict,
-)
+from turbowan.dit.config import PROJ_L, DetectedLayout, check_attention, config_from_state_dict
 from turbowan.dit.keys import normalize_dit_keys
+from turbowan.dit.meta import build_meta
 from turbowan.dit.model import WanDiT
 from turbowan.quant.int8_linear import MODES, set_int8_mode
 
@@ -39,11 +34,7 @@ def _default_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
 def _validate_args(
     attention: str, sla_topk: float, dtype: torch.dtype | None, int8_mode: str
 ) -> None:
-    check_choice("attention", attention, ATTENTION_CHOICES)
-    if not 0.0 < sla_topk <= 1.0:
-        raise ValueError(
-            f"sla_topk must be in (0, 1] (fraction of key blocks kept); got {sla_topk}"
-        )
+    check_attention(attention, sla_topk)
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be one of float32, bfloat16, float16 or None; got {dtype}")
     if int8_mode not in MODES:
@@ -105,14 +96,8 @@ def load_dit(
         state = {k: v for k, v in state.items() if PROJ_L not in k}
 
     compute_dtype = dtype or _default_dtype(state)
-    with torch.device("meta"):
-        model = WanDiT(
-            layout.config,
-            quant=layout.quant,
-            attention=attention,
-            sla_topk=sla_topk,
-            dtype=compute_dtype,
-        )
+    model = build_meta(layout.config, quant=layout.quant, attention=attention,
+                       sla_topk=sla_topk, dtype=compute_dtype)
     expected = module_specs(model)
     report = compare_specs(
         expected,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from turbowan.ops.block_map import BlockSelection, select_blocks
+from turbowan.ops.block_map import BlockSelection, select_blocks, tileable
 from turbowan.ops.sla_linear import projected_linear_branch, rounder
 from turbowan.ops.sla_torch import block_sparse_attention_torch
 
@@ -95,11 +95,6 @@ def _check_options(
         )
 
 
-def tileable(*sizes: int) -> bool:
-    """The kernels tile head_dim and both block sizes with powers of two >= 16."""
-    return all(n >= 16 and n & (n - 1) == 0 for n in sizes)
-
-
 def resolve_backend(
     backend: str, device: torch.device, needs_grad: bool = False, tileable: bool = True
 ) -> str:
@@ -154,6 +149,16 @@ def sparse_linear_attention(
     """
     _check_qkv(q, k, v)
     _check_options(q, topk, block_q, block_k, proj_weight, proj_bias, backend, compute_dtype)
+    return sla_forward(q, k, v, topk=topk, block_q=block_q, block_k=block_k,
+                       proj_weight=proj_weight, proj_bias=proj_bias, backend=backend,
+                       compute_dtype=compute_dtype)
+
+
+def sla_forward(q: Tensor, k: Tensor, v: Tensor, *, topk: float, block_q: int, block_k: int,
+                proj_weight: Tensor | None, proj_bias: Tensor | None, backend: str = "auto",
+                compute_dtype: torch.dtype | None = None) -> Tensor:
+    """:func:`sparse_linear_attention` without checking its arguments: for callers that
+    checked them once when they were built (the DiT's attention, once per block per step)."""
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, proj_weight, proj_bias)
     )
