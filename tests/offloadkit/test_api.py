@@ -91,7 +91,7 @@ def test_model_without_block_list_asks_for_blocks():
     expected = model(x)
     for blocks in ([model.first, model.second], ["first", "second"], ["first", model.second]):
         with offloadkit.offloaded(model, "layerwise", device="cpu", budget=10**6,
-                                  blocks=blocks) as handle:
+                                  blocks=blocks) as handle, torch.no_grad():
             assert torch.equal(model(x), expected)
             assert handle.stats().streamed_blocks == 2
     with pytest.raises(BlockDiscoveryError, match="names no submodule"):
