@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from turbowan.limits import DIT_LIMITS, check_bounds
+
 HEAD_DIM = 128  # every Wan model; heads = dim / 128
 QUANT_CHOICES = ("int8", "none")
 ATTENTION_CHOICES = ("sla", "original", "sagesla")
@@ -186,6 +188,7 @@ def config_from_state_dict(specs: Mapping[str, Any]) -> DetectedLayout:
     layers = sorted({int(m.group(1)) for k in specs if (m := _BLOCK_KEY.match(k))})
     if not layers:
         raise ValueError("no blocks.N.* keys found: not a Wan DiT checkpoint")
+    check_bounds({"num_layers": layers[-1] + 1}, DIT_LIMITS, f"block index {layers[-1]}")
     if layers != list(range(len(layers))):
         gaps = sorted(set(range(layers[-1] + 1)) - set(layers))
         raise ValueError(f"block indices are not contiguous: blocks {gaps[:10]} are missing")
@@ -200,14 +203,15 @@ def config_from_state_dict(specs: Mapping[str, Any]) -> DetectedLayout:
     if dim % HEAD_DIM:
         raise ValueError(f"width {dim} is not a multiple of the head size {HEAD_DIM}")
     attention = "sla" if any(k.endswith(PROJ_L + ".weight") for k in specs) else "original"
-    config = DiTConfig(
+    sizes = dict(
         dim=dim,
         ffn_dim=ffn_dim,
-        num_heads=dim // HEAD_DIM,
         num_layers=len(layers),
         in_dim=patch_in // 4,
         out_dim=_shape(specs["head.head.weight"])[0] // 4,
         text_dim=_shape(specs["text_embedding.0.weight"])[1],
         freq_dim=_shape(specs["time_embedding.0.weight"])[1],
     )
+    check_bounds(sizes, DIT_LIMITS, "DiT checkpoint")
+    config = DiTConfig(num_heads=dim // HEAD_DIM, **sizes)
     return DetectedLayout(config=config, quant=quant, attention=attention)

@@ -17,10 +17,12 @@ from turbowan.dit.config import (
     get_preset,
 )
 from turbowan.dit.model import WanDiT
+from turbowan.limits import reported
 
 __all__ = ["OPTION_VARIANTS", "PRESETS", "build_manifest_model", "build_meta"]
 
 
+@reported("building the DiT on meta")
 def build_meta(config: DiTConfig, *, quant: str = "none", attention: str = "original",
                sla_topk: float = 0.1, dtype: torch.dtype = torch.float32) -> WanDiT:
     """``WanDiT(config, ...)`` on ``meta``: the shapes and dtypes of the loaded expert (fp32

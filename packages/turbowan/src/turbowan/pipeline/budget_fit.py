@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from turbowan.limits import reported
 from turbowan.pipeline.problems import Problems, collecting
 
 #: what a budget problem calls each model the pipeline places
@@ -59,6 +60,7 @@ def placed_text_encoder(config: Any, *, dtype: torch.dtype) -> PlacedModel:
     return PlacedModel(model, model.blocks)
 
 
+@reported("building the models on meta from their checkpoint headers")
 def placed_models_from_specs(specs: dict[str, dict[str, Any]], *, dtype: torch.dtype,
                              attention: str, sla_topk: float, home: str) -> dict[str, PlacedModel]:
     """role -> meta model, configured from the headers pre-flight read (no second read of
@@ -90,6 +92,7 @@ def placed_models_from_specs(specs: dict[str, dict[str, Any]], *, dtype: torch.d
     return out
 
 
+@reported("building the demo models on meta")
 def demo_placed_models(*, dtype: torch.dtype, attention: str, sla_topk: float,
                        home: str) -> dict[str, PlacedModel]:
     """The demo's models on ``meta``, from the presets its checkpoints are written from

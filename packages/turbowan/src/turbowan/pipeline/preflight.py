@@ -45,6 +45,7 @@ from turbowan.pipeline.model_files import (  # noqa: F401  (re-exported)
     inspect_model_files,
     required_problem,
 )
+from turbowan.pipeline.outputs import check_output_not_input
 from turbowan.pipeline.problems import PreflightError, Problems, collecting
 from turbowan.pipeline.settings import DEFAULT_FRAMES, DEFAULT_SLA_TOPK, ROLES, RunSettings
 
@@ -163,6 +164,9 @@ def check_run(settings: RunSettings, *, complete: bool = True,
             c.add(f"{s.steps} steps reach the low-noise expert (t < {s.boundary}); pass --low, or "
                   "use --steps 2 (the high expert only)")
         check_output(s.output, fps=s.fps, quality=s.quality, collector=c)
+        check_output_not_input(s.output, {"--image": image, "--high": s.high, "--low": s.low,
+                                          "--vae": s.vae, "--text-encoder": s.text_encoder,
+                                          "--tokenizer": s.tokenizer}, c)
         if s.save_latents and s.output is None:
             c.add("save_latents=True needs output= (the latents go next to the video)")
         pil = check_image(image, c) if image is not None else None
