@@ -14,13 +14,16 @@ nox.options.reuse_existing_virtualenvs = True
 TORCH = "torch==2.13.0"
 PACKAGES = ["-e", "packages/offloadkit", "-e", "packages/turbowan"]
 TEST_DEPS = ["pytest>=8", "pytest-benchmark>=4", "psutil>=5.9"]
-# Optional extras the tests exercise for real: bench plots and the accelerate peer.
-EXTRAS_UNDER_TEST = ["matplotlib>=3.8", "accelerate>=0.30"]
+# Optional extras the tests exercise for real: bench plots and the accelerate peer; real
+# third-party models (tiny configs, no downloads) for offloadkit's any-model tests. Neither
+# transformers nor diffusers pulls torchvision; torch is installed pinned before them.
+EXTRAS_UNDER_TEST = ["matplotlib>=3.8", "accelerate>=0.30", "transformers>=5.24", "diffusers>=0.42"]
 
 
 def _install_project(session: nox.Session, *extra: str) -> None:
     session.install(TORCH)
-    session.install(*PACKAGES, *extra)
+    # the pin again, so no dependency of the extras (transformers, accelerate) can swap torch
+    session.install(TORCH, *PACKAGES, *extra)
 
 
 @nox.session
@@ -42,7 +45,7 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Run the pytest-benchmark suites in benchmarks/ and keep their JSON per machine."""
-    _install_project(session, *TEST_DEPS, *EXTRAS_UNDER_TEST, "diffusers>=0.32")
+    _install_project(session, *TEST_DEPS, *EXTRAS_UNDER_TEST)
     session.install("./plugins/offloadkit-manual")
     session.run(
         "pytest",

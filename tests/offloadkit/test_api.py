@@ -68,17 +68,32 @@ def test_unknown_strategy_lists_known_ones():
         offloadkit.apply(make_model(), "layerwize", device="cpu", budget=10**9)
 
 
+class TwoLayers(torch.nn.Module):
+    """No ModuleList or Sequential anywhere: nothing for the generic search to find."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = torch.nn.Linear(4, 8)
+        self.second = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.relu(self.first(x)))
+
+
 def test_model_without_block_list_asks_for_blocks():
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
-    with pytest.raises(BlockDiscoveryError, match=r"blocks=model\.layers"):
+    model = TwoLayers()
+    with pytest.raises(BlockDiscoveryError, match=r"blocks=model\.layers") as info:
         offloadkit.apply(model, "layerwise", device="cpu", budget=10**6)
-    # given explicitly, the same model works: its children are the blocks
+    # the error lists where the weights are, so the user can name the blocks
+    assert "'first' (Linear, 0.00 MiB)" in str(info.value)
+    # given explicitly, the same model works, as modules or as dotted paths
     x = torch.randn(3, 4)
     expected = model(x)
-    with offloadkit.offloaded(model, "layerwise", device="cpu", budget=10**6,
-                              blocks=[model[0], model[2]]) as handle, torch.no_grad():
-        assert torch.equal(model(x), expected)
-        assert handle.stats().streamed_blocks == 2
+    for blocks in ([model.first, model.second], ["first", "second"], ["first", model.second]):
+        with offloadkit.offloaded(model, "layerwise", device="cpu", budget=10**6,
+                                  blocks=blocks) as handle, torch.no_grad():
+            assert torch.equal(model(x), expected)
+            assert handle.stats().streamed_blocks == 2
     with pytest.raises(BlockDiscoveryError, match="names no submodule"):
         offloadkit.apply(model, "layerwise", device="cpu", budget=10**6, blocks="layers")
     with pytest.raises(BlockDiscoveryError, match="not a submodule"):

@@ -81,7 +81,7 @@ def test_the_graph_sees_the_known_edges():
     graph = import_graph()
     assert "offloadkit.staged" in graph["offloadkit.api"]
     assert "offloadkit.registry" in graph["offloadkit.cli"]  # from offloadkit import registry
-    assert "offloadkit.registry" in graph["offloadkit.engine.profile"]  # inside a function
+    assert "offloadkit.registry" in graph["offloadkit.engine.discovery"]  # inside a function
     assert "offloadkit.engine" in graph["offloadkit.planner"]  # runs engine/__init__.py
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 

@@ -15,6 +15,7 @@ from offloadkit.distributed import agreed_budget
 from offloadkit.engine.profile import profile_model
 from offloadkit.errors import (
     AlreadyOffloadedError,
+    BlockCoverageWarning,
     BlockDiscoveryError,
     BudgetError,
     DeviceUnavailableError,
@@ -38,6 +39,7 @@ from offloadkit.units import describe_bytes, format_bytes
 __all__ = [
     "HOME_TIERS",
     "AlreadyOffloadedError",
+    "BlockCoverageWarning",
     "BlockDiscoveryError",
     "BlockProfile",
     "Budget",

@@ -26,6 +26,10 @@ class BlockDiscoveryError(OffloadError, ValueError):
     """The model has no recognisable list of repeated blocks and none was given."""
 
 
+class BlockCoverageWarning(UserWarning):
+    """The blocks found to stream hold under half of the model's weights."""
+
+
 class AlreadyOffloadedError(OffloadError):
     """offloadkit.apply() was called on a model that is already under offload."""
 

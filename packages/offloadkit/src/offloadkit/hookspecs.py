@@ -54,7 +54,8 @@ def offloadkit_find_blocks(model: torch.nn.Module) -> torch.nn.ModuleList | None
     """Return the list of repeated blocks to stream for ``model``, or None to pass.
 
     Lets a plugin teach offloadkit the layout of a model family whose blocks the generic
-    search (the largest ModuleList of same-typed modules) would not find. The first plugin
-    that answers wins. An answer that is not a ModuleList (or a list of the model's
-    submodules) is a :class:`~offloadkit.PluginError` naming the plugin.
+    search (every outermost ModuleList/Sequential of blocks, see
+    ``offloadkit.engine.discovery``) would not find or would order wrongly. The first plugin
+    that answers wins over the search. An answer that is not a ModuleList (or a list of the
+    model's submodules) is a :class:`~offloadkit.PluginError` naming the plugin.
     """

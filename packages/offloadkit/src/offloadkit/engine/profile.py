@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from offloadkit.engine.discovery import BlocksArg, find_blocks
 from offloadkit.engine.layout import (
     BlockLayout,
     TensorRef,
@@ -20,10 +20,9 @@ from offloadkit.engine.layout import (
     module_tensor_refs,
     tensor_nbytes,
 )
-from offloadkit.errors import BlockDiscoveryError
 from offloadkit.plans import HOME_TIERS, BlockProfile, ModelProfile
 
-BlocksArg = torch.nn.ModuleList | Sequence[torch.nn.Module] | str | None
+__all__ = ["BlocksArg", "ModelLayout", "find_blocks", "layout_model", "profile_model"]
 
 
 @dataclass(frozen=True)
@@ -33,72 +32,6 @@ class ModelLayout:
     blocks: tuple[BlockLayout, ...]
     block_modules: tuple[torch.nn.Module, ...]
     outside: tuple[TensorRef, ...]  # non-block and shared tensors, moved once, kept resident
-
-
-def find_blocks(model: torch.nn.Module, blocks: BlocksArg = None) -> list[tuple[str, torch.nn.Module]]:
-    """The blocks to stream, in execution order, with their qualified names.
-
-    ``blocks`` may be a ModuleList of the model, a list of its submodules, or the dotted
-    attribute name of one ("blocks", "model.layers"). Otherwise a plugin's
-    ``offloadkit_find_blocks`` hook is asked, then the largest ModuleList of same-typed
-    modules is taken.
-    """
-    names = {id(m): n for n, m in model.named_modules()}
-    if isinstance(blocks, str):
-        try:
-            blocks = model.get_submodule(blocks)
-        except AttributeError as exc:
-            raise BlockDiscoveryError(
-                f"blocks={blocks!r} names no submodule of {type(model).__name__} ({exc}). "
-                "Pass the dotted attribute path of its ModuleList of blocks, e.g. blocks='layers'."
-            ) from None
-    if blocks is None:
-        blocks = _plugin_blocks(model)
-    if blocks is None:
-        blocks = _largest_repeated_list(model)
-    if blocks is None:
-        raise BlockDiscoveryError(
-            f"{type(model).__name__} has no ModuleList of two or more same-typed blocks for "
-            "offloadkit to stream. Pass the blocks explicitly, e.g. "
-            "offloadkit.apply(model, blocks=model.layers) or blocks='layers'."
-        )
-    found = list(blocks)
-    if len(found) == 0:
-        raise BlockDiscoveryError("blocks= is empty; pass the model's list of repeated blocks.")
-    out = []
-    for i, module in enumerate(found):
-        if not isinstance(module, torch.nn.Module) or id(module) not in names:
-            raise BlockDiscoveryError(
-                f"blocks[{i}] is not a submodule of the model being offloaded; pass modules "
-                "that belong to it (e.g. blocks=model.layers)."
-            )
-        if names[id(module)] == "":
-            raise BlockDiscoveryError("blocks= must not contain the model itself.")
-        out.append((names[id(module)], module))
-    if len({id(m) for _, m in out}) != len(out):
-        raise BlockDiscoveryError("blocks= lists the same module twice; list each block once.")
-    return out
-
-
-def _plugin_blocks(model: torch.nn.Module) -> torch.nn.ModuleList | None:
-    from offloadkit.registry import plugin_blocks
-
-    return plugin_blocks(model)
-
-
-def _largest_repeated_list(model: torch.nn.Module) -> torch.nn.ModuleList | None:
-    best, best_bytes = None, -1
-    for module in model.modules():
-        if not isinstance(module, torch.nn.ModuleList) or len(module) < 2:
-            continue
-        if len({type(m) for m in module}) != 1:
-            continue
-        size = sum(tensor_nbytes(p) for p in module.parameters()) + sum(
-            tensor_nbytes(b) for b in module.buffers()
-        )
-        if size > best_bytes:
-            best, best_bytes = module, size
-    return best
 
 
 def layout_model(model: torch.nn.Module, blocks: BlocksArg = None) -> ModelLayout:

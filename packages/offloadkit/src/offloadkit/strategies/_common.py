@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from offloadkit.strategy import ModelProfile
@@ -15,18 +16,24 @@ def spread(count: int, total: int) -> list[int]:
     return sorted({min(total - 1, int((k + 0.5) * total / count)) for k in range(count)})
 
 
-def fewest_streamed(profile: ModelProfile, room: int) -> list[int] | None:
+def fewest_streamed(profile: ModelProfile, room: int, among: Iterable[int] | None = None
+                    ) -> list[int] | None:
     """Resident blocks for ``room`` bytes: stream as few blocks as possible, and put the
     streamed ones evenly between resident ones so each transfer hides behind compute.
+    ``among`` limits the choice to these block indices (the rest are not considered).
     None if even streaming every block leaves ``room`` negative."""
     if room < 0:
         return None
-    n = profile.num_blocks
-    for streamed_count in range(0, n + 1):
-        streamed = set(spread(streamed_count, n))
-        resident = [i for i in range(n) if i not in streamed]
-        if profile.bytes_of(resident) <= room:
-            return resident
+    pool = list(range(profile.num_blocks)) if among is None else sorted(among)
+    by_size = sorted(pool, key=lambda i: -profile.blocks[i].nbytes)
+    for streamed_count in range(0, len(pool) + 1):
+        # evenly spread first; with blocks of unequal size, the largest ones if spread
+        # ones do not free enough
+        for streamed in ({pool[k] for k in spread(streamed_count, len(pool))},
+                         set(by_size[:streamed_count])):
+            resident = [i for i in pool if i not in streamed]
+            if profile.bytes_of(resident) <= room:
+                return resident
     return []
 
 

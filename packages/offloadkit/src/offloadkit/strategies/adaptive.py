@@ -49,17 +49,39 @@ class AdaptiveStrategy(Strategy):
             return Plan.build(profile, range(profile.num_blocks), note="everything fits")
         # a deeper window costs slots; fall back to shallower windows when the budget is tight
         for try_depth in range(depth, -1, -1):
-            slots = try_depth + 1
-            room = budget_bytes - profile.non_block_bytes - slots * profile.max_block_bytes
-            resident = fewest_streamed(profile, room)
-            if resident is None:
-                continue
-            candidate = Plan.build(profile, resident, group_size=1, prefetch_depth=try_depth,
-                                   note=f"{len(resident)} resident, streamed interleaved")
-            if candidate.predicted_peak_device_bytes <= budget_bytes:
-                return candidate
+            best = self._best_plan(profile, budget_bytes, try_depth)
+            if best is not None:
+                return best
         # only below the minimum (make_plan refuses that first): a direct caller's mistake
         raise BudgetError(below_minimum(self, self.min_device_bytes(profile), budget_bytes))
+
+    @staticmethod
+    def _best_plan(profile: ModelProfile, budget_bytes: int, depth: int) -> Plan | None:
+        """The plan moving the fewest bytes per forward with ``depth + 1`` slots.
+
+        Slots are sized for the streamed blocks only: for each block size taken as the slot
+        size, every larger block must stay resident and the smaller ones fill the rest of
+        the budget. With blocks of one size this is the plain "stream as few as possible"."""
+        best, best_key = None, None
+        slots = depth + 1
+        for cap in sorted({b.nbytes for b in profile.blocks}, reverse=True):
+            forced = [b.index for b in profile.blocks if b.nbytes > cap]
+            room = (budget_bytes - profile.non_block_bytes - slots * cap
+                    - profile.bytes_of(forced))
+            among = [b.index for b in profile.blocks if b.nbytes <= cap]
+            resident = fewest_streamed(profile, room, among)
+            if resident is None:
+                continue
+            candidate = Plan.build(profile, forced + resident, group_size=1,
+                                   prefetch_depth=depth,
+                                   note=f"{len(forced) + len(resident)} resident, "
+                                        "streamed interleaved")
+            if candidate.predicted_peak_device_bytes > budget_bytes:
+                continue
+            key = (profile.bytes_of(candidate.streamed), len(candidate.streamed))
+            if best_key is None or key < best_key:
+                best, best_key = candidate, key
+        return best
 
     def replan(self, plan: Plan, stats: OffloadStats, profile: ModelProfile) -> Plan | None:
         """Deepen the window when transfers outlast the compute between streamed blocks;
