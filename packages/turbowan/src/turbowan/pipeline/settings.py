@@ -84,6 +84,10 @@ class RunSettings:
     vae_tiling: bool = _pipeline(False)
     vae_tile: int = _pipeline(DEFAULT_VAE_TILE)
     vae_overlap: int = _pipeline(DEFAULT_VAE_OVERLAP)
+    # the VAE's own placement (the ComfyUI VAE loader's); None: the experts' strategy/budget
+    vae_strategy: str | None = _pipeline()
+    vae_budget: int | str | None = _pipeline()
+    vae_strategy_options: Mapping[str, Any] | None = _pipeline()
     # reserved for LoRA (branch i13-lora) and sequence parallelism (branch i14-distributed):
     # add them as pipeline fields here, with a check in turbowan.pipeline.checks
     # the clip
