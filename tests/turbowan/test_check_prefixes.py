@@ -29,6 +29,18 @@ def test_vae_with_comfy_prefix_matches_its_preset(tmp_path, prefix):
     assert "wan2.1-vae-tiny" in detected.looks_like
 
 
+@pytest.mark.parametrize("prefix", ["first_stage_model.", "vae."])
+def test_preflight_accepts_the_vae_prefix_the_loader_accepts(tmp_path, prefix):
+    from turbowan.pipeline.model_files import inspect_model_file
+
+    path = tmp_path / "vae.safetensors"
+    save_file({prefix + k: v for k, v in _materialise("wan2.1-vae-tiny").items()}, str(path))
+
+    summary, specs = inspect_model_file("vae", path)
+
+    assert summary.startswith("Wan2.1 VAE (dim ") and f"{prefix}conv2.weight" in specs
+
+
 def test_umt5_with_wrapper_prefix_matches_its_preset(tmp_path):
     prefix = "text_encoders.umt5xxl.transformer."
     state = {prefix + k: v for k, v in _materialise("umt5-tiny", naming="comfy").items()}

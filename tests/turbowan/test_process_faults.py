@@ -3,15 +3,20 @@ disk (a file-size limit) or exhausted memory (an address-space limit) end in one
 the stage and the fix, never in an abort or a traceback.
 
 The child runs the real CLI; the only test addition is a *gate* (a wait at one point of the run,
-announced on stderr) so the signal lands at a known stage instead of racing the run.
+announced on stderr) so the signal lands at a known stage instead of racing the run. Each run is
+a fork of one server process that imported torch and turbowan once (no thread runs in it yet):
+the run is still its own process with its own signal handlers, limits, exit and clean-up.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -59,29 +64,70 @@ sys.exit(main(sys.argv[1:]))
 SMALL = ["--frames", "5", "--width", "64", "--height", "64", "--home", "disk"]
 
 
-def run_cli(tmp_path: Path, args: list[str], *, gate: str | None = None, send: int | None = None,
-            fsize: int | None = None, address_space: int | None = None) -> tuple[int, str, Path]:
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
+# One Python imports torch and the CLI once; each run is a fork of it (the run's own process,
+# with its own signals, limits and exit), so a run does not pay torch's import again.
+SERVER = r'''
+import json, os, sys, tempfile
+import torch  # noqa: F401  (the expensive imports, paid once)
+import turbowan.cli.generate, turbowan.cli.main, turbowan.pipeline.demo  # noqa: F401,E401
+driver = sys.argv[1]
+for line in sys.stdin:
+    request = json.loads(line)
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:  # the run: stdio of its own, then the driver exactly as a script runs it
+        os.close(0)
+        err = os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(err, 2)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        os.environ.update(request["env"])
+        tempfile.tempdir = None  # TMPDIR is read again
+        sys.argv = [driver, *request["args"]]
+        source = open(driver).read()
+        exec(compile(source, driver, "exec"), {"__name__": "__main__"})  # ends in sys.exit
+    print(json.dumps({"pid": pid}), flush=True)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"rc": os.waitstatus_to_exitcode(status)}), flush=True)
+'''
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    (root / "driver.py").write_text(DRIVER)
+    (root / "server.py").write_text(SERVER)
+    proc = subprocess.Popen([sys.executable, str(root / "server.py"), str(root / "driver.py")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    replies: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [replies.put(json.loads(line)) for line in proc.stdout],
+                     daemon=True).start()
+    yield proc, replies
+    proc.stdin.close()
+    proc.wait(timeout=60)
+
+
+def run_cli(server, tmp_path: Path, args: list[str], *, gate: str | None = None,
+            send: int | None = None, fsize: int | None = None,
+            address_space: int | None = None) -> tuple[int, str, Path]:
+    proc, replies = server
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir()
-    env = {**os.environ, "TMPDIR": str(tmpdir), "GATE": gate or "", "FSIZE": str(fsize or ""),
+    stderr = tmp_path / "stderr.txt"
+    env = {"TMPDIR": str(tmpdir), "GATE": gate or "", "FSIZE": str(fsize or ""),
            "ADDRESS_SPACE": str(address_space or "")}
-    proc = subprocess.Popen([sys.executable, str(driver), *args], stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, env=env, text=True)
-    lines = []
+    proc.stdin.write(json.dumps({"args": args, "env": env, "stderr": str(stderr)}) + "\n")
+    proc.stdin.flush()
+    pid = replies.get(timeout=60)["pid"]
     deadline = time.monotonic() + 240
     if gate is not None:
-        for line in proc.stderr:
-            lines.append(line)
-            if f"GATE {gate}" in line:
-                proc.send_signal(send)
-                break
-            assert time.monotonic() < deadline, "".join(lines)
-        else:
-            pytest.fail("the run ended before reaching the gate:\n" + "".join(lines))
-    _, rest = proc.communicate(timeout=240)
-    return proc.returncode, "".join(lines) + rest, tmpdir
+        while f"GATE {gate}" not in (stderr.read_text() if stderr.exists() else ""):
+            if not replies.empty():
+                pytest.fail("the run ended before reaching the gate:\n" + stderr.read_text())
+            assert time.monotonic() < deadline, stderr.read_text()
+            time.sleep(0.05)
+        os.kill(pid, send)
+    rc = replies.get(timeout=max(1.0, deadline - time.monotonic()))["rc"]
+    return rc, stderr.read_text(), tmpdir
 
 
 def leftovers(tmpdir: Path) -> list[str]:
@@ -89,9 +135,9 @@ def leftovers(tmpdir: Path) -> list[str]:
     return sorted(p.name for p in tmpdir.iterdir() if p.name.startswith(("offloadkit-", "turbowan-")))
 
 
-def test_sigterm_after_sampling_keeps_latents_and_removes_temporaries(tmp_path):
+def test_sigterm_after_sampling_keeps_latents_and_removes_temporaries(server, tmp_path):
     out = tmp_path / "out" / "clip.mp4"
-    rc, err, tmpdir = run_cli(tmp_path, ["generate", *SMALL, "-o", str(out)],
+    rc, err, tmpdir = run_cli(server, tmp_path, ["generate", *SMALL, "-o", str(out)],
                               gate="decode", send=signal.SIGTERM)
     assert rc == 128 + signal.SIGTERM, err
     latents_file = out.with_name("clip.latents.safetensors")
@@ -105,9 +151,9 @@ def test_sigterm_after_sampling_keeps_latents_and_removes_temporaries(tmp_path):
     assert "Traceback" not in err
 
 
-def test_sighup_while_the_low_expert_stages_stops_the_thread_and_cleans_up(tmp_path):
+def test_sighup_while_the_low_expert_stages_stops_the_thread_and_cleans_up(server, tmp_path):
     out = tmp_path / "out" / "clip.mp4"
-    rc, err, tmpdir = run_cli(tmp_path, ["generate", *SMALL, "-o", str(out)],
+    rc, err, tmpdir = run_cli(server, tmp_path, ["generate", *SMALL, "-o", str(out)],
                               gate="staging", send=signal.SIGHUP)
     assert rc == 128 + signal.SIGHUP, err
     assert "interrupted" in err and "Traceback" not in err and "terminate called" not in err
@@ -138,10 +184,10 @@ def real_format_args(real_files, *extra: str) -> list[str]:
             "--image", str(image), "--device", "cpu", "--threads", "1", *SMALL, *extra]
 
 
-def test_full_tmpdir_with_disk_home_is_one_message_not_an_abort(tmp_path, real_files):
+def test_full_tmpdir_with_disk_home_is_one_message_not_an_abort(server, tmp_path, real_files):
     out = tmp_path / "out" / "clip.mp4"
     args = real_format_args(real_files, "-o", str(out))
-    rc, err, tmpdir = run_cli(tmp_path, args, fsize=256 * 1024)
+    rc, err, tmpdir = run_cli(server, tmp_path, args, fsize=256 * 1024)
     assert rc == 1, err
     assert "the disk is full or a file-size limit was reached" in err, err
     assert "--home host" in err and "sampling (high expert)" in err
@@ -149,13 +195,13 @@ def test_full_tmpdir_with_disk_home_is_one_message_not_an_abort(tmp_path, real_f
     assert leftovers(tmpdir) == []
 
 
-def test_full_disk_after_sampling_reports_both_failures_in_one_message(tmp_path, real_files):
+def test_full_disk_after_sampling_reports_both_failures_in_one_message(server, tmp_path, real_files):
     """The video cannot be written and the latents rescue cannot either: one message, no
     second traceback from inside the rescue."""
     out = tmp_path / "out" / "clip.mp4"
     args = real_format_args(real_files, "--steps", "2", "-o", str(out))  # the high expert only
     args[args.index("disk")] = "host"  # nothing written before the video
-    rc, err, _ = run_cli(tmp_path, args, fsize=2048)
+    rc, err, _ = run_cli(server, tmp_path, args, fsize=2048)
     assert rc == 1, err
     assert "sampling finished but write video: the disk is full" in err, err
     assert "the sampled latents could not be kept: saving the latents: the disk is full" in err
@@ -163,11 +209,11 @@ def test_full_disk_after_sampling_reports_both_failures_in_one_message(tmp_path,
     assert not out.exists() and not list(out.parent.glob(".*partial*"))
 
 
-def test_host_memory_exhausted_in_vae_encode_is_one_line(tmp_path):
+def test_host_memory_exhausted_in_vae_encode_is_one_line(server, tmp_path):
     # within the family's bounds (4093 frames, 2560x1440) but a 181 GB pixel clip
     args = ["generate", "--frames", "4093", "--width", "2560", "--height", "1440",
             "-o", str(tmp_path / "big.mp4")]
-    rc, err, tmpdir = run_cli(tmp_path, args, address_space=24 << 30)
+    rc, err, tmpdir = run_cli(server, tmp_path, args, address_space=24 << 30)
     assert rc == 1, err
     lines = [line for line in err.splitlines() if line.startswith("turbowan generate: error")]
     assert len(lines) == 1, err

@@ -125,11 +125,12 @@ def _family_summary(family: str, specs: dict[str, Any], p: Path, flag: str) -> t
             from turbowan.vae.config import config_from_state_dict as vae_config
             from turbowan.vae.config import strip_prefix
 
-            cfg = vae_config(specs)
+            stripped = strip_prefix(specs)  # a ComfyUI-style wrapper prefix, as load_vae drops it
+            cfg = vae_config(stripped)
             preset = next((n for n, c in VAE_PRESETS.items() if c == cfg), None)
             report = None
             if preset is not None:  # another width is checked key by key when it loads
-                report = _compare_with_preset("turbowan.vae.meta", preset, strip_prefix(specs), str(p))
+                report = _compare_with_preset("turbowan.vae.meta", preset, stripped, str(p))
             return f"Wan2.1 VAE (dim {cfg.dim})", report
         from turbowan.text_encoder.config import PRESETS as TE_PRESETS
         from turbowan.text_encoder.config import config_from_state_dict as te_config
