@@ -7,7 +7,7 @@ strategy; strategies are pluggy plugins found through the ``offloadkit`` entry-p
 
 from __future__ import annotations
 
-from offloadkit.api import apply, offloaded, stage
+from offloadkit.api import apply, is_offloaded, offloaded, stage
 from offloadkit.budget import parse_budget
 from offloadkit.engine import profile_model
 from offloadkit.errors import (
@@ -39,6 +39,7 @@ __all__ = [
     "apply",
     "get_strategy",
     "hookimpl",
+    "is_offloaded",
     "list_strategies",
     "offloaded",
     "parse_budget",
