@@ -50,8 +50,9 @@ def make_lora(shapes: dict[str, tuple[int, ...]], *, blocks: int, rank: int = 4,
     if extras:
         lora.diff_b["blocks.0.self_attn.q"] = 0.1 * torch.randn(shapes["blocks.0.self_attn.q.bias"][0], generator=g)
         lora.diff["blocks.1.self_attn.norm_q"] = 0.1 * torch.randn(shapes["blocks.1.self_attn.norm_q.weight"], generator=g)
-        lora.diff["blocks.2.norm3"] = 0.1 * torch.randn(shapes["blocks.2.norm3.weight"], generator=g)
-        lora.diff_b["blocks.2.norm3"] = 0.1 * torch.randn(shapes["blocks.2.norm3.bias"], generator=g)
+        last = f"blocks.{blocks - 1}.norm3"
+        lora.diff[last] = 0.1 * torch.randn(shapes[f"{last}.weight"], generator=g)
+        lora.diff_b[last] = 0.1 * torch.randn(shapes[f"{last}.bias"], generator=g)
     return lora
 
 

@@ -51,6 +51,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     models.add_argument("--tokenizer", help="umT5 tokenizer: spiece.model, tokenizer.json or their "
                         "folder (default: found next to the text encoder)")
 
+    lora = p.add_argument_group("LoRA (repeatable; FILE or FILE:STRENGTH, strength default 1)")
+    lora.add_argument("--lora", action="append", default=[], metavar="FILE[:S]",
+                      help="a LoRA for both experts (.safetensors; ComfyUI/PEFT, kohya/musubi "
+                      "or diffusers naming)")
+    lora.add_argument("--lora-high", dest="lora_high", action="append", default=[],
+                      metavar="FILE[:S]", help="a LoRA for the high-noise expert only")
+    lora.add_argument("--lora-low", dest="lora_low", action="append", default=[],
+                      metavar="FILE[:S]", help="a LoRA for the low-noise expert only")
+
     video = p.add_argument_group("video")
     video.add_argument("--frames", type=int, help="4n+1 frames (default 81; demo 17)")
     video.add_argument("--resolution", help="480, 480p, 512, 720 or 720p (default 720p; demo 128x128)")
@@ -148,11 +157,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, demo: bool) -> int:
+    from turbowan.lora import LoraSpec
     from turbowan.pipeline.i2v import DecodeFailedError, DecodeInterrupted, I2VPipeline
     from turbowan.pipeline.preflight import PreflightError
 
     placement = dict(home=args.home, vae_tiling=args.vae_tiling, vae_tile=args.vae_tile,
                      vae_overlap=args.vae_overlap)
+    try:
+        placement["loras"] = [LoraSpec.parse(text, expert) for expert, texts in (
+            ("both", args.lora), ("high", args.lora_high), ("low", args.lora_low))
+            for text in texts]
+    except ValueError as exc:
+        print(f"turbowan generate: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         if demo:
             print("turbowan: no checkpoints given, running the embedded demo.", file=sys.stderr)

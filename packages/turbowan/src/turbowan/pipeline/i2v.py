@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from turbowan.dtypes import parse_float_dtype
+from turbowan.lora import check as lora_check
 from turbowan.pipeline import preflight
 from turbowan.pipeline.conditioning import (
     DEFAULT_RESIZE,
@@ -170,8 +171,12 @@ class I2VPipeline:
         vae_tiling: bool = False,
         vae_tile: int = DEFAULT_VAE_TILE,
         vae_overlap: int = DEFAULT_VAE_OVERLAP,
+        loras: Any = (),
     ) -> None:
+        from turbowan.lora.check import coerce_loras
+
         self.files = files
+        self.loras = coerce_loras(loras)  # LoraSpec list, attached whenever an expert loads
         self.strategy = strategy
         self.budget = budget
         self.device = device
@@ -209,10 +214,12 @@ class I2VPipeline:
         vae_tiling: bool = False,
         vae_tile: int = DEFAULT_VAE_TILE,
         vae_overlap: int = DEFAULT_VAE_OVERLAP,
+        loras: Any = None,
         **strategy_options: Any,
     ) -> I2VPipeline:
         """Check every file (header only), the placement and the attention settings; load
-        nothing. ``low`` may be None only for runs of 1-2 steps (which never use it).
+        nothing. ``loras``: LoRA files for the experts, each a path, ``"FILE:STRENGTH"``,
+        ``(path, strength[, expert])`` or a :class:`turbowan.lora.LoraSpec`. ``low`` may be None only for runs of 1-2 steps (which never use it).
 
         ``home`` is the offloadkit home tier of the DiT experts ("host", "pinned" or "disk":
         disk keeps the streamed weights in a temporary file instead of host RAM);
@@ -225,12 +232,15 @@ class I2VPipeline:
         paths = {"high": high, "low": low, "vae": vae, "text_encoder": text_encoder}
         descriptions, specs = preflight.inspect_model_files(paths, collector=c, tokenizer=tokenizer)
         preflight.check_tokenizer(tokenizer, collector=c)
+        lora_list, checked = _check_loras(loras, c, lambda: lora_check.meta_experts(specs))
         dev, torch_dtype = _check_pipeline_settings(
             c, strategy=strategy, budget=budget, device=device, dtype=dtype, attention=attention,
             sla_topk=sla_topk, home=home, vae_tiling=vae_tiling, vae_tile=vae_tile,
             vae_overlap=vae_overlap, strategy_options=strategy_options,
-            placed_models=lambda run_dtype: preflight.placed_models_from_specs(
-                specs, dtype=run_dtype, attention=attention, sla_topk=sla_topk, home=home))
+            placed_models=lambda run_dtype: lora_check.with_meta_loras(
+                preflight.placed_models_from_specs(
+                    specs, dtype=run_dtype, attention=attention, sla_topk=sla_topk, home=home),
+                checked))
         files = ModelFiles(
             high=Path(high), low=Path(low) if low is not None else None, vae=Path(vae),
             text_encoder=Path(text_encoder), tokenizer=tokenizer,
@@ -238,7 +248,7 @@ class I2VPipeline:
         return cls(files, strategy=strategy, budget=budget, device=dev, dtype=torch_dtype,
                    attention=attention, sla_topk=sla_topk, strategy_options=strategy_options,
                    descriptions=descriptions, home=home, vae_tiling=vae_tiling,
-                   vae_tile=vae_tile, vae_overlap=vae_overlap)
+                   vae_tile=vae_tile, vae_overlap=vae_overlap, loras=lora_list)
 
     @classmethod
     def demo(
@@ -255,6 +265,7 @@ class I2VPipeline:
         vae_tiling: bool = False,
         vae_tile: int = DEFAULT_VAE_TILE,
         vae_overlap: int = DEFAULT_VAE_OVERLAP,
+        loras: Any = None,
         **strategy_options: Any,
     ) -> I2VPipeline:
         """The embedded demo: tiny models with deterministic random weights (noise video).
@@ -267,12 +278,14 @@ class I2VPipeline:
 
         c = preflight.new_collector()
         topk = demo_mod.DEMO_SLA_TOPK if sla_topk is None else sla_topk
+        lora_list, checked = _check_loras(loras, c, lora_check.demo_meta_experts)
         dev, torch_dtype = _check_pipeline_settings(
             c, strategy=strategy, budget=budget, device=device, dtype=dtype, attention=attention,
             sla_topk=topk, home=home, vae_tiling=vae_tiling, vae_tile=vae_tile,
             vae_overlap=vae_overlap, strategy_options=strategy_options,
-            placed_models=lambda run_dtype: preflight.demo_placed_models(
-                dtype=run_dtype, attention=attention, sla_topk=topk, home=home))
+            placed_models=lambda run_dtype: lora_check.with_meta_loras(
+                preflight.demo_placed_models(
+                    dtype=run_dtype, attention=attention, sla_topk=topk, home=home), checked))
         owned = directory is None
         where = Path(tempfile.mkdtemp(prefix="turbowan-demo-")) if owned else Path(directory)
         files = demo_mod.demo_files(where)
@@ -281,7 +294,7 @@ class I2VPipeline:
                        text_encoder=files.text_encoder, tokenizer="demo"),
             strategy=strategy, budget=budget, device=dev, dtype=torch_dtype, attention=attention,
             sla_topk=topk, strategy_options=strategy_options, is_demo=True, home=home,
-            vae_tiling=vae_tiling, vae_tile=vae_tile, vae_overlap=vae_overlap,
+            vae_tiling=vae_tiling, vae_tile=vae_tile, vae_overlap=vae_overlap, loras=lora_list,
         )
         pipe._demo_dir = where
         if owned:
@@ -390,8 +403,26 @@ class I2VPipeline:
         from turbowan.dit.loading import load_dit
 
         self._ensure_demo_files()
-        return load_dit(path, attention=self.attention, sla_topk=self.sla_topk, device="cpu",
-                        dtype=self.dtype)
+        model = load_dit(path, attention=self.attention, sla_topk=self.sla_topk, device="cpu",
+                         dtype=self.dtype)
+        if self.loras:  # before offloadkit stages it: the LoRA tensors stream with their blocks
+            lora_check.attach_for_expert(model, self.loras, "high" if path == self.files.high
+                                         else "low")
+        return model
+
+    def set_lora_strength(self, name: str, strength: float, *, expert: str | None = None) -> None:
+        """Change the strength of a LoRA (by file stem, or path) for the next run; ``expert``
+        ("high"/"low") limits it to the LoRAs given for that expert."""
+        from turbowan.lora import LoraError, LoraSpec
+
+        hits = [i for i, s in enumerate(self.loras) if name in (s.name, str(s.path))
+                and (expert is None or s.expert == expert)]
+        if not hits:
+            have = ", ".join(f"{s.name} ({s.expert})" for s in self.loras) or "none"
+            raise LoraError(f"no LoRA named {name!r} in this pipeline (LoRAs: {have})")
+        for i in hits:
+            s = self.loras[i]
+            self.loras[i] = LoraSpec(s.path, strength, s.expert, s.name)
 
     def sample(
         self,
@@ -562,9 +593,20 @@ class I2VPipeline:
             "strategy": self.strategy, "attention": self.attention, "sla_topk": self.sla_topk,
             "home": self.home, "vae_tiling": self.vae_tiling, "vae_tile": self.vae_tile,
             "vae_overlap": self.vae_overlap,
+            "loras": [f"{s.path}:{s.strength:g} ({s.expert})" for s in self.loras],
             "output": str(output) if output is not None else None,
         }
         return settings, pil
+
+
+def _check_loras(loras: Any, c: Any, experts: Callable[[], dict[str, torch.nn.Module]]
+                 ) -> tuple[list[Any], dict[str, list[Any]]]:
+    """The run's LoRAs, each checked from its header against the experts it changes."""
+    lora_list = c.check(lambda: lora_check.coerce_loras(loras)) or []
+    if not lora_list:
+        return lora_list, {}
+    models = c.check(experts)
+    return lora_list, ({} if models is None else lora_check.check_loras(lora_list, models, c))
 
 
 def _remove_recording_peak(handle: Any, stage: Stage | None, *, restore: bool) -> None:
