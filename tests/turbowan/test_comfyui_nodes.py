@@ -163,7 +163,8 @@ def load_models(strategy="adaptive", budget="auto"):
 
 def test_input_types_match_the_original_nodes_without_their_bugs(comfy):
     assert set(NODE_CLASS_MAPPINGS) == {"TurboWanModelLoader", "TurboWanVAELoader",
-                                        "TurboDiffusionI2VSampler", "TurboDiffusionSaveVideo"}
+                                        "TurboDiffusionI2VSampler", "TurboDiffusionSaveVideo",
+                                        "TurboWanLoraLoader"}
     assert set(NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_CLASS_MAPPINGS)
     loader = NODE_CLASS_MAPPINGS["TurboWanModelLoader"].INPUT_TYPES()
     assert loader["required"]["model_name"][0] == ["demo_dit_high.safetensors", "demo_dit_low.safetensors",

@@ -29,6 +29,7 @@ class TurboWanModel:
     text_dim: int
     nbytes: int  # tensor bytes in the file: what the expert weighs once loaded
     description: str
+    loras: tuple = ()  # turbowan.lora.LoraSpec, added by TurboWanLoraLoader nodes
 
     def placement(self) -> tuple[str, str, str, float]:
         return self.strategy, self.budget, self.attention, float(self.sla_topk)

@@ -16,6 +16,7 @@ import torch
 from turbowan.comfyui import comfy_env
 from turbowan.comfyui.conditioning import conditioning_to_context
 from turbowan.comfyui.images import comfy_frames_to_uint8, comfy_image_to_pil, video_to_comfy_frames
+from turbowan.comfyui.lora_node import TurboWanLoraLoader, expert_loras
 from turbowan.comfyui.models import TurboWanModel, TurboWanVAE, check_dit, check_vae
 from turbowan.pipeline import preflight
 from turbowan.pipeline.conditioning import DEFAULT_RESIZE, RESIZE_MODES
@@ -242,7 +243,7 @@ def _run(plan: dict[str, Any]) -> torch.Tensor:
         ModelFiles(high=high.path, low=low.path if low is not None else None, vae=vae.path,
                    text_encoder=None),
         strategy=high.strategy, budget=high.budget, device=device, dtype=default_dtype(device),
-        attention=high.attention, sla_topk=high.sla_topk,
+        attention=high.attention, sla_topk=high.sla_topk, loras=expert_loras(high, low),
     )
     largest = max(high.nbytes, low.nbytes if low is not None else 0, vae.nbytes)
     comfy_env.free_device_memory(largest + ACTIVATION_RESERVE, device)
@@ -312,12 +313,14 @@ class TurboDiffusionSaveVideo:
 
 NODE_CLASS_MAPPINGS = {
     "TurboWanModelLoader": TurboWanModelLoader,
+    "TurboWanLoraLoader": TurboWanLoraLoader,
     "TurboWanVAELoader": TurboWanVAELoader,
     "TurboDiffusionI2VSampler": TurboDiffusionI2VSampler,
     "TurboDiffusionSaveVideo": TurboDiffusionSaveVideo,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "TurboWanModelLoader": "TurboWan Model Loader",
+    "TurboWanLoraLoader": "TurboWan LoRA Loader",
     "TurboWanVAELoader": "TurboWan VAE Loader",
     "TurboDiffusionI2VSampler": "TurboDiffusion I2V Sampler",
     "TurboDiffusionSaveVideo": "TurboDiffusion Save Video",
