@@ -241,10 +241,13 @@ def test_lora_rank_repeats_each_run_with_the_lora_and_counts_its_bytes():
     assert lora["lora_bytes"] == 3 * per_block
     aligned = sum(-(-n // 256) * 256 for n in  # the 20 LoRA tensors of a block
                                          [4 * 4 * d for d in [256] * 18 + [512, 512]])
-    block = doc["block_bytes"][0]  # without LoRA; every copy moves whole blocks
-    copies = plain["bytes_per_step"] // block
-    assert copies >= 3 and plain["bytes_per_step"] == copies * block
-    assert lora["bytes_per_step"] == copies * (block + aligned)
+    # every copy moves whole blocks (how many copies a step counts depends on when the next
+    # step's prefetch starts): the plain run moves whole plain blocks, the LoRA run whole
+    # blocks that are exactly the LoRA's aligned bytes larger
+    block = doc["block_bytes"][0]
+    assert plain["bytes_per_step"] % block == 0 and plain["bytes_per_step"] >= 3 * block
+    assert lora["bytes_per_step"] % (block + aligned) == 0
+    assert lora["bytes_per_step"] >= 3 * (block + aligned)
     assert lora["lora_bytes_per_step_ratio"] == lora["bytes_per_step"] / plain["bytes_per_step"] > 1
     assert lora["lora_time_ratio"] > 0 and doc["runs"][1]["lora_time_ratio"] > 0
 

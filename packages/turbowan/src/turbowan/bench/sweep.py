@@ -187,23 +187,47 @@ class Sweep:
         try:
             self.runs.append(self.measure_resident(model, inputs))
             if lora and self.lora is not None:
-                from turbowan.bench.lora import lora_attached
-
-                with lora_attached(model, self.lora) as nbytes:
-                    record = self.measure_resident(model, inputs)
-                self.resident.pop()
-                self.resident_min.pop()
-                record.update(kind="lora", lora_rank=self.spec.lora_rank, lora_bytes=nbytes,
-                              peak_device_bytes=self.model_bytes + nbytes,
-                              resident_index=len(self.resident) - 1)
-                self.runs.append(record)
-                self.log(f"resident + LoRA rank {self.spec.lora_rank}: "
-                         f"{record['seconds_per_step']:.3f} s/step")
+                self.runs.append(self._resident_lora_run(model, inputs))
         except torch.OutOfMemoryError as exc:
             model.to("cpu")
             torch.cuda.empty_cache()
             self.skip("resident", "-", None, f"all weights do not fit on {self.spec.device} ({exc})"
                        "; ratios to all-resident are left empty")  # fmt: skip
+
+    def _resident_lora_run(self, model, inputs: BenchInputs) -> dict:
+        """All-resident with the LoRA attached; with paired timing each step alternates with
+        the plain resident copy, so the ratio is the LoRA's own cost, free of drift."""
+        from turbowan.bench.lora import lora_attached
+
+        s = self.spec
+        with lora_attached(model, self.lora) as nbytes:
+            if self.reference is None:
+                record = self.measure_resident(model, inputs)
+                self.resident.pop()
+                self.resident_min.pop()
+            else:
+                moved = s.device != "cpu"
+                if moved:
+                    model.to(s.device)
+                paired: list[float] = []
+                try:
+                    seconds = time_steps(model, inputs, steps=s.steps, warmup=s.warmup,
+                                         device=s.device, reference=self.reference,
+                                         reference_seconds=paired)  # fmt: skip
+                finally:
+                    if moved:
+                        model.to("cpu")
+                record = empty_run(
+                    strategy="resident", budget="-", seconds_per_step=statistics.median(seconds),
+                    step_seconds=seconds, min_seconds_per_step=min(seconds),
+                    bytes_transferred=0, bytes_per_step=0, stall_seconds=0.0, oom_recoveries=0,
+                    resident_blocks=self.num_blocks, streamed_blocks=0,
+                    paired_resident_step_seconds=paired)  # fmt: skip
+        record.update(kind="lora", lora_rank=s.lora_rank, lora_bytes=nbytes,
+                      peak_device_bytes=self.model_bytes + nbytes,
+                      resident_index=len(self.resident) - 1)
+        self.log(f"resident + LoRA rank {s.lora_rank}: {record['seconds_per_step']:.3f} s/step")
+        return record
 
     def _check_host_memory(self) -> None:
         """Refuse before building a model the host cannot hold; drop the paired copy if only
