@@ -14,9 +14,7 @@ import torch
 from models import make_inputs, make_model, snapshot
 
 import offloadkit
-from offloadkit.engine import profile_model
-from offloadkit.errors import BudgetError
-from offloadkit.strategy import BlockProfile, ModelProfile, Strategy
+from offloadkit import BlockProfile, BudgetError, ModelProfile, Strategy, profile_model
 
 pytestmark = pytest.mark.usefixtures("fresh_registry")
 
@@ -63,11 +61,12 @@ def test_resident_file_accepts_a_list_or_an_object(manual: type[Strategy], tmp_p
 
 def test_budget_too_small_for_the_listed_blocks_states_the_need(manual: type[Strategy]) -> None:
     with pytest.raises(BudgetError) as info:
-        manual(resident=[0, 3, 7]).plan(profile_of(10), budget_bytes=549)
+        offloadkit.make_plan(manual(resident=[0, 3, 7]), profile_of(10), 549)
     message = str(info.value)
-    assert "[0, 3, 7]" in message
-    assert "need 550 bytes" in message and "budget is 549 bytes" in message
-    assert "List fewer blocks or raise the budget" in message
+    assert "budget 549 bytes" in message and "strategy 'manual' needs" in message
+    assert ": 550 bytes" in message and "list fewer blocks or raise the budget" in message
+    assert offloadkit.make_plan(manual(resident=[0, 3, 7]), profile_of(10), 550).resident == (
+        0, 3, 7)
 
 
 @pytest.mark.parametrize("index", [10, -1])
@@ -151,7 +150,7 @@ def test_end_to_end_errors_come_before_any_weight_moves(manual: type[Strategy]) 
     model = make_model()
     before = snapshot(model)
     need = manual(resident=[0, 3, 7]).min_device_bytes(profile_model(model, device="cpu"))
-    with pytest.raises(BudgetError, match=f"need {need} bytes"):
+    with pytest.raises(BudgetError, match=f"needs for this model: {need} bytes"):
         offloadkit.apply(model, "manual", device="cpu", budget=need - 1, resident=[0, 3, 7])
     with pytest.raises(ValueError, match=r"\[8\] out of range.*8 blocks, numbered 0 to 7"):
         offloadkit.apply(model, "manual", device="cpu", budget="1GiB", resident=[0, 8])

@@ -14,11 +14,12 @@ import torch
 from models import make_inputs, make_model, snapshot
 
 import offloadkit
-import offloadkit.api
+import offloadkit.budget as budget_module
 from offloadkit.engine import profile_model
 from offloadkit.engine.disk import DiskStore
 from offloadkit.engine.packing import HostStore
 from offloadkit.errors import AlreadyOffloadedError, BudgetError, OffloadError
+from offloadkit.probe import DeviceMemory
 
 
 @pytest.fixture(scope="module")
@@ -158,11 +159,17 @@ def test_auto_budget_is_read_again_at_place(monkeypatch):
     staged = offloadkit.stage(model, "adaptive", device="cpu", budget="auto", replan_every=0)
     assert staged.plan.streamed == ()  # planned against the whole (host) device: all fits
     # at the switch only the minimum is free: too little first, then just enough
-    monkeypatch.setattr(offloadkit.api, "parse_budget", lambda budget, device: need - 1)
+    total = offloadkit.probe("cpu").total_bytes
+    reserve = staged.budget.reserve_bytes
+
+    def free(nbytes):
+        return lambda device: DeviceMemory("cpu", "host RAM", total, nbytes, "os")
+
+    monkeypatch.setattr(budget_module, "probe", free(need - 1 + reserve))
     with pytest.raises(BudgetError, match="minimum"):
         staged.place()
     assert staged.state == "staged"  # nothing was placed; free memory and retry
-    monkeypatch.setattr(offloadkit.api, "parse_budget", lambda budget, device: need)
+    monkeypatch.setattr(budget_module, "probe", free(need + reserve))
     handle = staged.place()
     try:
         assert len(handle.plan.streamed) == profile.num_blocks  # re-planned for the budget

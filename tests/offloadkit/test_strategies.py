@@ -9,6 +9,7 @@ import pytest
 import torch
 from models import TinyTransformer
 
+import offloadkit
 from offloadkit.engine import profile_model
 from offloadkit.errors import BudgetError, OffloadError
 from offloadkit.ledger import OffloadStats
@@ -158,10 +159,11 @@ def test_budget_below_minimum_states_it_in_bytes_and_gib(profile, name):
     strategy = get_strategy(name)()
     need = strategy.min_device_bytes(profile)
     with pytest.raises(BudgetError) as info:
-        strategy.plan(profile, need - 1)
+        offloadkit.make_plan(strategy, profile, need - 1)
     message = str(info.value)
     assert f"{need} bytes" in message and f"{need / 1024**3:.3f} GiB" in message
-    assert name in message
+    assert name in message and strategy.budget_hint in message
+    assert offloadkit.make_plan(strategy, profile, need).predicted_peak_device_bytes <= need
 
 
 def test_cpu_only_needs_no_device_memory(profile):

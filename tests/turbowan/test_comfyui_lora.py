@@ -19,7 +19,7 @@ from test_comfyui_nodes import (  # noqa: F401 - fixtures
 from turbowan.comfyui import NODE_CLASS_MAPPINGS
 from turbowan.lora import LoraSpec
 from turbowan.pipeline.demo import DEMO_SLA_TOPK, demo_files, demo_image
-from turbowan.pipeline.i2v import I2VPipeline, ModelFiles
+from turbowan.pipeline.i2v import I2VPipeline, RunSettings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -81,12 +81,12 @@ def test_chained_loras_reach_their_expert(comfy_loras, reference, models_dir, lo
     frames = _sample(high_ab, low_c, vae, context)
     # the same run through I2VPipeline with each LoRA given for its expert
     files = demo_files(models_dir)
-    pipe = I2VPipeline(
-        ModelFiles(high=files.high, low=files.low, vae=files.vae, text_encoder=files.text_encoder,
-                   tokenizer="demo"), device=torch.device("cpu"), dtype=torch.float32,
-        sla_topk=DEMO_SLA_TOPK, loras=[LoraSpec(lora_dir / "a.safetensors", 0.8, "high"),
-                                       LoraSpec(lora_dir / "b.safetensors", -0.5, "high"),
-                                       LoraSpec(lora_dir / "c.safetensors", 1.0, "low")])
+    pipe = I2VPipeline(RunSettings(
+        high=files.high, low=files.low, vae=files.vae, text_encoder=files.text_encoder,
+        tokenizer="demo", device="cpu", dtype=torch.float32, sla_topk=DEMO_SLA_TOPK,
+        loras=(LoraSpec(lora_dir / "a.safetensors", 0.8, "high"),
+               LoraSpec(lora_dir / "b.safetensors", -0.5, "high"),
+               LoraSpec(lora_dir / "c.safetensors", 1.0, "low"))))
     y = pipe.encode_image(demo_image(), RUN["num_frames"], 16, 16, "crop")
     latents = pipe.sample(y, context, steps=4, sigma_max=200.0, boundary=0.9, seed=1, ode=False)
     expected = ((pipe.decode(latents)[0].permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1)

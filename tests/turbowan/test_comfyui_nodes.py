@@ -28,7 +28,8 @@ from turbowan.pipeline.demo import (
     demo_image,
     write_demo_checkpoints,
 )
-from turbowan.pipeline.i2v import I2VPipeline, ModelFiles
+from turbowan.pipeline.i2v import I2VPipeline
+from turbowan.pipeline.settings import RunSettings
 from turbowan.pipeline.video_io import read_video
 
 RUN = dict(num_frames=5, num_steps=4, resolution="480p", aspect_ratio="16:9", boundary=0.9,
@@ -139,9 +140,9 @@ def comfy(models_dir, tmp_path, monkeypatch):
 def reference(models_dir):
     """The same run through I2VPipeline directly, and the demo prompt's text states."""
     files = demo_files(models_dir)
-    pipe = I2VPipeline(ModelFiles(high=files.high, low=files.low, vae=files.vae,
-                                  text_encoder=files.text_encoder, tokenizer="demo"),
-                       device=torch.device("cpu"), dtype=torch.float32, sla_topk=DEMO_SLA_TOPK)
+    pipe = I2VPipeline(RunSettings(high=files.high, low=files.low, vae=files.vae,
+                                   text_encoder=files.text_encoder, tokenizer="demo",
+                                   device="cpu", dtype=torch.float32, sla_topk=DEMO_SLA_TOPK))
     context = pipe.encode_prompt(DEMO_PROMPT)
     result = pipe.generate(demo_image(), DEMO_PROMPT, frames=RUN["num_frames"], width=16,
                            height=16, steps=4, seed=1, sigma_max=200.0, boundary=0.9, ode=False)

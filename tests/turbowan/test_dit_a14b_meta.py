@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from turbowan.dit.config import BLOCK_LINEARS, PRESETS, build_manifest_model
+from turbowan.dit.config import BLOCK_LINEARS, PRESETS
+from turbowan.dit.meta import build_manifest_model
 
 A14B = "wan2.2-i2v-a14b"
 

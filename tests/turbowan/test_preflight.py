@@ -8,6 +8,7 @@ import pytest
 
 from turbowan.pipeline.demo import write_demo_checkpoints
 from turbowan.pipeline.i2v import I2VPipeline
+from turbowan.pipeline.placement import vae_blocks
 from turbowan.pipeline.preflight import PreflightError
 
 
@@ -273,7 +274,7 @@ def _loaded_models(files, dtype):
     pipe = I2VPipeline.from_files(high=files.high, low=files.low, vae=files.vae, dtype=dtype,
                                   text_encoder=files.text_encoder, tokenizer="demo", device="cpu")
     te, vae = pipe._load_text_encoder(), pipe._get_vae()
-    return {"text_encoder": (te, te.blocks), "vae": (vae, pipe._vae_blocks(vae)),
+    return {"text_encoder": (te, te.blocks), "vae": (vae, vae_blocks(vae)),
             "high": (pipe._load_expert(files.high), "blocks"),
             "low": (pipe._load_expert(files.low), "blocks")}
 

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from turbowan.text_encoder.config import (
     PRESETS,
     TextEncoderMismatchError,
-    build_manifest_model,
     config_from_state_dict,
 )
+from turbowan.text_encoder.meta import build_manifest_model
 from turbowan.text_encoder.model import UMT5Encoder, relative_position_buckets, zero_padding
 from turbowan.text_encoder.naming import (
     comfy_to_wan_key,

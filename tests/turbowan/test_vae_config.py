@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from turbowan.presets import family_module
-from turbowan.vae.config import PRESETS, VAEConfig, build_manifest_model, config_from_state_dict
+from turbowan.vae.config import PRESETS, VAEConfig, config_from_state_dict
+from turbowan.vae.meta import build_manifest_model
 
 
 @pytest.fixture(scope="module")

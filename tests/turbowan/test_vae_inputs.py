@@ -7,9 +7,10 @@ import torch
 from safetensors.torch import save_file
 
 import turbowan
-from turbowan.vae.config import VAECheckpointError, build_manifest_model
+from turbowan.vae.config import VAECheckpointError
 from turbowan.vae.frames import FrameCountError, check_frame_count, check_spatial_size
 from turbowan.vae.loading import check_frame_count as exported_check
+from turbowan.vae.meta import build_manifest_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

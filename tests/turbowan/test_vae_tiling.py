@@ -8,7 +8,7 @@ from torch import nn
 
 import turbowan
 from turbowan.vae.cache import CausalCache
-from turbowan.vae.config import build_manifest_model
+from turbowan.vae.meta import build_manifest_model
 from turbowan.vae.tiling import decode_tiles_stream, tile_starts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -9,20 +9,20 @@ from typing import Any
 
 import torch
 
-from offloadkit.budget import auto_reserve_bytes, parse_budget
-from offloadkit.engine.options import ENGINE_OPTIONS
+from offloadkit.budget import Budget
 from offloadkit.engine.profile import (
     BlocksArg,
     layout_model,
     profile_from_layout,
     with_device_memory,
 )
-from offloadkit.errors import AlreadyOffloadedError, DeviceUnavailableError
+from offloadkit.errors import AlreadyOffloadedError
 from offloadkit.handle import OffloadHandle
-from offloadkit.probe import cuda_index, parse_device, probe
-from offloadkit.registry import get_strategy
+from offloadkit.planner import build_strategy
+from offloadkit.plans import HOME_TIERS
+from offloadkit.probe import resolve_device
 from offloadkit.staged import StagedModel
-from offloadkit.strategy import HOME_TIERS, Strategy
+from offloadkit.strategy import Strategy
 
 #: attribute set on an offloaded model (and its blocks) while a handle is live
 MARKER = "_offloadkit_handle"
@@ -33,7 +33,7 @@ def apply(
     strategy: str | Strategy = "adaptive",
     *,
     device: str | torch.device | None = None,
-    budget: int | str | None = "auto",
+    budget: Budget | int | str | None = "auto",
     blocks: BlocksArg = None,
     home: str = "host",
     **options: Any,
@@ -53,7 +53,7 @@ def stage(
     strategy: str | Strategy = "adaptive",
     *,
     device: str | torch.device | None = None,
-    budget: int | str | None = "auto",
+    budget: Budget | int | str | None = "auto",
     blocks: BlocksArg = None,
     home: str = "host",
     **options: Any,
@@ -73,27 +73,25 @@ def stage(
 
 
 def _stage(model: torch.nn.Module, strategy: str | Strategy, *, device: str | torch.device | None,
-           budget: int | str | None, blocks: BlocksArg, home: str, options: dict[str, Any],
-           auto_at_place: bool) -> StagedModel:
+           budget: Budget | int | str | None, blocks: BlocksArg, home: str,
+           options: dict[str, Any], auto_at_place: bool) -> StagedModel:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"offloadkit.apply()/stage() needs a torch.nn.Module, not "
                         f"{type(model).__name__}")
     _refuse_second_apply(model)
     if home not in HOME_TIERS:
         raise ValueError(f"home={home!r} is not a home tier; use one of: {', '.join(HOME_TIERS)}")
-    strategy_obj, engine_options = _make_strategy(strategy, options)
+    strategy_obj, engine_options = build_strategy(strategy, options)  # checks every option
     # cpu_only computes on the CPU whatever device is named
-    target = resolve_device(device) if getattr(strategy_obj, "uses_device", True) \
-        else torch.device("cpu")
-    budget_at_place = None
-    if not _needs_budget(strategy_obj):
-        budget_bytes = 0
-    elif auto_at_place and _is_auto(budget):
-        budget_bytes = _auto_ceiling(target)
-        def budget_at_place() -> int:
-            return parse_budget("auto", target)
+    target = resolve_device(device) if strategy_obj.uses_device else torch.device("cpu")
+    if not strategy_obj.uses_budget:  # a budget means nothing to it: not even parsed
+        parsed, budget_bytes, reread = Budget(0, device=str(target), text="unused"), 0, False
     else:
-        budget_bytes = parse_budget(budget, target)
+        parsed = Budget.parse(budget, target)
+        # stage(): "auto" is checked against its ceiling now and read again at place(),
+        # since memory free now may be held by the model being replaced
+        reread = auto_at_place and parsed.auto
+        budget_bytes = parsed.bytes if reread else parsed.resolve()
     layout = layout_model(model, blocks)
     profile = with_device_memory(profile_from_layout(layout, device=target, home=home), target)
     modules = list(model.modules())
@@ -104,22 +102,12 @@ def _stage(model: torch.nn.Module, strategy: str | Strategy, *, device: str | to
         else:
             _unmark(modules)
 
-    staged = StagedModel(model, strategy_obj, device=target, budget_bytes=budget_bytes,
-                         budget_at_place=budget_at_place, profile=profile, layout=layout,
-                         engine_options=dict(engine_options), on_finish=finished)
+    staged = StagedModel(model, strategy_obj, device=target, budget=parsed,
+                         budget_bytes=budget_bytes, reread_budget=reread, profile=profile,
+                         layout=layout, engine_options=dict(engine_options), on_finish=finished)
     for module in modules:  # apply()/stage() on it (or a part of it) is refused meanwhile
         module.__dict__[MARKER] = staged
     return staged
-
-
-def _is_auto(budget: int | str | None) -> bool:
-    return budget is None or (isinstance(budget, str) and budget.strip().lower() == "auto")
-
-
-def _auto_ceiling(device: torch.device) -> int:
-    """The most ``"auto"`` could ever give on this device: all of it less the reserve."""
-    total = probe(device).total_bytes
-    return max(0, total - auto_reserve_bytes(total))
 
 
 @contextmanager
@@ -131,44 +119,6 @@ def offloaded(model: torch.nn.Module, strategy: str | Strategy = "adaptive", **k
         yield handle
     finally:
         handle.remove()
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The compute device: CUDA when present if none is named; clear error if it is absent."""
-    if device is None:
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
-    dev = parse_device(device)
-    if dev.type == "cpu":
-        return dev
-    if dev.type != "cuda":
-        raise DeviceUnavailableError(
-            f"offloadkit streams to 'cuda' or 'cpu' devices, not {str(dev)!r}. Use one of those."
-        )
-    return torch.device("cuda", cuda_index(dev))
-
-
-def _make_strategy(strategy: str | Strategy, options: dict[str, Any]
-                   ) -> tuple[Strategy, dict[str, Any]]:
-    engine_options = {k: v for k, v in options.items() if k in ENGINE_OPTIONS}
-    strategy_options = {k: v for k, v in options.items() if k not in ENGINE_OPTIONS}
-    if isinstance(strategy, Strategy):
-        if strategy_options:
-            raise TypeError(
-                f"options {sorted(strategy_options)} are neither engine options "
-                f"({', '.join(sorted(ENGINE_OPTIONS))}) nor accepted here: pass strategy "
-                "options to the strategy's constructor when giving a Strategy instance."
-            )
-        return strategy, engine_options
-    cls = get_strategy(strategy)
-    try:
-        return cls(**strategy_options), engine_options
-    except TypeError as exc:
-        raise TypeError(f"{exc}; engine options: {', '.join(sorted(ENGINE_OPTIONS))}") from None
-
-
-def _needs_budget(strategy: Strategy) -> bool:
-    return getattr(strategy, "uses_budget", True)
 
 
 def _refuse_second_apply(model: torch.nn.Module) -> None:

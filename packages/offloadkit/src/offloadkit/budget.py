@@ -17,11 +17,16 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 import torch
 
 from offloadkit.errors import BudgetError
 from offloadkit.probe import probe
+from offloadkit.units import describe_bytes, format_bytes
+
+__all__ = ["AUTO_RESERVE_FRACTION", "AUTO_RESERVE_MIN_BYTES", "Budget", "auto_reserve_bytes",
+           "format_bytes", "parse_budget"]
 
 GiB = 1024**3
 
@@ -50,13 +55,72 @@ _ACCEPTED = (
 )
 
 
-def parse_budget(budget: int | float | str | None, device: str | torch.device = "cpu") -> int:
-    """Resolve ``budget`` to bytes for ``device``; ``None`` means ``"auto"``.
+@dataclass(frozen=True)
+class Budget:
+    """A budget parsed once, then passed through staging, planning and placing.
 
-    The device is only probed for ``"80%"`` and ``"auto"``; fixed sizes never touch it.
+    ``bytes`` is what checks compare against: the fixed budget, or for ``"auto"`` its
+    ceiling, the most it can ever give (the device's total less the activation reserve).
+    ``"auto"`` is read from free memory only when a model is placed (:meth:`resolve`),
+    because memory free earlier may be held by the model being replaced.
     """
-    if budget is None:
-        budget = "auto"
+
+    bytes: int
+    auto: bool = False
+    device: str = "cpu"
+    total_bytes: int | None = None  # the device total "80%" or "auto" was taken from
+    reserve_bytes: int = 0  # "auto" only: kept free for activations
+    text: str = ""  # what the user gave, for messages
+
+    @classmethod
+    def parse(cls, value: Budget | int | float | str | None, device: str | torch.device = "cpu",
+              *, total_bytes: int | None = None) -> Budget:
+        """Parse what a user typed (see the module docstring). ``total_bytes`` is the
+        device's memory when known (a card planned for, a profile's figure): then ``"80%"``
+        and ``"auto"`` never probe. A :class:`Budget` is returned as it is."""
+        if isinstance(value, Budget):
+            return value
+        text = _text_of(value)
+        if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+            total = probe(device).total_bytes if total_bytes is None else int(total_bytes)
+            reserve = auto_reserve_bytes(total)
+            return cls(max(0, total - reserve), auto=True, device=str(device),
+                       total_bytes=total, reserve_bytes=reserve, text=text)
+        return cls(_fixed_bytes(value, device, total_bytes), device=str(device),
+                   total_bytes=total_bytes, text=text)
+
+    def resolve(self) -> int:
+        """Bytes in force now: the fixed size, or for ``"auto"`` the memory free on the
+        device now (the allocator's reusable cache included) less the reserve."""
+        return _auto_budget(self.device) if self.auto else self.bytes
+
+    def describe(self) -> str:
+        """The budget for a message: ``'12GiB' = 12884901888 bytes (12.000 GiB)``; for
+        ``"auto"`` its ceiling and where that comes from."""
+        if self.auto:
+            return (f"'auto' (at most {describe_bytes(self.bytes)}: the {format_bytes(self.total_bytes or 0)} "
+                    f"of {self.device} less {format_bytes(self.reserve_bytes)} kept for activations)")
+        shown = describe_bytes(self.bytes)
+        return shown if self.text in ("", str(self.bytes)) else f"{self.text!r} = {shown}"
+
+
+def parse_budget(budget: Budget | int | float | str | None,
+                 device: str | torch.device = "cpu") -> int:
+    """Resolve ``budget`` to bytes for ``device`` now; ``None`` means ``"auto"`` (free memory
+    now less the reserve). The device is only probed for ``"80%"`` and ``"auto"``."""
+    if isinstance(budget, Budget):
+        return budget.resolve()
+    if budget is None or (isinstance(budget, str) and budget.strip().lower() == "auto"):
+        return _auto_budget(device)
+    return _fixed_bytes(budget, device, None)
+
+
+def _text_of(value: object) -> str:
+    return "auto" if value is None else value.strip() if isinstance(value, str) else repr(value)
+
+
+def _fixed_bytes(budget: object, device: str | torch.device, total_bytes: int | None) -> int:
+    """Bytes of a size, a number or a percentage (of ``total_bytes``, probed if None)."""
     if isinstance(budget, bool):
         raise BudgetError(f"budget={budget!r} is a bool, not a budget. {_ACCEPTED}")
     if isinstance(budget, int):
@@ -69,16 +133,14 @@ def parse_budget(budget: int | float | str | None, device: str | torch.device = 
         raise BudgetError(
             f"budget must be an int or a string, not {type(budget).__name__}. {_ACCEPTED}"
         )
-
     text = budget.strip()
-    if text.lower() == "auto":
-        return _auto_budget(device)
     percent = _PERCENT.match(text)
     if percent:
         share = float(percent["num"])
         if not 0 < share <= 100:
             raise BudgetError(f"budget={budget!r}: a percentage must be above 0% and at most 100%.")
-        return math.floor(probe(device).total_bytes * share / 100)
+        total = probe(device).total_bytes if total_bytes is None else total_bytes
+        return math.floor(total * share / 100)
     if text.startswith("-"):
         raise BudgetError(f"budget={budget!r} is negative; a budget is a number of bytes >= 0.")
     size = _SIZE.match(text)
@@ -93,19 +155,6 @@ def parse_budget(budget: int | float | str | None, device: str | torch.device = 
 def auto_reserve_bytes(total_bytes: int) -> int:
     """Bytes ``"auto"`` leaves free for activations on a device of ``total_bytes``."""
     return max(AUTO_RESERVE_MIN_BYTES, math.floor(total_bytes * AUTO_RESERVE_FRACTION))
-
-
-def format_bytes(n: int | float) -> str:
-    """``1536 -> '1.50 KiB'``: binary units, so figures match what budgets in GiB mean."""
-    sign = "-" if n < 0 else ""
-    value = float(abs(n))
-    if value < 1024:
-        return f"{sign}{int(value)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        if value < 1024 or unit == "TiB":
-            return f"{sign}{value:.2f} {unit}"
-    raise AssertionError("unreachable")
 
 
 def _auto_budget(device: str | torch.device) -> int:

@@ -5,28 +5,19 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from offloadkit.ledger import OffloadStats, TraceEvent
-    from offloadkit.strategy import Plan
-
-
-class Placement(Protocol):
-    """What a handle drives: the engine, or a strategy's own mechanism (cpu_only, comfy)."""
-
-    plan: Plan
-
-    def stats(self) -> OffloadStats: ...
-    def trace_events(self) -> list[TraceEvent]: ...
-    def replan(self) -> Plan | None: ...
-    def remove(self) -> None: ...
+    from offloadkit.ledger import OffloadStats
+    from offloadkit.placement import Placement
+    from offloadkit.plans import Plan
 
 
 class OffloadHandle:
     """Controls one offloaded model. ``remove()`` puts the model back exactly as it was."""
 
     def __init__(self, placement: Placement) -> None:
+        """Drive ``placement``: the engine, or a strategy's own :class:`Placement`."""
         self._placement = placement
         self._removed = False
         self._finalizers: list[Callable[[], None]] = []
@@ -80,15 +71,11 @@ class OffloadHandle:
 
         ``restore=False`` is for a model the caller drops right after (a pipeline switching
         models): device and home-tier memory are freed but the weights are not copied back,
-        so the model is left unusable (NaN stand-ins). Strategies with their own mechanism
-        always restore."""
+        so the model is left unusable (NaN stand-ins). A placement that cannot skip the copy
+        (cpu_only, comfy_native) restores anyway."""
         if self._removed:
             return
-        release = None if restore else getattr(self._placement, "release", None)
-        if release is not None:
-            release()
-        else:
-            self._placement.remove()
+        self._placement.remove(restore=restore)
         self._removed = True
         for finalize in reversed(self._finalizers):
             finalize()

@@ -55,6 +55,21 @@ def probe(device: str | torch.device = "cuda") -> DeviceMemory:
     )
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The compute device: CUDA when present if none is named; clear error if it is absent."""
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+    dev = parse_device(device)
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise DeviceUnavailableError(
+            f"offloadkit streams to 'cuda' or 'cpu' devices, not {str(dev)!r}. Use one of those."
+        )
+    return torch.device("cuda", cuda_index(dev))
+
+
 def parse_device(device: str | torch.device) -> torch.device:
     """``torch.device(device)``, with an error that says which names work."""
     if isinstance(device, torch.device):

@@ -6,6 +6,9 @@ lazily, once, on the first question (``list_strategies``, ``get_strategy``...).
 
 Environment:
 
+Each switch takes 1/true/yes/on or 0/false/no/off (or is unset); any other value is a
+:class:`PluginError` naming the accepted ones, so a typo never silently means "off".
+
 - ``OFFLOADKIT_DISABLE_PLUGINS=1`` loads only offloadkit's own entry points.
 - ``OFFLOADKIT_STRICT_PLUGINS=1`` turns a plugin that fails to load into an error instead of a
   warning (for plugin authors and CI).
@@ -21,16 +24,17 @@ import sys
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from offloadkit import hookspecs
 from offloadkit._plugins import PluginFailure, PluginLoadWarning, load_entry_point_plugins
-from offloadkit.errors import PluginError, UnknownStrategyError
+from offloadkit.errors import OffloadError, PluginError, UnknownStrategyError
+from offloadkit.strategy import Strategy
 
 if TYPE_CHECKING:
-    from offloadkit.strategy import Strategy
+    import torch
 
 __all__ = [
     "PluginFailure",
@@ -39,8 +43,10 @@ __all__ = [
     "get_plugin_manager",
     "get_strategy",
     "list_strategies",
+    "plugin_blocks",
     "plugin_failures",
     "reset_registry",
+    "strategy_origin",
     "strategy_records",
 ]
 
@@ -211,9 +217,51 @@ def _unknown_message(name: str, registry: _Registry) -> str:
     return " ".join(parts)
 
 
-def _validated_classes(result: object, plugin: str) -> list[type[Strategy]]:
-    from offloadkit.strategy import Strategy  # deferred: strategy.py imports engine code
+def strategy_origin(cls: type[Strategy]) -> str:
+    """``"strategy 'x' (plugin 'p' from distribution 'd')"``: who to blame in a message
+    about a strategy's bug."""
+    label = f"strategy {getattr(cls, 'name', '') or cls.__qualname__!r}"
+    try:
+        records = list(_get().records.values())
+    except OffloadError:  # the registry itself cannot load: name the class instead
+        records = []
+    for record in records:
+        if record.cls is cls:
+            return f"{label} (plugin {record.plugin!r} from distribution {record.distribution!r})"
+    return f"{label} (class {cls.__module__}.{cls.__qualname__}, not registered as a plugin)"
 
+
+def plugin_blocks(model: torch.nn.Module) -> Any:
+    """The blocks a plugin's ``offloadkit_find_blocks`` hook names for ``model``, or None
+    when every plugin passes. An answer that is not a list of modules is a PluginError
+    naming the plugin that gave it."""
+    import torch
+
+    hook = get_plugin_manager().hook.offloadkit_find_blocks
+    result = hook(model=model)
+    if result is None or isinstance(result, torch.nn.ModuleList | torch.nn.Sequential) or (
+            isinstance(result, list | tuple)
+            and all(isinstance(m, torch.nn.Module) for m in result)):
+        return result
+    culprit = "?"
+    for impl in reversed(hook.get_hookimpls()):  # pluggy's call order
+        if impl.hookwrapper or impl.wrapper:
+            continue
+        try:
+            answer = impl.function(model=model)
+        except Exception:  # noqa: BLE001 - only looking for who answered
+            continue
+        if answer is result or type(answer) is type(result) and answer == result:
+            culprit = _get().plugins.get(impl.plugin_name, (impl.plugin_name, ""))[0]
+            break
+    raise PluginError(
+        f"offloadkit_find_blocks() of plugin {culprit!r} returned {type(result).__name__} "
+        f"{result!r:.60}; it must return the model's torch.nn.ModuleList of blocks (or a list "
+        "of its submodules), or None to let other plugins and the generic search answer."
+    )
+
+
+def _validated_classes(result: object, plugin: str) -> list[type[Strategy]]:
     if result is None:
         return []
     if not isinstance(result, list | tuple):
@@ -233,7 +281,29 @@ def _validated_classes(result: object, plugin: str) -> list[type[Strategy]]:
                 f"strategy class {cls.__qualname__} of plugin {plugin!r} has no `name`; "
                 "set the class attribute name = '<what users pass as strategy=>'"
             )
+        problem = _declaration_problem(cls)
+        if problem:
+            raise TypeError(f"strategy {name!r} of plugin {plugin!r}: {problem}")
     return list(result)
+
+
+def _declaration_problem(cls: type[Strategy]) -> str | None:
+    """The declared class attributes have the types the planner relies on."""
+    from offloadkit.placement import Placement
+
+    for flag in ("uses_budget", "uses_device"):
+        if not isinstance(getattr(cls, flag), bool):
+            return f"{flag} = {getattr(cls, flag)!r} must be True or False"
+    if not isinstance(cls.budget_hint, str):
+        return f"budget_hint = {cls.budget_hint!r} must be a str (the fix, in one sentence)"
+    if not isinstance(cls.option_defaults, dict):
+        return f"option_defaults = {cls.option_defaults!r} must be a dict of name -> default"
+    placement = cls.placement
+    if placement is not None and not (isinstance(placement, type)
+                                      and issubclass(placement, Placement)):
+        return (f"placement = {placement!r} must be None (offloadkit's engine) or a subclass "
+                "of offloadkit.Placement")
+    return None
 
 
 def _one_line(cls: type) -> str:
@@ -249,5 +319,18 @@ def _normalise(distribution: str) -> str:
     return distribution.lower().replace("_", "-").replace(".", "-")
 
 
+_YES = ("1", "true", "yes", "on")
+_NO = ("0", "false", "no", "off")
+
+
 def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    if value in _YES:
+        return True
+    if value in ("", *_NO):
+        return False
+    raise PluginError(
+        f"{name}={raw!r} is not a switch value: set it to one of {', '.join(_YES)} to turn it "
+        f"on, or {', '.join(_NO)} (or unset it) to turn it off."
+    )

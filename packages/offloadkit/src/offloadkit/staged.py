@@ -15,14 +15,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from offloadkit.budget import Budget
+from offloadkit.engine.core import Engine
+from offloadkit.engine.profile import with_device_memory
 from offloadkit.errors import OffloadError
+from offloadkit.handle import OffloadHandle
 from offloadkit.ledger import Ledger, OffloadStats
+from offloadkit.planner import make_plan
 
 if TYPE_CHECKING:
-    from offloadkit.engine.core import Engine
     from offloadkit.engine.profile import ModelLayout
-    from offloadkit.handle import OffloadHandle
-    from offloadkit.strategy import ModelProfile, Plan, Strategy
+    from offloadkit.plans import ModelProfile, Plan
+    from offloadkit.strategy import Strategy
 
 
 class StagedModel:
@@ -31,6 +35,10 @@ class StagedModel:
     While staged, the model's block weights live only in the home tier (its block tensors
     are NaN stand-ins): do not run it before :meth:`place`. :meth:`discard` (alias
     :meth:`remove`) puts the model back exactly as it was.
+
+    This is where the mechanism is built: the plan comes from ``make_plan`` (the strategy's
+    policy, checked), the engine packs the model now, and a strategy with its own
+    ``placement`` is constructed at :meth:`place` (nothing of it can be packed ahead).
     """
 
     def __init__(
@@ -39,8 +47,9 @@ class StagedModel:
         strategy: Strategy,
         *,
         device: torch.device,
+        budget: Budget,
         budget_bytes: int,
-        budget_at_place: Callable[[], int] | None,
+        reread_budget: bool,
         profile: ModelProfile,
         layout: ModelLayout,
         engine_options: dict[str, Any],
@@ -49,10 +58,10 @@ class StagedModel:
         self.model = model
         self.strategy = strategy
         self.device = device
+        self.budget = budget
         self.budget_bytes = budget_bytes
         self.profile = profile
-        self._budget_at_place = budget_at_place
-        self._layout = layout
+        self._reread_budget = reread_budget
         self._engine_options = engine_options
         self._on_finish = on_finish
         self._lock = threading.Lock()
@@ -61,17 +70,16 @@ class StagedModel:
         self._engine: Engine | None = None
         self.staged_by = threading.current_thread().name
         start = time.perf_counter()
-        if _has_own_mechanism(strategy):
-            # the strategy places the model its own way (cpu_only, comfy_native): nothing can
-            # be packed ahead; check the budget now and defer the whole apply to place()
-            strategy.require_budget(profile, budget_bytes)
-            self.plan = strategy.plan(profile, budget_bytes)
-            self._ledger: Ledger | None = Ledger(max_trace_events=0)
-        else:
-            self._engine = strategy.stage(model, device=device, budget_bytes=budget_bytes,
-                                          profile=profile, layout=layout, **engine_options)
-            self.plan = self._engine.plan
-            self._ledger = None
+        # the one budget check, before anything is packed (stated as the user gave it)
+        self.plan: Plan = make_plan(strategy, profile,
+                                    budget if budget.bytes == budget_bytes else budget_bytes)
+        self._ledger: Ledger | None = None
+        if strategy.placement is None:
+            self._engine = Engine(model, profile=profile, plan=self.plan, strategy=strategy,
+                                  device=device, budget_bytes=budget_bytes, layout=layout,
+                                  **engine_options)
+        else:  # its own mechanism places the model at place(); nothing to pack ahead
+            self._ledger = Ledger(max_trace_events=0)
         #: ``time.perf_counter()`` when packing finished (compare with when place() ran)
         self.staged_at = time.perf_counter()
         self.stage_seconds = self.staged_at - start
@@ -112,8 +120,6 @@ class StagedModel:
         staging time may have included another model. A budget that no longer fits raises
         :class:`BudgetError` and leaves the model staged (free memory and retry, or
         :meth:`discard`); any later failure restores the model and re-raises."""
-        from offloadkit.handle import OffloadHandle
-
         with self._lock:
             if self._state != "staged":
                 raise OffloadError(f"cannot place(): this staged model is already {self._state}; "
@@ -121,10 +127,12 @@ class StagedModel:
             budget_bytes, plan = self._plan_now()
             if self._engine is None:
                 self._state = "placed"
+                placement_cls = self.strategy.placement
+                assert placement_cls is not None
                 try:
-                    handle = self.strategy.apply(
-                        self.model, device=self.device, budget_bytes=budget_bytes,
-                        profile=self.profile, layout=self._layout, **self._engine_options)
+                    handle = OffloadHandle(placement_cls(
+                        self.model, plan=plan or self.plan, strategy=self.strategy,
+                        device=self.device, budget_bytes=budget_bytes, **self._engine_options))
                 except BaseException:
                     self._finish("discarded")
                     raise
@@ -141,16 +149,13 @@ class StagedModel:
 
     def _plan_now(self) -> tuple[int, Plan | None]:
         """The budget and plan in force at placement: re-planned only for ``"auto"``."""
-        if self._budget_at_place is None:
+        if not self._reread_budget:
             return self.budget_bytes, None
-        budget_bytes = self._budget_at_place()
+        budget_bytes = self.budget.resolve()
         if budget_bytes == self.budget_bytes:
             return budget_bytes, None
-        from offloadkit.engine.profile import with_device_memory
-
         profile = with_device_memory(self.profile, self.device)
-        plan = self.strategy.make_plan(profile, budget_bytes)
-        return budget_bytes, plan
+        return budget_bytes, make_plan(self.strategy, profile, budget_bytes)
 
     def discard(self, *, restore: bool = True) -> None:
         """Drop the staged copy and put the model back exactly as it was. Idempotent; a
@@ -179,12 +184,4 @@ class StagedModel:
 
     def __repr__(self) -> str:
         return f"StagedModel({self._state}, strategy={self.strategy.name!r}, plan={self.plan})"
-
-
-def _has_own_mechanism(strategy: Strategy) -> bool:
-    """A strategy that overrides ``apply`` but not ``stage`` brings its own mechanism."""
-    from offloadkit.strategy import Strategy
-
-    cls = type(strategy)
-    return cls.apply is not Strategy.apply and cls.stage is Strategy.stage
 

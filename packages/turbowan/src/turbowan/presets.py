@@ -13,15 +13,15 @@ from types import ModuleType
 
 PRESET_FAMILIES: dict[str, str] = {
     # Wan2.2 I2V DiT (one expert)
-    "wan2.2-i2v-a14b": "turbowan.dit.config",
-    "small": "turbowan.dit.config",
-    "tiny": "turbowan.dit.config",
+    "wan2.2-i2v-a14b": "turbowan.dit.meta",
+    "small": "turbowan.dit.meta",
+    "tiny": "turbowan.dit.meta",
     # Wan2.1 causal video VAE
-    "wan2.1-vae": "turbowan.vae.config",
-    "wan2.1-vae-tiny": "turbowan.vae.config",
+    "wan2.1-vae": "turbowan.vae.meta",
+    "wan2.1-vae-tiny": "turbowan.vae.meta",
     # umT5-xxl text encoder
-    "umt5-xxl": "turbowan.text_encoder.config",
-    "umt5-tiny": "turbowan.text_encoder.config",
+    "umt5-xxl": "turbowan.text_encoder.meta",
+    "umt5-tiny": "turbowan.text_encoder.meta",
 }
 
 

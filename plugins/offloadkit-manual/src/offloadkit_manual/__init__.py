@@ -7,9 +7,11 @@
 Every other block streams, one at a time, with the next one prefetched.
 
 This package is also the template for writing a strategy plugin: a ``Strategy`` subclass
-that turns a model profile and a budget into a ``Plan``, one ``@hookimpl`` that registers it,
-and an ``[project.entry-points.offloadkit]`` table in ``pyproject.toml``. The engine does the
-rest (packing, slots, prefetch, budget checks, the ledger).
+that turns a model profile and a budget into a ``Plan`` (policy only), one ``@hookimpl``
+that registers it, and an ``[project.entry-points.offloadkit]`` table in ``pyproject.toml``.
+It imports only offloadkit's public API. offloadkit does the rest: the budget check (against
+``min_device_bytes``, with ``budget_hint`` as the fix), checking the plan, packing, slots,
+prefetch and the ledger.
 """
 
 from __future__ import annotations
@@ -18,9 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from offloadkit import BudgetError, ModelProfile, Plan, Strategy
-from offloadkit.hookspecs import hookimpl
-from offloadkit.strategy import describe_bytes
+from offloadkit import ModelProfile, Plan, Strategy, hookimpl
 
 __all__ = ["ManualStrategy"]
 
@@ -31,6 +31,9 @@ class ManualStrategy(Strategy):
     name = "manual"
     description = "Keep exactly the blocks you list resident (resident=[...] or resident_file=...); stream the rest."
     option_defaults = {"resident": None, "resident_file": None}
+    # the end of offloadkit's "budget below the minimum" error: here the fix is a shorter list
+    budget_hint = ("The listed resident blocks, the non-block weights and the streaming slots "
+                   "need that much: list fewer blocks or raise the budget.")
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)  # rejects options not in option_defaults
@@ -42,20 +45,8 @@ class ManualStrategy(Strategy):
         """No fallback: the listed set is the plan, so its peak is the minimum."""
         return self._plan(profile).predicted_peak_device_bytes
 
-    def require_budget(self, profile: ModelProfile, budget_bytes: int) -> None:
-        """The base message suggests other strategies; here the fix is a shorter list."""
-        need = self.min_device_bytes(profile)
-        if budget_bytes < need:
-            raise BudgetError(
-                f"strategy 'manual': the {len(self.resident)} listed resident block(s) "
-                f"{list(self.resident)} plus the non-block weights and the streaming slots need "
-                f"{describe_bytes(need)}, but the budget is {describe_bytes(budget_bytes)}. "
-                "List fewer blocks or raise the budget."
-            )
-
     def plan(self, profile: ModelProfile, budget_bytes: int) -> Plan:
-        """Checked here too, because planners (turbowan-bench) call plan() without apply()."""
-        self.require_budget(profile, budget_bytes)
+        """The listed set; offloadkit has checked the budget against min_device_bytes."""
         return self._plan(profile)
 
     def _plan(self, profile: ModelProfile) -> Plan:

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -40,7 +39,13 @@ from offloadkit.engine.profile import ModelLayout, layout_model, with_device_mem
 from offloadkit.engine.transfer import CpuTransport, CudaTransport, Ticket
 from offloadkit.errors import OffloadError
 from offloadkit.ledger import Ledger, OffloadStats, TraceEvent
-from offloadkit.strategy import ModelProfile, Plan, Strategy, describe_bytes
+from offloadkit.placement import Placement
+from offloadkit.planner import checked_replan
+from offloadkit.plans import ModelProfile, Plan
+from offloadkit.units import describe_bytes
+
+if TYPE_CHECKING:
+    from offloadkit.strategy import Strategy
 
 MAX_OOM_RETRIES = 4
 
@@ -57,8 +62,9 @@ class Slot:
     views: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # block -> tensor views
 
 
-class Engine:
-    """Mechanism shared by every strategy (see the module docstring)."""
+class Engine(Placement):
+    """Mechanism shared by every strategy (see the module docstring). ``StagedModel``
+    builds it (staging) and places it; the strategy only supplies plans."""
 
     def __init__(
         self,
@@ -439,20 +445,11 @@ class Engine:
     def replan(self) -> Plan | None:
         """Ask the strategy for a better plan from measurements; put it in force if any."""
         profile = with_device_memory(self.profile, self.device)
-        proposal = self.strategy.replan(self.plan, self.stats(), profile)
+        proposal = checked_replan(self.strategy, self.plan, self.stats(), profile,
+                                  self.budget_bytes)
         if proposal is None or _same_placement(proposal, self.plan):
             return None
         proposal = dataclasses.replace(proposal, home=self.plan.home)
-        try:
-            proposal.validate(self.profile)
-        except ValueError as exc:
-            warnings.warn(f"strategy {self.strategy.name!r} proposed an invalid plan ({exc}); "
-                          "keeping the current one", RuntimeWarning, stacklevel=2)
-            return None
-        if proposal.predicted_peak_device_bytes > self.budget_bytes:
-            warnings.warn(f"strategy {self.strategy.name!r} proposed a plan over the budget; "
-                          "keeping the current one", RuntimeWarning, stacklevel=2)
-            return None
         self._configure(proposal)
         self.ledger.replans += 1
         return proposal
@@ -470,16 +467,12 @@ class Engine:
             self.transport.resolve()
         return list(self.ledger.trace)
 
-    def release(self) -> None:
-        """:meth:`remove` without restoring the weights, for a model about to be dropped:
-        blocks keep NaN stand-ins (the model is unusable after), saving a full copy of its
-        weights out of the home tier."""
-        self.remove(restore=False)
-
-    def remove(self, restore: bool = True) -> None:
+    def remove(self, *, restore: bool = True) -> None:
         """Put every tensor back where it was (values, device, dtype, requires_grad), drop
         the wrappers, free device memory and the home tier. Safe after a failed set-up.
-        ``restore=False`` leaves the blocks' weights as stand-ins (see :meth:`release`)."""
+        ``restore=False``, for a model about to be dropped, leaves the blocks' weights as
+        NaN stand-ins (the model is unusable after), saving a full copy of its weights out
+        of the home tier."""
         if self._removed:
             return
         self._removed = True

@@ -26,6 +26,7 @@ class DiskSource:
     """A block's bytes at ``offset`` in the store's file."""
 
     pinned = False
+    on_disk = True
 
     def __init__(self, fd: int, offset: int, nbytes: int) -> None:
         self.fd = fd

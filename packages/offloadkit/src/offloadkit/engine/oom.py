@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from offloadkit.strategy import ModelProfile, Plan
+from offloadkit.plans import ModelProfile, Plan
 
 
 def is_oom(exc: BaseException) -> bool:

@@ -55,6 +55,8 @@ def release_memory() -> None:
 class HostSource:
     """A block's bytes in host RAM."""
 
+    on_disk = False
+
     def __init__(self, buffer: torch.Tensor, pinned: bool) -> None:
         self.buffer = buffer
         self.pinned = pinned

@@ -21,7 +21,7 @@ from offloadkit.engine.layout import (
     tensor_nbytes,
 )
 from offloadkit.errors import BlockDiscoveryError
-from offloadkit.strategy import HOME_TIERS, BlockProfile, ModelProfile
+from offloadkit.plans import HOME_TIERS, BlockProfile, ModelProfile
 
 BlocksArg = torch.nn.ModuleList | Sequence[torch.nn.Module] | str | None
 
@@ -81,12 +81,9 @@ def find_blocks(model: torch.nn.Module, blocks: BlocksArg = None) -> list[tuple[
 
 
 def _plugin_blocks(model: torch.nn.Module) -> torch.nn.ModuleList | None:
-    try:
-        from offloadkit.registry import get_plugin_manager
+    from offloadkit.registry import plugin_blocks
 
-        return get_plugin_manager().hook.offloadkit_find_blocks(model=model)
-    except ImportError:  # registry missing: generic search only
-        return None
+    return plugin_blocks(model)
 
 
 def _largest_repeated_list(model: torch.nn.Module) -> torch.nn.ModuleList | None:

@@ -32,6 +32,7 @@ from offloadkit.ledger import Ledger
 class Source(Protocol):
     nbytes: int
     pinned: bool
+    on_disk: bool  # read with pread into a CPU buffer first (the disk tier), not copied directly
 
     def read_into(self, dst: torch.Tensor, non_blocking: bool = False) -> None: ...
 
@@ -164,7 +165,7 @@ class CudaTransport:
                ) -> Ticket:
         copies = list(copies)
         nbytes = sum(s.nbytes for s, _ in copies)
-        if any(getattr(s, "fd", None) is not None for s, _ in copies):
+        if any(s.on_disk for s, _ in copies):
             assert self._pool is not None and self._staging, "disk tier needs staging buffers"
             ready = self._event()
             future = self._pool.submit(self._disk_then_copy, name, copies, after, ready, nbytes)
@@ -259,7 +260,7 @@ class CudaTransport:
                 self._resolve_locked()
 
     def copy_now(self, source: Source, dst: torch.Tensor) -> None:
-        if getattr(source, "fd", None) is not None:
+        if source.on_disk:
             staging = torch.empty(source.nbytes, dtype=torch.uint8)
             source.read_into(staging)
             dst.copy_(staging)

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import math
 
+from offloadkit.errors import BudgetError
 from offloadkit.hookspecs import hookimpl
 from offloadkit.ledger import OffloadStats
+from offloadkit.planner import below_minimum
 from offloadkit.strategies._common import fewest_streamed, positive_int
 from offloadkit.strategy import ModelProfile, Plan, Strategy
 
@@ -39,7 +41,6 @@ class AdaptiveStrategy(Strategy):
         return None if depth == "auto" else int(depth)
 
     def plan(self, profile: ModelProfile, budget_bytes: int) -> Plan:
-        self.require_budget(profile, budget_bytes)
         fixed = self._fixed_depth()
         return self._plan_for(profile, budget_bytes, 1 if fixed is None else fixed)
 
@@ -57,8 +58,8 @@ class AdaptiveStrategy(Strategy):
                                    note=f"{len(resident)} resident, streamed interleaved")
             if candidate.predicted_peak_device_bytes <= budget_bytes:
                 return candidate
-        self.require_budget(profile, budget_bytes)  # raises with the minimum
-        raise AssertionError("unreachable: budget >= minimum always yields a plan")
+        # only below the minimum (make_plan refuses that first): a direct caller's mistake
+        raise BudgetError(below_minimum(self, self.min_device_bytes(profile), budget_bytes))
 
     def replan(self, plan: Plan, stats: OffloadStats, profile: ModelProfile) -> Plan | None:
         """Deepen the window when transfers outlast the compute between streamed blocks;

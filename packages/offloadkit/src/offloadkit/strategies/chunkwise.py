@@ -29,7 +29,6 @@ class ChunkwiseStrategy(Strategy):
         return profile.non_block_bytes + slots * profile.max_group_bytes(everything, chunk)
 
     def plan(self, profile: ModelProfile, budget_bytes: int) -> Plan:
-        self.require_budget(profile, budget_bytes)
         depth = 1 if self.options["prefetch"] else 0
         return Plan.build(profile, [], group_size=self._chunk(profile), prefetch_depth=depth,
                           note=f"every block streams, {self._chunk(profile)} per transfer")

@@ -25,10 +25,12 @@ from typing import Any
 
 import torch
 
-from offloadkit.errors import BudgetError, OffloadError
+from offloadkit.errors import OffloadError
 from offloadkit.hookspecs import hookimpl
-from offloadkit.ledger import Ledger, OffloadStats, TraceEvent
-from offloadkit.strategy import ModelProfile, Plan, Strategy, describe_bytes
+from offloadkit.ledger import Ledger, OffloadStats
+from offloadkit.placement import Placement
+from offloadkit.strategy import ModelProfile, Plan, Strategy
+from offloadkit.units import describe_bytes
 
 
 def _comfy() -> tuple[Any, Any]:
@@ -53,45 +55,6 @@ def module_bytes(model: torch.nn.Module) -> int:
             seen.add(id(tensor))
             total += tensor.numel() * tensor.element_size()
     return total
-
-
-class ComfyNativeStrategy(Strategy):
-    name = "comfy_native"
-    description = "Inside ComfyUI: ComfyUI loads the whole model and counts it (no streaming)."
-
-    def min_device_bytes(self, profile: ModelProfile) -> int:
-        return profile.total_bytes
-
-    def require_budget(self, profile: ModelProfile, budget_bytes: int) -> None:
-        need = self.min_device_bytes(profile)
-        if budget_bytes < need:
-            raise BudgetError(
-                f"budget {describe_bytes(budget_bytes)} is below the minimum strategy "
-                f"'comfy_native' needs for this model: {describe_bytes(need)}, the whole model. "
-                "ComfyUI's lowvram loading streams only comfy.ops layers, not this model's, so "
-                "comfy_native loads it whole; raise the budget, or use strategy 'adaptive' "
-                "(offloadkit streams the blocks that do not fit)."
-            )
-
-    def plan(self, profile: ModelProfile, budget_bytes: int) -> Plan:
-        """Everything resident: the one placement ComfyUI can do for a foreign model."""
-        self.require_budget(profile, budget_bytes)
-        return Plan.build(profile, [b.index for b in profile.blocks], group_size=1,
-                          prefetch_depth=0, note="whole model loaded by comfy.model_management")
-
-    def apply(self, model: torch.nn.Module, *, device: torch.device, budget_bytes: int,
-              profile: ModelProfile, **engine_options: Any):
-        from offloadkit.handle import OffloadHandle
-
-        management, patcher_mod = _comfy()
-        engine_options.pop("layout", None)  # the engine's block layout; ComfyUI needs none
-        if engine_options:
-            names = ", ".join(sorted(engine_options))
-            raise TypeError(f"unknown option(s) for strategy 'comfy_native': {names}; ComfyUI "
-                            "places the model, so engine options do not apply")
-        plan = self.plan(profile, budget_bytes)
-        return OffloadHandle(ComfyPlacement(model, plan, self.name, management, patcher_mod,
-                                            device, budget_bytes))
 
 
 class _ComfyContainer(torch.nn.Module):
@@ -123,14 +86,16 @@ def _off_device(model: torch.nn.Module, device: torch.device) -> list[str]:
     return [name for name, t in named if not on(t)]
 
 
-class ComfyPlacement:
+class ComfyPlacement(Placement):
     """The model inside a ComfyUI ModelPatcher, loaded whole by model_management;
-    ``remove()`` moves it back to ComfyUI's offload device and drops ComfyUI's record."""
+    ``remove()`` moves it back to ComfyUI's offload device and drops ComfyUI's record.
+    ComfyUI places the model, so no engine option applies."""
 
-    def __init__(self, model: torch.nn.Module, plan: Plan, name: str, management: Any,
-                 patcher_mod: Any, device: torch.device, budget_bytes: int) -> None:
+    def __init__(self, model: torch.nn.Module, *, plan: Plan, strategy: Strategy,
+                 device: torch.device, budget_bytes: int) -> None:
+        management, patcher_mod = _comfy()
         self.plan = plan
-        self._name = name
+        self._name = strategy.name
         self._device = device
         self._budget = budget_bytes
         self._ledger = Ledger(max_trace_events=0)
@@ -162,17 +127,29 @@ class ComfyPlacement:
                             streamed_blocks=len(self.plan.streamed), group_size=1,
                             prefetch_depth=0, num_slots=0, home="host", **snap)
 
-    def trace_events(self) -> list[TraceEvent]:
-        return []
-
-    def replan(self) -> Plan | None:
-        return None
-
-    def remove(self) -> None:
+    def remove(self, *, restore: bool = True) -> None:
         self.patcher.unpatch_model(device_to=self.patcher.offload_device)
         loaded = getattr(self._management, "current_loaded_models", None)
         if isinstance(loaded, list):  # ComfyUI would otherwise keep the model alive
             loaded[:] = [m for m in loaded if getattr(m, "model", None) is not self.patcher]
+
+
+class ComfyNativeStrategy(Strategy):
+    name = "comfy_native"
+    description = "Inside ComfyUI: ComfyUI loads the whole model and counts it (no streaming)."
+    budget_hint = ("comfy_native loads the whole model: ComfyUI's lowvram loading streams "
+                   "only comfy.ops layers, not this model's. Raise the budget, or use "
+                   "strategy 'adaptive' (offloadkit streams the blocks that do not fit).")
+
+    placement = ComfyPlacement
+
+    def min_device_bytes(self, profile: ModelProfile) -> int:
+        return profile.total_bytes
+
+    def plan(self, profile: ModelProfile, budget_bytes: int) -> Plan:
+        """Everything resident: the one placement ComfyUI can do for a foreign model."""
+        return Plan.build(profile, [b.index for b in profile.blocks], group_size=1,
+                          prefetch_depth=0, note="whole model loaded by comfy.model_management")
 
 
 @hookimpl

@@ -8,39 +8,24 @@ from typing import Any
 import torch
 
 from offloadkit.engine.layout import TensorRef, module_tensor_refs, tensor_nbytes
+from offloadkit.engine.options import ENGINE_OPTIONS
 from offloadkit.hookspecs import hookimpl
-from offloadkit.ledger import Ledger, OffloadStats, TraceEvent
+from offloadkit.ledger import Ledger, OffloadStats
+from offloadkit.placement import Placement
 from offloadkit.strategy import ModelProfile, Plan, Strategy
 
 
-class CpuOnlyStrategy(Strategy):
-    name = "cpu_only"
-    description = "No accelerator: compute on CPU, nothing placed on the device."
-    uses_budget = False  # apply() skips budget parsing: a budget means nothing here
-    uses_device = False  # apply() computes on the CPU whatever device is named
-
-    def min_device_bytes(self, profile: ModelProfile) -> int:
-        return 0
-
-    def plan(self, profile: ModelProfile, budget_bytes: int) -> Plan:
-        return Plan(resident=tuple(b.index for b in profile.blocks), streamed=(), group_size=1,
-                    prefetch_depth=0, num_slots=0, home="host", predicted_peak_device_bytes=0,
-                    note="computes on the CPU; no device memory used")
-
-    def apply(self, model: torch.nn.Module, *, device: torch.device, budget_bytes: int,
-              profile: ModelProfile, **engine_options: Any):
-        from offloadkit.handle import OffloadHandle
-
-        return OffloadHandle(CpuOnlyPlacement(model, self.plan(profile, 0), self.name))
-
-
-class CpuOnlyPlacement:
+class CpuOnlyPlacement(Placement):
     """Moves any non-CPU tensor to the CPU (and back on remove); otherwise leaves the model
     alone, so outputs are the model's own, bit for bit."""
 
-    def __init__(self, model: torch.nn.Module, plan: Plan, name: str) -> None:
+    # accepted and ignored: nothing streams, so pinning, disk and re-plans do not apply
+    accepts_options = frozenset(ENGINE_OPTIONS)
+
+    def __init__(self, model: torch.nn.Module, *, plan: Plan, strategy: Strategy,
+                 device: torch.device, budget_bytes: int, **options: Any) -> None:
         self.plan = plan
-        self._name = name
+        self._name = strategy.name
         self._ledger = Ledger(max_trace_events=0)
         self._moved: list[tuple[TensorRef, torch.Tensor]] = []
         for ref in module_tensor_refs(model, ""):
@@ -58,16 +43,26 @@ class CpuOnlyPlacement:
         return OffloadStats.of(self.plan, strategy=self._name, device="cpu", budget_bytes=0,
                                counters=self._ledger.snapshot())
 
-    def trace_events(self) -> list[TraceEvent]:
-        return []
-
-    def replan(self) -> Plan | None:
-        return None
-
-    def remove(self) -> None:
+    def remove(self, *, restore: bool = True) -> None:
         for ref, original in reversed(self._moved):
             ref.set(original)
         self._moved = []
+
+
+class CpuOnlyStrategy(Strategy):
+    name = "cpu_only"
+    description = "No accelerator: compute on CPU, nothing placed on the device."
+    uses_budget = False  # a budget means nothing here: neither parsed nor checked
+    uses_device = False  # computes on the CPU whatever device is named
+    placement = CpuOnlyPlacement
+
+    def min_device_bytes(self, profile: ModelProfile) -> int:
+        return 0
+
+    def plan(self, profile: ModelProfile, budget_bytes: int) -> Plan:
+        return Plan(resident=tuple(b.index for b in profile.blocks), streamed=(), group_size=1,
+                    prefetch_depth=0, num_slots=0, home="host", predicted_peak_device_bytes=0,
+                    note="computes on the CPU; no device memory used")
 
 
 @hookimpl

@@ -25,7 +25,6 @@ class LayerwiseStrategy(Strategy):
         return profile.non_block_bytes + slots * profile.max_block_bytes
 
     def plan(self, profile: ModelProfile, budget_bytes: int) -> Plan:
-        self.require_budget(profile, budget_bytes)
         return Plan.build(profile, [], group_size=1, prefetch_depth=self._slots() - 1,
                           note="every block streams")
 

@@ -70,10 +70,9 @@ def estimate_model_bytes(preset: str, *, quant: str = "int8", attention: str = "
                          dtype: torch.dtype = torch.float32) -> int:  # fmt: skip
     """Bytes of the preset's weights at this compute dtype, from a ``meta`` build."""
     from turbowan.dit.config import get_preset
-    from turbowan.dit.model import WanDiT
+    from turbowan.dit.meta import build_meta
 
-    with torch.device("meta"):
-        model = WanDiT(get_preset(preset), quant=quant, attention=attention, dtype=dtype)
+    model = build_meta(get_preset(preset), quant=quant, attention=attention, dtype=dtype)
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
@@ -84,19 +83,14 @@ def build_bench_model(
     """The preset's DiT on the CPU with deterministic random weights, in eval mode.
 
     Built on ``meta`` first and materialised with ``to_empty`` so the constructor's own
-    initialisation (slow for 14B parameters) never runs; non-persistent buffers that the model
-    derives from its config are rebuilt by the model's ``reset_buffers`` when it has one.
+    initialisation (slow for 14B parameters) never runs (the DiT holds no buffers derived
+    from its config: RoPE tables are built per call).
     """
     from turbowan.dit.config import get_preset
-    from turbowan.dit.model import WanDiT
+    from turbowan.dit.meta import build_meta
 
-    config = get_preset(preset)
-    with torch.device("meta"):
-        model = WanDiT(config, quant=quant, attention=attention, dtype=dtype)
+    model = build_meta(get_preset(preset), quant=quant, attention=attention, dtype=dtype)
     model = model.to_empty(device="cpu")
-    reset = getattr(model, "reset_buffers", None)
-    if callable(reset):
-        reset()
     randomize_(model, seed)
     return model.eval().requires_grad_(False)
 

@@ -124,7 +124,7 @@ def _variant(name: str) -> PeerVariant:
 
 def run_peers(sweep, names: list[str], inputs) -> list[dict]:
     """Measure each named peer variant; returns the run records (skips go to ``sweep.skip``)."""
-    from turbowan.bench.sweep import _cuda_peak, _reset_cuda_peak, _rss_split, empty_run, time_steps
+    from turbowan.bench.measure import cuda_peak, empty_run, reset_cuda_peak, rss_split, time_steps
 
     spec = sweep.spec
     runs: list[dict] = []
@@ -143,7 +143,7 @@ def run_peers(sweep, names: list[str], inputs) -> list[dict]:
             machine.release_freed_memory()
             rss_before = machine.current_rss_bytes()
             machine.reset_peak_rss()
-            _reset_cuda_peak(spec.device)
+            reset_cuda_peak(spec.device)
             start = time.perf_counter()
             variant.setup(model, spec.device, workdir)
             setup = time.perf_counter() - start
@@ -158,7 +158,7 @@ def run_peers(sweep, names: list[str], inputs) -> list[dict]:
                                  device=spec.device, after_warmup=after_warmup,
                                  reference=sweep.reference, reference_seconds=paired)  # fmt: skip
             steady = machine.peak_rss_bytes()
-            rss_split = _rss_split()
+            rss_split_now = rss_split()
         except Exception as exc:  # a peer that fails on this model is reported, not fatal
             sweep.skip(name, None, variant.home, exc)
             continue
@@ -168,7 +168,7 @@ def run_peers(sweep, names: list[str], inputs) -> list[dict]:
             machine.release_freed_memory()
         record = empty_run(
             kind="peer", strategy=name, home=variant.home, budget=None,
-            cuda_max_memory_allocated_bytes=_cuda_peak(spec.device),
+            cuda_max_memory_allocated_bytes=cuda_peak(spec.device),
             peak_rss_bytes=max(setup_rss.get("peak") or 0, steady or 0) or None,
             setup_seconds=setup, seconds_per_step=statistics.median(seconds), step_seconds=seconds,
             min_seconds_per_step=min(seconds),
@@ -178,7 +178,7 @@ def run_peers(sweep, names: list[str], inputs) -> list[dict]:
             record["paired_resident_step_seconds"] = paired
         record["steady_rss_bytes"] = steady
         record["rss_before_bytes"] = rss_before
-        record.update(rss_split)
+        record.update(rss_split_now)
         record["resident_index"] = len(sweep.resident) - 1
         runs.append(record)
         sweep.log(f"{name}: {record['seconds_per_step']:.3f} s/step")

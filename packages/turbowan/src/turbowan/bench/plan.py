@@ -169,7 +169,7 @@ def plan_summary(plan: Plan) -> dict:
 def meta_profile(preset: str, *, quant: str, attention: str, device: str = "cuda") -> ModelProfile:
     """Profile of ``preset`` built on ``meta``: byte counts only, no memory, no device."""
     from offloadkit.engine.profile import profile_model
-    from turbowan.dit.config import build_manifest_model
+    from turbowan.dit.meta import build_manifest_model
 
     model = build_manifest_model(preset, quant=quant, attention=attention)
     return profile_model(model, device=device)

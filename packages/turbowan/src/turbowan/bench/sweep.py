@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 import torch
 
 from turbowan.bench import machine
+from turbowan.bench.measure import cuda_peak, empty_run, reset_cuda_peak, rss_split, time_steps
 from turbowan.bench.models import BenchInputs, bench_inputs, build_bench_model
-from turbowan.bench.report import RUN_KEYS, skip_line
+from turbowan.bench.report import skip_line
 from turbowan.bench.workload import Workload
 
 Log = Callable[[str], None]
@@ -47,12 +48,6 @@ class SweepSpec:
     lora_rank: int | None = None  # repeat every run with a random LoRA of this rank
 
 
-def empty_run(**values) -> dict:
-    record = dict.fromkeys(RUN_KEYS)
-    record.update(values)
-    return record
-
-
 def resolve_budget(label: str, model_bytes: int, device: str) -> int:
     """Bytes for a budget label. ``N%`` is a share of *this model's weights* (not of the
     device): the bench asks what keeping that share on the device costs."""
@@ -68,61 +63,6 @@ def resolve_budget(label: str, model_bytes: int, device: str) -> int:
             raise BudgetError(f"budget {label!r}: a share must be above 0% and at most 100%")
         return math.floor(model_bytes * share / 100)
     return parse_budget(text, device)
-
-
-def time_steps(model, inputs: BenchInputs, *, steps: int, warmup: int, device: str,
-               after_warmup: Callable[[], None] | None = None, reference=None,
-               reference_seconds: list[float] | None = None) -> list[float]:  # fmt: skip
-    """Seconds of each timed DiT call, after ``warmup`` untimed ones.
-
-    With a ``reference`` (an untouched all-resident copy), each timed call is paired with
-    one of the reference, timed just before it into ``reference_seconds``: load from other
-    processes then hits both sides of the ratio alike.
-    """
-
-    def call(m) -> float:
-        start = time.perf_counter()
-        m(inputs.x, inputs.t, inputs.context, inputs.y)
-        machine.synchronize(device)
-        return time.perf_counter() - start
-
-    with torch.inference_mode():
-        for _ in range(warmup):
-            call(model)
-            if reference is not None:
-                call(reference)
-        if after_warmup is not None:
-            after_warmup()
-        seconds = []
-        for _ in range(steps):
-            if reference is not None and reference_seconds is not None:
-                reference_seconds.append(call(reference))
-            seconds.append(call(model))
-    return seconds
-
-
-def _reset_cuda_peak(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(torch.device(device))
-
-
-def _cuda_peak(device: str) -> int | None:
-    if device.startswith("cuda"):
-        return int(torch.cuda.max_memory_allocated(torch.device(device)))
-    return None
-
-
-def _rss_split() -> dict:
-    out = {}
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(("RssAnon:", "RssFile:")):
-                    key = "rss_anon_bytes" if line.startswith("RssAnon") else "rss_file_bytes"
-                    out[key] = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return out
 
 
 class Sweep:
@@ -157,7 +97,7 @@ class Sweep:
         s = self.spec
         machine.release_freed_memory()
         machine.reset_peak_rss()
-        _reset_cuda_peak(s.device)
+        reset_cuda_peak(s.device)
         moved = s.device != "cpu"
         if moved:
             model.to(s.device)
@@ -165,7 +105,7 @@ class Sweep:
         record = empty_run(
             kind="baseline", strategy="resident", budget="-",
             peak_device_bytes=self.model_bytes,
-            cuda_max_memory_allocated_bytes=_cuda_peak(s.device),
+            cuda_max_memory_allocated_bytes=cuda_peak(s.device),
             peak_rss_bytes=machine.peak_rss_bytes(),
             seconds_per_step=statistics.median(seconds), step_seconds=seconds,
             min_seconds_per_step=min(seconds),
@@ -267,7 +207,7 @@ class Sweep:
         machine.release_freed_memory()
         rss_before = machine.current_rss_bytes()
         machine.reset_peak_rss()
-        _reset_cuda_peak(s.device)
+        reset_cuda_peak(s.device)
         start = time.perf_counter()
         options = dict(s.strategy_options.get(strategy, {}))
         handle = offloadkit.apply(model, strategy=strategy, device=s.device, budget=budget_bytes,
@@ -286,7 +226,7 @@ class Sweep:
                                  after_warmup=snapshot, reference=self.reference,
                                  reference_seconds=paired)  # fmt: skip
             steady_rss = machine.peak_rss_bytes()
-            rss_split = _rss_split()
+            rss_split_now = rss_split()
             stats = handle.stats()
             plan = getattr(handle, "plan", None)
         finally:
@@ -298,7 +238,7 @@ class Sweep:
             kind="offloadkit", strategy=strategy, home=home, budget=budget,
             budget_bytes=budget_bytes,
             peak_device_bytes=stats.peak_device_bytes,
-            cuda_max_memory_allocated_bytes=_cuda_peak(s.device),
+            cuda_max_memory_allocated_bytes=cuda_peak(s.device),
             host_pinned_bytes=stats.host_pinned_bytes,
             host_pageable_bytes=stats.host_pageable_bytes,
             disk_bytes=stats.disk_bytes,
@@ -319,7 +259,7 @@ class Sweep:
         record["rss_before_bytes"] = rss_before
         if paired:
             record["paired_resident_step_seconds"] = paired
-        record.update(rss_split)
+        record.update(rss_split_now)
         if plan is not None:
             record["plan_streamed_blocks"] = list(plan.streamed)
         record["group_size"] = stats.group_size

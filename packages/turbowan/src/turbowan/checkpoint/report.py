@@ -19,10 +19,10 @@ from turbowan.checkpoint.io import TensorSpec, read_tensor_specs
 
 SHOW = 10  # how many keys of each kind a report lists
 NORM_SUFFIXES = ("norm_q.weight", "norm_k.weight", "norm3.weight", "norm3.bias")
-DIT_FAMILY = "turbowan.dit.config"
+DIT_FAMILY = "turbowan.dit.meta"
 # option combinations to try per family when the module does not list its own
 DEFAULT_VARIANTS: dict[str, list[dict[str, str]]] = {
-    "turbowan.text_encoder.config": [{"naming": "wan"}, {"naming": "comfy"}],
+    "turbowan.text_encoder.meta": [{"naming": "wan"}, {"naming": "comfy"}],
 }
 
 
@@ -337,7 +337,7 @@ def _check_dit(
     options: dict[str, str],
     looks_like: str,
 ) -> MismatchReport:
-    from turbowan.dit.config import build_manifest_model
+    from turbowan.dit.meta import build_manifest_model
 
     extra = sorted(set(options) - {"quant", "attention"})
     if extra:

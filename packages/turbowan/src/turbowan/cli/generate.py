@@ -12,8 +12,10 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
+from offloadkit.strategy import HOME_TIERS
+from turbowan.dit.config import ATTENTION_CHOICES
+
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
-MODEL_FLAGS = ("high", "low", "vae", "text_encoder")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -77,7 +79,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                           help="switch to the low-noise expert when t_rf drops below this")
     sampling.add_argument("--seed", type=int, default=0)
     sampling.add_argument("--ode", action="store_true", help="deterministic ODE steps instead of SDE")
-    sampling.add_argument("--attention", choices=["sla", "original", "sagesla"], default="sla")
+    sampling.add_argument("--attention", choices=ATTENTION_CHOICES, default="sla")
     sampling.add_argument("--sla-topk", dest="sla_topk", type=float,
                           help="share of key blocks SLA keeps (default 0.1; demo 0.5)")
 
@@ -86,7 +88,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="offload strategy (see `offloadkit list`)")
     place.add_argument("--budget", default="auto",
                        help="device memory for weights: auto, 12GiB, 500MB, 80%% or bytes")
-    place.add_argument("--home", choices=["host", "pinned", "disk"], default="host",
+    place.add_argument("--home", choices=HOME_TIERS, default="host",
                        help="where the DiT experts' streamed weights live: host RAM (pinned up "
                        "to half the free RAM on CUDA), pinned (all page-locked: fastest uploads), "
                        "or disk (a temporary file in $TMPDIR: least host RAM)")
@@ -144,63 +146,48 @@ def cpu_threads(requested: int | None, demo: bool) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def settings_from_args(args: argparse.Namespace):
+    """The command line as one :class:`RunSettings` (the whole run: pre-flight checks it all)."""
+    from turbowan.pipeline.settings import RunSettings
+
+    return RunSettings(
+        high=args.high, low=args.low, vae=args.vae, text_encoder=args.text_encoder,
+        tokenizer=args.tokenizer, strategy=args.offload, budget=args.budget, device=args.device,
+        dtype=args.dtype, home=args.home, threads=args.threads, attention=args.attention,
+        sla_topk=args.sla_topk, vae_tiling=args.vae_tiling, vae_tile=args.vae_tile,
+        vae_overlap=args.vae_overlap, image=args.image, prompt=args.prompt, frames=args.frames,
+        resolution=args.resolution, aspect_ratio=args.aspect_ratio, width=args.width,
+        height=args.height, resize=args.resize, steps=args.steps, sigma_max=args.sigma_max,
+        boundary=args.boundary, seed=args.seed, ode=args.ode, output=args.output, fps=args.fps,
+        quality=args.quality, save_latents=args.save_latents,
+        # (FILE[:S], expert): parsed by pre-flight, which reports a bad one with the rest
+        loras=tuple((text, expert) for expert, texts in (
+            ("both", args.lora), ("high", args.lora_high), ("low", args.lora_low))
+            for text in texts),
+    )
+
+
 def run(args: argparse.Namespace) -> int:
-    given = [f for f in MODEL_FLAGS if getattr(args, f) is not None]
-    demo = not given
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(cpu_threads(args.threads, demo))
-        except ValueError as exc:
-            print(f"turbowan generate: error: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        return _run(args, demo)
-
-
-def _run(args: argparse.Namespace, demo: bool) -> int:
-    from turbowan.lora import LoraSpec
     from turbowan.pipeline.i2v import DecodeFailedError, DecodeInterrupted, I2VPipeline
     from turbowan.pipeline.preflight import PreflightError
 
-    placement = dict(home=args.home, vae_tiling=args.vae_tiling, vae_tile=args.vae_tile,
-                     vae_overlap=args.vae_overlap)
-    try:
-        placement["loras"] = [LoraSpec.parse(text, expert) for expert, texts in (
-            ("both", args.lora), ("high", args.lora_high), ("low", args.lora_low))
-            for text in texts]
-    except ValueError as exc:
-        print(f"turbowan generate: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    settings = settings_from_args(args)
+    demo = settings.is_demo
     try:
         if demo:
             print("turbowan: no checkpoints given, running the embedded demo.", file=sys.stderr)
             from turbowan.pipeline.demo import NOISE_NOTICE
 
             print(NOISE_NOTICE, file=sys.stderr)
-            pipe = I2VPipeline.demo(
-                strategy=args.offload, budget=args.budget, device=args.device or "cpu",
-                dtype=args.dtype, attention=args.attention, sla_topk=args.sla_topk,
-                **placement,
-            )
-        else:
-            pipe = I2VPipeline.from_files(
-                high=args.high, low=args.low, vae=args.vae, text_encoder=args.text_encoder,
-                tokenizer=args.tokenizer, strategy=args.offload, budget=args.budget,
-                device=args.device, dtype=args.dtype, attention=args.attention,
-                sla_topk=0.1 if args.sla_topk is None else args.sla_topk, **placement,
-            )
+        pipe = I2VPipeline(settings, whole_run=True)  # every problem of the run, in one round
         from turbowan.pipeline.timings import Timings
         from turbowan.sampler.rcm import MAX_STEPS
 
         progress = _Progress(args.steps if 1 <= args.steps <= MAX_STEPS else 0)
         try:
-            result = pipe.generate(
-                args.image, args.prompt, frames=args.frames, resolution=args.resolution,
-                aspect_ratio=args.aspect_ratio, width=args.width, height=args.height,
-                steps=args.steps, sigma_max=args.sigma_max, boundary=args.boundary,
-                seed=args.seed, ode=args.ode, resize=args.resize, callback=progress.on_step,
-                output=args.output, fps=args.fps, quality=args.quality,
-                save_latents=args.save_latents, timings=Timings(on_start=progress.on_stage),
-            )
+            with cpu_threads(settings.threads, demo):
+                result = pipe.generate(callback=progress.on_step,
+                                       timings=Timings(on_start=progress.on_stage))
         finally:
             progress.close()
     except (PreflightError, ValueError) as exc:

@@ -232,19 +232,22 @@ def _check_sampler_inputs(high, low, conditioning, vae, image, num_frames, num_s
 
 def _run(plan: dict[str, Any]) -> torch.Tensor:
     """VAE encode -> dual-expert rCM -> VAE decode, with I2VPipeline's own stages."""
-    from turbowan.pipeline.i2v import I2VPipeline, ModelFiles, default_dtype
+    from turbowan.pipeline.i2v import I2VPipeline
+    from turbowan.pipeline.settings import RunSettings
 
     high: TurboWanModel = plan["high"]
     low: TurboWanModel | None = plan["low"]
     vae: TurboWanVAE = plan["vae"]
     run = plan["run"]
     device = comfy_env.compute_device()
-    pipe = I2VPipeline(
-        ModelFiles(high=high.path, low=low.path if low is not None else None, vae=vae.path,
-                   text_encoder=None),
-        strategy=high.strategy, budget=high.budget, device=device, dtype=default_dtype(device),
-        attention=high.attention, sla_topk=high.sla_topk, loras=expert_loras(high, low),
-    )
+    # ComfyUI brings the text conditioning: the pipeline places the experts and the VAE only
+    pipe = I2VPipeline(RunSettings(
+        high=high.path, low=low.path if low is not None else None, vae=vae.path,
+        strategy=high.strategy, budget=high.budget, device=device, attention=high.attention,
+        sla_topk=high.sla_topk, frames=run.frames, width=run.width, height=run.height,
+        resize=run.resize, steps=run.steps, sigma_max=run.sigma_max, boundary=run.boundary,
+        seed=run.seed, ode=run.ode, loras=tuple(expert_loras(high, low)),
+    ), roles=("high", "low", "vae"))
     largest = max(high.nbytes, low.nbytes if low is not None else 0, vae.nbytes)
     comfy_env.free_device_memory(largest + ACTIVATION_RESERVE, device)
     bar = comfy_env.progress_bar(run.steps)

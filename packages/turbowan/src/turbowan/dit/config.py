@@ -12,8 +12,6 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-import torch
-
 HEAD_DIM = 128  # every Wan model; heads = dim / 128
 QUANT_CHOICES = ("int8", "none")
 ATTENTION_CHOICES = ("sla", "original", "sagesla")
@@ -97,19 +95,6 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     """Refuse an option value outside ``choices``, listing them."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-
-
-def build_manifest_model(
-    preset: str | DiTConfig, *, quant: str = "int8", attention: str = "sla"
-) -> torch.nn.Module:
-    """The DiT of ``preset`` on ``meta`` with the checkpoint's dtypes (bf16, fp32 norms, int8)."""
-    from turbowan.dit.model import WanDiT
-
-    config = preset if isinstance(preset, DiTConfig) else get_preset(preset)
-    check_choice("quant", quant, QUANT_CHOICES)
-    check_choice("attention", attention, ATTENTION_CHOICES)
-    with torch.device("meta"):
-        return WanDiT(config, quant=quant, attention=attention, dtype=torch.bfloat16)
 
 
 # every option combination a DiT file can come in, used by `turbowan check` to auto-detect

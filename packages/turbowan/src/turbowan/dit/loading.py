@@ -24,6 +24,7 @@ from turbowan.dit.config import (
     config_from_state_dict,
 )
 from turbowan.dit.keys import normalize_dit_keys
+from turbowan.dit.meta import build_meta
 from turbowan.dit.model import WanDiT
 from turbowan.quant.int8_linear import MODES, set_int8_mode
 
@@ -105,14 +106,8 @@ def load_dit(
         state = {k: v for k, v in state.items() if PROJ_L not in k}
 
     compute_dtype = dtype or _default_dtype(state)
-    with torch.device("meta"):
-        model = WanDiT(
-            layout.config,
-            quant=layout.quant,
-            attention=attention,
-            sla_topk=sla_topk,
-            dtype=compute_dtype,
-        )
+    model = build_meta(layout.config, quant=layout.quant, attention=attention,
+                       sla_topk=sla_topk, dtype=compute_dtype)
     expected = module_specs(model)
     report = compare_specs(
         expected,

@@ -27,6 +27,19 @@ def coerce_loras(loras: Iterable[Any] | None) -> list[LoraSpec]:
     return [LoraSpec.coerce(item) for item in loras]
 
 
+def check_settings_loras(raw: Any, headers: Mapping[str, Mapping[str, Any]], is_demo: bool,
+                         collector: Any) -> tuple[list[LoraSpec], dict[str, list]]:
+    """Pre-flight of ``RunSettings.loras``: (the LoraSpec list, the checked headers for
+    :func:`with_meta_loras`). ``headers``: role -> checkpoint header of the files that passed."""
+    loras = collector.check(lambda: coerce_loras(raw))
+    if not loras:
+        return [], {}
+    experts = collector.check(demo_meta_experts if is_demo else lambda: meta_experts(headers))
+    if experts is None:
+        return loras, {}
+    return loras, check_loras(loras, experts, collector)
+
+
 def check_loras(loras: list[LoraSpec], experts: Mapping[str, nn.Module], collector: Any
                 ) -> dict[str, list[tuple[LoraSpec, dict[str, Any]]]]:
     """Check each LoRA against each expert it applies to (``experts``: role -> model, on

@@ -73,14 +73,17 @@ class LoraSpec:
 
     @classmethod
     def coerce(cls, value: Any, expert: str = "both") -> LoraSpec:
-        """A LoraSpec from what users pass: a LoraSpec, ``"FILE[:S]"``, a path, or a tuple
-        ``(path, strength[, expert])``."""
+        """A LoraSpec from what users pass: a LoraSpec, ``"FILE[:S]"``, a path, a tuple
+        ``(path, strength[, expert])``, or ``("FILE[:S]", expert)``."""
         if isinstance(value, LoraSpec):
             return value
         if isinstance(value, str):
             return cls.parse(value, expert)
         if isinstance(value, os.PathLike):
             return cls(Path(value), 1.0, expert)
+        if (isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[0], str)
+                and value[1] in EXPERTS):  # ("FILE[:S]", expert), as the CLI gives them
+            return cls.parse(value[0], value[1])
         if isinstance(value, (tuple, list)) and 1 <= len(value) <= 3:
             path, *rest = value
             strength = rest[0] if rest else 1.0

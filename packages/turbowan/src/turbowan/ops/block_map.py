@@ -98,3 +98,8 @@ def select_blocks(
     lut = torch.topk(scores, kk, dim=-1, sorted=False).indices
     lut = lut.sort(dim=-1).values.contiguous()
     return BlockSelection(lut=lut, n_key_blocks=n_key_blocks, block_q=block_q, block_k=block_k)
+
+
+def tileable(*sizes: int) -> bool:
+    """The kernels tile head_dim and both block sizes with powers of two >= 16."""
+    return all(n >= 16 and n & (n - 1) == 0 for n in sizes)

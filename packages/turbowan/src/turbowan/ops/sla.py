@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from turbowan.ops.block_map import BlockSelection, select_blocks
+from turbowan.ops.block_map import BlockSelection, select_blocks, tileable
 from turbowan.ops.sla_linear import projected_linear_branch, rounder
 from turbowan.ops.sla_torch import block_sparse_attention_torch
 
@@ -93,11 +93,6 @@ def _check_options(
             f"sparse_linear_attention: compute_dtype must be one of {COMPUTE_DTYPES} or None "
             f"(= the input dtype), got {compute_dtype!r}"
         )
-
-
-def tileable(*sizes: int) -> bool:
-    """The kernels tile head_dim and both block sizes with powers of two >= 16."""
-    return all(n >= 16 and n & (n - 1) == 0 for n in sizes)
 
 
 def resolve_backend(

@@ -17,8 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from turbowan.ops.block_map import num_blocks
-from turbowan.ops.sla import tileable
+from turbowan.ops.block_map import num_blocks, tileable
 
 # Triton decides interpreted vs compiled when a kernel is decorated, i.e. at this import.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -124,7 +124,7 @@ def demo_files(directory: str | os.PathLike[str]) -> DemoFiles:
 
 
 def write_demo_vae(directory: str | os.PathLike[str]) -> Path:
-    from turbowan.vae.config import build_manifest_model
+    from turbowan.vae.meta import build_manifest_model
 
     Path(directory).mkdir(parents=True, exist_ok=True)
     model = build_manifest_model(DEMO_VAE_PRESET)
@@ -133,8 +133,8 @@ def write_demo_vae(directory: str | os.PathLike[str]) -> Path:
 
 def write_demo_checkpoints(directory: str | os.PathLike[str]) -> DemoFiles:
     """Write the four demo checkpoints into ``directory`` (about 12 MB, well under a second)."""
-    from turbowan.dit.config import build_manifest_model as dit_manifest
-    from turbowan.text_encoder.config import build_manifest_model as te_manifest
+    from turbowan.dit.meta import build_manifest_model as dit_manifest
+    from turbowan.text_encoder.meta import build_manifest_model as te_manifest
 
     files = demo_files(directory)
     Path(directory).mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from turbowan.quant.int8_linear import TILE, w8a8_linear
+from turbowan.quant.blockwise import TILE, w8a8_linear
 
 # Triton decides interpreted vs compiled when a kernel is decorated, i.e. at this import.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -10,16 +10,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
-from torch import nn
 
 __all__ = [
     "PRESETS",
     "UMT5Config",
     "TextEncoderMismatchError",
-    "build_manifest_model",
     "config_from_state_dict",
 ]
 
@@ -153,54 +150,3 @@ OPTION_VARIANTS: list[dict[str, str]] = [
 ]
 
 
-def build_manifest_model(
-    preset: str,
-    *,
-    naming: str = "wan",
-    fp8: str = "none",
-    dtype: torch.dtype = torch.bfloat16,
-) -> nn.Module:
-    """The preset built on ``meta`` with the state-dict names of ``naming`` ("wan" or "comfy").
-
-    ``fp8="scaled"`` gives ComfyUI's fp8_scaled layout: every Linear weight float8_e4m3fn with
-    a scalar fp32 ``scale_weight``, plus the empty ``scaled_fp8`` marker tensor.
-    """
-    from turbowan.text_encoder.fp8 import ScaledFP8Linear
-    from turbowan.text_encoder.model import UMT5Encoder
-    from turbowan.text_encoder.naming import renamed_view
-
-    if naming not in ("wan", "comfy"):
-        raise ValueError(
-            f"unknown naming {naming!r}; use 'wan' (upstream .pth) or 'comfy' (HF/ComfyUI)"
-        )
-    if fp8 not in ("none", "scaled"):
-        raise ValueError(f"unknown fp8 layout {fp8!r}; use 'none' or 'scaled' (ComfyUI fp8_scaled)")
-    config = preset_config(preset)
-    with torch.device("meta"):
-        model = UMT5Encoder(config, dtype=dtype)
-        if fp8 == "scaled":
-            for name, module in list(model.named_modules()):
-                if isinstance(module, nn.Linear):
-                    parent, _, child = name.rpartition(".")
-                    fp8_linear = ScaledFP8Linear(module.in_features, module.out_features)
-                    setattr(model.get_submodule(parent), child, fp8_linear)
-    view = model if naming == "wan" else renamed_view(model)
-    if fp8 == "scaled":
-        view.register_buffer("scaled_fp8", torch.empty(0, dtype=torch.float8_e4m3fn, device="meta"))
-    return view
-
-
-T = TypeVar("T")
-
-
-def normalize_checkpoint_keys(specs: Mapping[str, T]) -> dict[str, T]:
-    """Drop a wrapper prefix (e.g. ``text_encoders.umt5xxl.transformer.``) from a header.
-
-    The naming scheme (wan or comfy) is kept: `turbowan check` compares against both.
-    """
-    from turbowan.text_encoder.naming import strip_prefix
-
-    _naming, prefix = strip_prefix(list(specs))
-    if not prefix:
-        return dict(specs)
-    return {k[len(prefix) :]: v for k, v in specs.items() if k.startswith(prefix)}

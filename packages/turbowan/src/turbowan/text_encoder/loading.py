@@ -34,6 +34,7 @@ from turbowan.text_encoder.fp8 import (
     is_fp8,
     use_scaled_fp8_linears,
 )
+from turbowan.text_encoder.meta import build_meta
 from turbowan.text_encoder.model import UMT5Encoder, zero_padding
 from turbowan.text_encoder.naming import to_wan_names
 from turbowan.text_encoder.tokenizer import (
@@ -230,8 +231,7 @@ def load_text_encoder(
             )
     if compute_dtype is None:
         compute_dtype = _default_dtype(wan_specs)
-    with torch.device("meta"):
-        model = UMT5Encoder(config, dtype=compute_dtype)
+    model = build_meta(config, dtype=compute_dtype)
     _check_specs(model, wan_specs, source)
 
     if state is None:

@@ -11,8 +11,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import torch
-
 # Per-channel statistics of the Wan2.1 latent space (spec §6.3): encode returns (mu - mean)/std.
 LATENT_MEAN: tuple[float, ...] = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -137,23 +135,3 @@ def config_from_state_dict(shapes: Mapping[str, Any]) -> VAEConfig:
             "Pass Wan2.1_VAE.pth or wan_2.1_vae.safetensors."
         )
     return VAEConfig(dim=enc_in[0], z_dim=z_dim)
-
-
-def build_manifest_model(preset: str, **options: Any) -> torch.nn.Module:
-    """Build the preset's model on ``meta`` for `turbowan manifest` / `turbowan check`."""
-    unknown = {k: v for k, v in options.items() if v is not None}
-    if unknown:
-        raise ValueError(
-            f"the VAE presets take no options, got {sorted(unknown)}; "
-            "drop them (they apply to the DiT or umT5 presets)"
-        )
-    try:
-        config = PRESETS[preset]
-    except KeyError:
-        raise ValueError(
-            f"unknown VAE preset {preset!r}; known: {', '.join(sorted(PRESETS))}"
-        ) from None
-    from turbowan.vae.model import WanVAE
-
-    with torch.device("meta"):
-        return WanVAE(config)

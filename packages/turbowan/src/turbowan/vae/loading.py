@@ -17,6 +17,7 @@ from turbowan.checkpoint.report import compare_specs, module_specs
 from turbowan.dtypes import parse_float_dtype
 from turbowan.vae.config import VAECheckpointError, config_from_state_dict, strip_prefix
 from turbowan.vae.frames import FrameCountError, check_frame_count, check_spatial_size
+from turbowan.vae.meta import build_meta
 from turbowan.vae.model import WanVAE
 
 __all__ = [
@@ -67,8 +68,7 @@ def load_vae(
     device = torch.device(device)
     state = strip_prefix(load_state_dict(path))
     config = config_from_state_dict(state)
-    with torch.device("meta"):
-        model = WanVAE(config)
+    model = build_meta(config)
     _compare_keys(str(path), model, state)
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)

@@ -19,7 +19,7 @@ from turbowan.vae.cache import CausalCache
 from turbowan.vae.frames import SPATIAL_FACTOR
 
 
-def _check_tiling(tile: int, overlap: int) -> tuple[int, int]:
+def check_tiling(tile: int, overlap: int) -> tuple[int, int]:
     """Pixel tile/overlap -> latent units, with errors that name a valid setting."""
     if tile % SPATIAL_FACTOR or overlap % SPATIAL_FACTOR or tile < 2 * SPATIAL_FACTOR:
         raise ValueError(
@@ -74,7 +74,7 @@ def decode_tiles_stream(
     decoder: nn.Module, z: torch.Tensor, *, tile: int, overlap: int
 ) -> Iterator[torch.Tensor]:
     """Decode ``z`` (after ``conv2``) tile by tile, yielding blended float32 frame chunks."""
-    tile_lat, overlap_lat = _check_tiling(tile, overlap)
+    tile_lat, overlap_lat = check_tiling(tile, overlap)
     _, _, frames, height, width = z.shape
     rows = tile_starts(height, tile_lat, overlap_lat)
     cols = tile_starts(width, tile_lat, overlap_lat)
