@@ -10,7 +10,7 @@ import torch
 from lora_files import kohya_keys, make_lora, peft_keys, write
 
 from turbowan.cli.main import main
-from turbowan.lora import LoraError, LoraSpec, attach_lora, match_for_model
+from turbowan.lora import LoraError, LoraSpec, attach_lora, load_lora_tensors, match_for_model
 from turbowan.pipeline import demo as demo_mod
 from turbowan.pipeline.i2v import I2VPipeline
 from turbowan.pipeline.preflight import PreflightError
@@ -161,3 +161,28 @@ def test_mismatched_keys_are_counted_and_a_pt_lora_loads_weights_only(tmp_path, 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         attach_lora(model, path)  # attach itself only reports; the pipeline warns
+
+
+def test_budget_check_counts_the_lora_bytes(monkeypatch, tmp_path, demo_shapes):
+    """A budget that holds every model but not the expert plus its LoRA is refused up front."""
+    import offloadkit
+    from turbowan.pipeline.budget_fit import demo_placed_models
+
+    blocks = demo_mod.demo_dit_config().num_layers
+    path = write(tmp_path / "big.safetensors",
+                 peft_keys(make_lora(demo_shapes, blocks=blocks, rank=64, extras=False)))
+    layerwise = offloadkit.get_strategy("layerwise")()
+    models = demo_placed_models(dtype=torch.float32, attention="sla", sla_topk=0.5, home="host")
+    need = {role: layerwise.min_device_bytes(offloadkit.profile_model(m.model, m.blocks))
+            for role, m in models.items()}
+    expert = models["high"].model
+    attach_lora(expert, load_lora_tensors(path), name="big")
+    with_lora = layerwise.min_device_bytes(offloadkit.profile_model(expert, "blocks"))
+    budget = max(need.values())
+    assert with_lora > budget  # the LoRA makes the expert the one that does not fit
+    I2VPipeline.demo(directory=tmp_path / "ok", strategy="layerwise", budget=budget)
+    _headers_only(monkeypatch)
+    with pytest.raises(PreflightError, match="high-noise expert") as info:
+        I2VPipeline.demo(directory=tmp_path / "no", strategy="layerwise", budget=budget,
+                         loras=[path])
+    assert "below the minimum" in str(info.value)
