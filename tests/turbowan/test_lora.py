@@ -224,3 +224,50 @@ def test_bf16_compute_int8_expert_with_lora_is_close_to_float64(golden, tmp_path
     base = reference({k: v.double() for k, v in dense_base(state, "int8").items()}, args)
     err, effect = (out - ref).abs().mean(), (base - ref).abs().mean()
     assert err < 0.1 * effect  # bf16 rounding, well below what the LoRA changes
+
+
+@pytest.mark.parametrize("mode", ["fast", "reference", "triton"])
+def test_branch_adds_exactly_its_delta_on_every_int8_path(mode):
+    """Whatever GEMM the int8 layer runs, the LoRA adds s*alpha/r*B(A x) on top of its output."""
+    from turbowan.quant.int8_linear import Int8Linear
+
+    g = torch.Generator().manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(256, 128), mode=mode)
+    wrapper = torch.nn.Module()
+    wrapper.blocks = torch.nn.ModuleList([torch.nn.Module()])
+    wrapper.blocks[0].q = layer
+    x = torch.randn(2, 8, 256, generator=g)
+    with torch.no_grad():
+        base = layer(x)
+    down, up = torch.randn(4, 256, generator=g), torch.randn(128, 4, generator=g)
+    attach_lora(wrapper, {"blocks.0.q.lora_down.weight": down, "blocks.0.q.lora_up.weight": up,
+                          "blocks.0.q.alpha": torch.tensor(2.0)}, strength=0.5, name="t")
+    with torch.no_grad():
+        out = layer(x)
+    expected = base + 0.5 * (2.0 / 4) * (x @ down.T @ up.T)
+    assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(out, base)
+
+
+def test_changing_one_experts_loras_leaves_the_other_offloaded(golden, tmp_path):
+    """Adding a LoRA re-stages only the expert it touches: the other keeps its handle."""
+    state, args = golden
+    high, low = build(state, "int8"), build(state, "int8")
+    lora = make_lora(shapes_of(build(state, "none")), blocks=3, rank=4, seed=8)
+    path = write(tmp_path / "h.safetensors", peft_keys(lora))
+    budget = _min_budget(high, "layerwise", {})
+    h_high = offloadkit.apply(high, "layerwise", device="cpu", budget=budget)
+    h_low = offloadkit.apply(low, "layerwise", device="cpu", budget=budget)
+    with torch.no_grad():
+        low_before = low(*args)
+    h_high.remove()
+    attach_lora(high, path)
+    h_high = offloadkit.apply(high, "layerwise", device="cpu", budget=_min_budget(high, "layerwise", {}))
+    assert not h_low.removed and offloadkit.is_offloaded(low)
+    with torch.no_grad():
+        assert torch.equal(low(*args), low_before)
+        streamed = high(*args)
+    h_high.remove()
+    h_low.remove()
+    with torch.no_grad():
+        assert torch.equal(high(*args), streamed)
