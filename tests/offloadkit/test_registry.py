@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import sys
-import textwrap
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,7 +22,7 @@ from offloadkit.registry import PluginLoadWarning
 BUILTINS = ("adaptive", "chunkwise", "comfy_native", "cpu_only", "layerwise")
 REPO = Path(__file__).resolve().parents[2]
 
-MakePlugin = Callable[..., str]
+MakePlugin = Callable[..., str]  # the make_plugin fixture (tests/conftest.py)
 
 
 def strategy_module(*names: str, hook: str = "offloadkit_register_strategies") -> str:
@@ -43,34 +41,6 @@ def strategy_module(*names: str, hook: str = "offloadkit_register_strategies") -
 
 
 pytestmark = pytest.mark.usefixtures("fresh_registry")
-
-
-@pytest.fixture
-def make_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MakePlugin]:
-    """Install a throwaway distribution: ``make_plugin(dist, source) -> module name``."""
-    site = tmp_path / "site"
-    site.mkdir()
-    modules: list[str] = []
-
-    def make(distribution: str, source: str, entry_name: str | None = None) -> str:
-        module = f"okt_{distribution.replace('-', '_')}_{uuid.uuid4().hex[:8]}"
-        (site / f"{module}.py").write_text(textwrap.dedent(source))
-        info = site / f"{distribution.replace('-', '_')}-1.0.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text(
-            f"Metadata-Version: 2.1\nName: {distribution}\nVersion: 1.0\n"
-        )
-        (info / "entry_points.txt").write_text(
-            f"[offloadkit]\n{entry_name or distribution} = {module}\n"
-        )
-        modules.append(module)
-        registry.reset_registry()
-        return module
-
-    monkeypatch.syspath_prepend(str(site))
-    yield make
-    for module in modules:
-        sys.modules.pop(module, None)
 
 
 def test_builtins_come_from_offloadkits_own_entry_points() -> None:

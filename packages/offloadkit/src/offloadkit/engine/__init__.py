@@ -1,15 +1,10 @@
-"""The mechanism shared by every strategy: profile, pack, place, stream, account."""
+"""The mechanism shared by every strategy: profile, pack, place, stream, account.
+
+``engine.core.Engine`` is built by ``offloadkit.StagedModel``; this package's namespace only
+re-exports the profiling helpers (shapes and byte counts, no device)."""
 
 from __future__ import annotations
 
 from offloadkit.engine.profile import find_blocks, layout_model, profile_model
 
-__all__ = ["Engine", "find_blocks", "layout_model", "profile_model"]
-
-
-def __getattr__(name: str):  # Engine pulls in torch.cuda machinery; import it on first use
-    if name == "Engine":
-        from offloadkit.engine.core import Engine
-
-        return Engine
-    raise AttributeError(name)
+__all__ = ["find_blocks", "layout_model", "profile_model"]

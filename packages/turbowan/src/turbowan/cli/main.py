@@ -11,6 +11,9 @@ import argparse
 import importlib
 import sys
 
+#: exit status for an offloadkit plugin setup that cannot work (as for bad input)
+EXIT_BAD_SETUP = 2
+
 # command name -> module holding add_parser() and run()
 COMMANDS = {
     "generate": "turbowan.cli.generate",
@@ -40,7 +43,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(COMMANDS[args.command])
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except Exception as exc:
+        # a broken plugin setup (two plugins claiming one strategy name, a junk
+        # OFFLOADKIT_* switch) is the user's installation to fix: one line, not a traceback
+        from offloadkit import PluginError
+
+        if not isinstance(exc, PluginError):
+            raise
+        print(f"turbowan {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_SETUP
 
 
 if __name__ == "__main__":  # pragma: no cover

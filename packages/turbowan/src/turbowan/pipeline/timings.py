@@ -55,7 +55,7 @@ class Timings:
         }
 
     def summary(self, device: str = "") -> str:
-        from offloadkit.budget import format_bytes  # the units budgets are given in
+        from offloadkit import format_bytes  # the units budgets are given in
 
         width = max([len(s.name) for s in self.stages] + [5])
         where = f" on {device}" if device else ""

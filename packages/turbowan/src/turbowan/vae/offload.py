@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from offloadkit.hookspecs import hookimpl
+from offloadkit import hookimpl
 
 
 @hookimpl
