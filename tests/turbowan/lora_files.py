@@ -56,31 +56,28 @@ def make_lora(shapes: dict[str, tuple[int, ...]], *, blocks: int, rank: int = 4,
     return lora
 
 
+def _wan_named(lora: TestLora, stem, down: str, up: str) -> dict[str, torch.Tensor]:
+    """Wan module names through ``stem(name)``, with the naming's factor suffixes."""
+    out = {}
+    for name, (d, u, alpha) in lora.pairs.items():
+        out[f"{stem(name)}.{down}"] = d.to(torch.bfloat16)
+        out[f"{stem(name)}.{up}"] = u.to(torch.bfloat16)
+        if alpha is not None:
+            out[f"{stem(name)}.alpha"] = torch.tensor(alpha)
+    out.update({f"{stem(n)}.diff": t for n, t in lora.diff.items()})
+    out.update({f"{stem(n)}.diff_b": t for n, t in lora.diff_b.items()})
+    return out
+
+
 def peft_keys(lora: TestLora, prefix: str = "diffusion_model.") -> dict[str, torch.Tensor]:
     """ComfyUI / diffusion-pipe PEFT: Wan names, lora_A/lora_B, .alpha, .diff, .diff_b."""
-    out = {}
-    for name, (down, up, alpha) in lora.pairs.items():
-        out[f"{prefix}{name}.lora_A.weight"] = down.to(torch.bfloat16)
-        out[f"{prefix}{name}.lora_B.weight"] = up.to(torch.bfloat16)
-        if alpha is not None:
-            out[f"{prefix}{name}.alpha"] = torch.tensor(alpha)
-    out.update({f"{prefix}{n}.diff": t for n, t in lora.diff.items()})
-    out.update({f"{prefix}{n}.diff_b": t for n, t in lora.diff_b.items()})
-    return out
+    return _wan_named(lora, lambda n: prefix + n, "lora_A.weight", "lora_B.weight")
 
 
 def kohya_keys(lora: TestLora, prefix: str = "lora_unet_") -> dict[str, torch.Tensor]:
     """kohya / musubi-tuner: dots as underscores, lora_down/lora_up, .alpha."""
-    out = {}
-    for name, (down, up, alpha) in lora.pairs.items():
-        stem = prefix + name.replace(".", "_")
-        out[f"{stem}.lora_down.weight"] = down.to(torch.bfloat16)
-        out[f"{stem}.lora_up.weight"] = up.to(torch.bfloat16)
-        if alpha is not None:
-            out[f"{stem}.alpha"] = torch.tensor(alpha)
-    out.update({f"{prefix}{n.replace('.', '_')}.diff": t for n, t in lora.diff.items()})
-    out.update({f"{prefix}{n.replace('.', '_')}.diff_b": t for n, t in lora.diff_b.items()})
-    return out
+    return _wan_named(lora, lambda n: prefix + n.replace(".", "_"), "lora_down.weight",
+                      "lora_up.weight")
 
 
 def _diffusers_name(name: str) -> str:

@@ -101,22 +101,21 @@ def _check_path(path: Path) -> None:
                         f"read from {', '.join(LORA_SUFFIXES)} files")
 
 
-def read_lora_specs(path: str | os.PathLike[str]) -> dict[str, TensorSpec]:
-    """Key -> shape/dtype of a LoRA file without reading its tensors (safetensors header;
-    a pickle is opened weights-only and memory-mapped)."""
+def _read(path: str | os.PathLike[str], reader: Any) -> Any:
     p = Path(path)
     _check_path(p)
     try:
-        return read_tensor_specs(p)
+        return reader(p)
     except ValueError as exc:
         raise LoraError(f"LoRA file: {exc}") from exc
+
+
+def read_lora_specs(path: str | os.PathLike[str]) -> dict[str, TensorSpec]:
+    """Key -> shape/dtype of a LoRA file without reading its tensors (safetensors header;
+    a pickle is opened weights-only and memory-mapped)."""
+    return _read(path, read_tensor_specs)
 
 
 def load_lora_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Every tensor of a LoRA file, read safely (see the module docstring)."""
-    p = Path(path)
-    _check_path(p)
-    try:
-        return load_state_dict(p)
-    except ValueError as exc:
-        raise LoraError(f"LoRA file: {exc}") from exc
+    return _read(path, load_state_dict)
