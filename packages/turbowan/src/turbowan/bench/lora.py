@@ -49,7 +49,9 @@ def lora_attached(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> I
 def pair_lora_runs(runs: list[dict]) -> None:
     """Set ``lora_time_ratio`` / ``lora_bytes_per_step_ratio`` on each LoRA run: its time
     and traffic over the matching run without LoRA. With paired timing both sides are first
-    divided by their own all-resident steps, which cancels machine drift between them."""
+    divided by their own all-resident steps, which cancels machine drift between them. A step
+    makes the same copies with and without the LoRA, so traffic is compared per copy (the
+    timed window may cut the cross-step prefetch at a different copy)."""
     plain: dict[tuple, dict] = {}  # the latest run without LoRA, per strategy/budget/home
     for record in runs:
         if record.get("lora_rank") is None:
@@ -63,8 +65,9 @@ def pair_lora_runs(runs: list[dict]) -> None:
             record["lora_time_ratio"] = mine / theirs
         elif record.get("seconds_per_step") and base.get("seconds_per_step"):
             record["lora_time_ratio"] = record["seconds_per_step"] / base["seconds_per_step"]
-        if base.get("bytes_per_step"):
-            record["lora_bytes_per_step_ratio"] = record["bytes_per_step"] / base["bytes_per_step"]
+        if base.get("transfers") and record.get("transfers"):
+            per_copy = record["bytes_transferred"] / record["transfers"]
+            record["lora_bytes_per_step_ratio"] = per_copy / (base["bytes_transferred"] / base["transfers"])
 
 
 def _key(record: dict) -> tuple:

@@ -33,6 +33,7 @@ RUN_KEYS = (
     "predicted_slowdown",  # plan mode's simulator on this run's plan and measured rates
     "bytes_transferred",
     "bytes_per_step",
+    "transfers",  # host-to-device copies in the timed steps (a block, or a group of blocks)
     "transfer_seconds",
     "achieved_gbps",
     "stall_seconds",
@@ -44,7 +45,9 @@ RUN_KEYS = (
     "lora_rank",  # --lora-rank: this run had a random LoRA of this rank (None: no LoRA)
     "lora_bytes",  # bytes of that LoRA's tensors
     "lora_time_ratio",  # s/step over the same run without the LoRA
-    "lora_bytes_per_step_ratio",  # bytes moved per step over the same run without the LoRA
+    "lora_bytes_per_step_ratio",  # bytes per copy over the same run without the LoRA: a
+    # step makes the same copies either way (a 2-step window may cut the prefetch ring at
+    # another copy, so raw bytes per step are compared per copy)
     "note",
 )
 

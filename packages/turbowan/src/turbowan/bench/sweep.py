@@ -247,6 +247,7 @@ class Sweep:
             seconds_per_step=statistics.median(seconds), step_seconds=seconds,
             min_seconds_per_step=min(seconds),
             bytes_transferred=moved, bytes_per_step=moved // max(1, s.steps),
+            transfers=stats.transfers - first.transfers,
             transfer_seconds=transfer_s,
             achieved_gbps=(moved / transfer_s / 1e9) if transfer_s > 0 else None,
             stall_seconds=stats.stall_seconds - first.stall_seconds,
