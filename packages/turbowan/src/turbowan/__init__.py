@@ -16,6 +16,8 @@ _LAZY = {
     "I2VPipeline": "turbowan.pipeline.i2v",
     "rcm_sample": "turbowan.sampler.rcm",
     "ops": "turbowan.ops",
+    "lora": "turbowan.lora",
+    "LoraSpec": "turbowan.lora",
 }
 
 __all__ = sorted(_LAZY)
