@@ -25,7 +25,7 @@ def _install_project(session: nox.Session, *extra: str) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the test suite (slow tests excluded; pass `-- -m slow` to run them)."""
+    """Run the whole test suite, as .ci/run does (arguments after `--` go to pytest)."""
     _install_project(session, *TEST_DEPS, *EXTRAS_UNDER_TEST)
     # The example plugin is installed the way a user installs it: with pip, as a package.
     session.install("./plugins/offloadkit-manual")
@@ -61,6 +61,6 @@ def bench(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff check and format check."""
+    """ruff check with the rules in pyproject.toml."""
     session.install("ruff>=0.6")
     session.run("ruff", "check", ".")

@@ -1,8 +1,6 @@
 """Tiny DiT checkpoints written in each real format load and run; unsafe or mismatched
 files are refused with a readable report."""
 
-import sys
-import types
 import warnings
 from pathlib import Path
 
@@ -10,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import turbowan
+import turbowan.dit.attention
 from turbowan import load_dit
 from turbowan.checkpoint.io import CheckpointReadError
 from turbowan.checkpoint.report import CheckpointMismatchError
@@ -180,7 +178,7 @@ def test_missing_and_wrong_shape_keys_give_a_report(tmp_path):
 
 def test_bad_arguments_fail_before_reading(tmp_path):
     missing = tmp_path / "nothing.pth"
-    with pytest.raises(ValueError, match="attention must be one of"):
+    with pytest.raises(ValueError, match="unknown attention .flash.; choose one of sla, original, sagesla"):
         load_dit(missing, attention="flash")
     with pytest.raises(ValueError, match="sla_topk"):
         load_dit(missing, sla_topk=0.0)
@@ -209,9 +207,7 @@ def test_sla_attention_calls_the_op_with_proj_l(files, golden, monkeypatch):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         ).transpose(1, 2)
 
-    fake_ops = types.SimpleNamespace(sparse_linear_attention=fake_sla)
-    monkeypatch.setattr(turbowan, "ops", fake_ops, raising=False)
-    monkeypatch.setitem(sys.modules, "turbowan.ops", fake_ops)
+    monkeypatch.setattr(turbowan.dit.attention, "sla_forward", fake_sla)
     sla_model = load_dit(files["pth_bf16"], attention="sla", sla_topk=0.25, dtype=torch.float32)
     out = _run(sla_model, golden)
     assert len(calls) == 3

@@ -123,3 +123,27 @@ def test_y_is_mask_then_latents():
     assert y.shape == (2, 20, 5, 4, 6)
     assert y[:, :4, 0].eq(1).all() and y[:, :4, 1:].eq(0).all()
     assert torch.equal(y[:, 4:], lat)
+
+
+def test_exif_orientation_of_a_phone_photo_is_applied(tmp_path):
+    from PIL import Image
+
+    from turbowan.pipeline.conditioning import open_image
+
+    # stored 40 wide x 20 high, left half red, right half blue; tag 6 = "rotate 90 CW to view"
+    stored = Image.new("RGB", (40, 20), (255, 0, 0))
+    stored.paste((0, 0, 255), (20, 0, 40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.jpg"
+    stored.save(path, quality=95, exif=exif.tobytes())
+    upright = open_image(path)
+    assert upright.size == (20, 40)  # portrait, as a viewer shows it
+    top, bottom = upright.getpixel((10, 5)), upright.getpixel((10, 35))
+    assert top[0] > 200 and top[2] < 60  # the stored left (red) is now on top
+    assert bottom[2] > 200 and bottom[0] < 60
+    with Image.open(path) as pil:  # a PIL image given directly is turned the same way
+        assert open_image(pil).size == (20, 40)
+    plain = tmp_path / "plain.jpg"
+    stored.save(plain, quality=95)
+    assert open_image(plain).size == (40, 20)  # no tag, no turn

@@ -25,7 +25,8 @@ def _f32(a):
 
 
 def emulate_quantize(x):
-    """Upstream tile rule in float64 numpy, rounding to fp32 after each fp32 operation."""
+    """Upstream tile rule in float64 numpy, rounding to fp32 after each fp32 operation:
+    q = rint(x * fp32(128 / amax)), the reciprocal first."""
     x = np.asarray(x, dtype=np.float64)
     rows, cols = x.shape
     rb, cb = -(-rows // 128), -(-cols // 128)
@@ -36,14 +37,15 @@ def emulate_quantize(x):
             tile = x[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128]
             amax = max(np.abs(tile).max(), float(np.float32(1e-8)))
             q[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128] = np.clip(
-                np.rint(_f32(tile * 128.0 / amax)), -128, 127
+                np.rint(_f32(tile * _f32(128.0 / amax))), -128, 127
             )
             scale[i, j] = _f32(amax / 128.0)
     return q, scale
 
 
 def emulate_gemm(x, q_w, s_w, bias):
-    """acc += (float(int_acc) * sx) * sw per K tile in order, in fp32 arithmetic."""
+    """acc = fma(float(int_acc), fp32(sx * sw), acc) per K tile in order: the product and sum
+    are formed in 64-bit-mantissa long double (the product is exact) and rounded to fp32 once."""
     q_x, s_x = emulate_quantize(x)
     m, k = q_x.shape
     n = q_w.shape[0]
@@ -55,7 +57,9 @@ def emulate_gemm(x, q_w, s_w, bias):
         )
         sx = np.repeat(s_x[:, kb], 128)[:m][:, None]
         sw = np.repeat(s_w[:, kb], 128)[:n][None, :]
-        acc = _f32(acc + _f32(_f32(_f32(int_acc) * sx) * sw))
+        sxw = np.longdouble(_f32(sx * sw))
+        fused = np.longdouble(acc) + np.longdouble(int_acc) * sxw
+        acc = fused.astype(np.float32).astype(np.float64)
     return _f32(acc + np.asarray(bias, dtype=np.float64)[None, :])
 
 
@@ -164,3 +168,64 @@ def test_layer_buffers_and_mode_switch():
     assert all(m.mode == "reference" for m in model if isinstance(m, Int8Linear))
     with pytest.raises(ValueError, match="mode must be one of"):
         layer.mode = "int4"
+
+
+def test_quantize_rounds_ties_like_upstream_reciprocal_first():
+    # x * 128 / amax and x * fp32(128 / amax) fall on different sides of 5.5 for this pair
+    amax, x = np.float32(0.81513757), np.float32(0.03502544)
+    upstream = np.rint(x * (np.float32(128) / amax))
+    assert upstream == 6 and np.rint(np.float32(x * np.float32(128)) / amax) == 5
+    tile = torch.zeros(4, 4)
+    tile[0, 0], tile[1, 1], tile[2, 2] = float(amax), float(x), -float(x)
+    q, _ = quantize_blockwise(tile)  # weights (Int8Linear.from_linear, turbowan quantize)
+    assert (q[1, 1].item(), q[2, 2].item()) == (6, -6)
+    seen = {}
+
+    def capture(q_x, s_x, q_w, s_w):
+        seen["q_x"] = q_x.clone()
+        return torch.zeros(q_x.shape[0], q_w.shape[0])
+
+    from turbowan.quant.int8_linear import w8a8_linear
+
+    q_w, s_w = quantize_blockwise(torch.ones(2, 4))
+    w8a8_linear(tile, q_w, s_w, None, capture)  # activations take the same rule
+    assert seen["q_x"][1, 1].item() == 6
+
+
+def _round_fp32(value):
+    """Correctly rounded fp32 of an exact Fraction (ties to even)."""
+    from fractions import Fraction
+
+    guess = np.float32(float(value))
+    candidates = [guess, np.nextafter(guess, np.float32(np.inf)), np.nextafter(guess, np.float32(-np.inf))]
+    return min(
+        candidates,
+        key=lambda c: (abs(Fraction(float(c)) - value), int(np.array(c).view(np.int32)) & 1),
+    )
+
+
+def test_tile_gemm_accumulates_with_one_rounding_like_upstream_fma():
+    from fractions import Fraction
+
+    from turbowan.quant.blockwise import _tile_gemm_torch
+
+    g = torch.Generator().manual_seed(3)
+    q_x = torch.randint(-128, 128, (24, 384), generator=g, dtype=torch.int8)
+    q_w = torch.randint(-128, 128, (20, 384), generator=g, dtype=torch.int8)
+    s_x = torch.rand(1, 3, generator=g) * 0.01 + 1e-4
+    s_w = torch.rand(1, 3, generator=g) * 0.01 + 1e-4
+    out = _tile_gemm_torch(q_x, s_x, q_w, s_w).numpy()
+    expected = np.zeros(out.shape, dtype=np.float32)
+    old_order = np.zeros(out.shape, dtype=np.float32)
+    for kb in range(3):
+        cols = slice(kb * 128, (kb + 1) * 128)
+        ints = q_x[:, cols].long() @ q_w[:, cols].long().T
+        sx, sw = np.float32(s_x[0, kb].item()), np.float32(s_w[0, kb].item())
+        sxw = Fraction(float(np.float32(sx * sw)))
+        for i in range(out.shape[0]):
+            for j in range(out.shape[1]):
+                exact = int(ints[i, j]) * sxw + Fraction(float(expected[i, j]))
+                expected[i, j] = _round_fp32(exact)
+        old_order = old_order + (ints.numpy().astype(np.float32) * sx) * sw
+    np.testing.assert_array_equal(out, expected)
+    assert (old_order != expected).any()  # the data do tell the two orders apart

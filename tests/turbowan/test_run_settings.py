@@ -87,6 +87,9 @@ def test_unknown_settings_are_named():
 
 
 def test_every_field_has_a_scope_and_the_settings_are_frozen():
+    import turbowan
+
+    assert turbowan.RunSettings is RunSettings  # the public name
     assert set(field_names()) == set(field_names("pipeline")) | set(field_names("run"))
     assert not set(field_names("pipeline")) & set(field_names("run"))
     s = RunSettings(strategy_options={"prefetch": 2})
@@ -100,3 +103,36 @@ def test_strategy_options_pass_through_from_files_and_demo():
     pipe = I2VPipeline.demo(strategy="chunkwise", chunk_size=2)
     assert pipe.strategy_options == {"chunk_size": 2}
     assert pipe.settings.strategy == "chunkwise"
+
+
+def test_attention_is_checked_when_the_model_is_built_not_in_its_forward(monkeypatch):
+    """The SLA op's public entry checks its arguments; the DiT checked them once when it was
+    built, so its forward (once per block per step) goes straight to the kernel."""
+    import torch
+
+    import turbowan.dit.model
+    import turbowan.ops.sla
+    from turbowan.dit.config import PRESETS
+    from turbowan.dit.meta import build_meta
+
+    checked = []
+    real = turbowan.dit.model.check_attention
+    monkeypatch.setattr(turbowan.dit.model, "check_attention", lambda *a: checked.append(a) or real(*a))
+    model = build_meta(PRESETS["tiny"], attention="sla", sla_topk=0.5).to_empty(device="cpu")
+    for i, tensor in enumerate([*model.parameters(), *model.buffers()]):
+        tensor.data = torch.randn(tensor.shape, generator=torch.Generator().manual_seed(i)) * 0.02
+    assert checked == [("sla", 0.5)]
+
+    def forbidden(*a, **k):
+        raise AssertionError("SLA arguments checked again in the forward")
+
+    monkeypatch.setattr(turbowan.ops.sla, "_check_qkv", forbidden)
+    monkeypatch.setattr(turbowan.ops.sla, "_check_options", forbidden)
+    x, y = torch.randn(1, 16, 1, 16, 16), torch.randn(1, 20, 1, 16, 16)
+    with torch.inference_mode():
+        out = model(x, torch.tensor([900.0]), torch.randn(1, 8, 4096), y)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert checked == [("sla", 0.5)]
+    with pytest.raises(AssertionError, match="checked again"):  # the public op still checks
+        turbowan.ops.sparse_linear_attention(torch.randn(1, 128, 2, 128), torch.randn(1, 128, 2, 128),
+                                             torch.randn(1, 128, 2, 128), topk=0.5)

@@ -14,6 +14,7 @@ _LAZY = {
     "load_vae": "turbowan.vae.loading",
     "load_text_encoder": "turbowan.text_encoder.loading",
     "I2VPipeline": "turbowan.pipeline.i2v",
+    "RunSettings": "turbowan.pipeline.settings",
     "rcm_sample": "turbowan.sampler.rcm",
     "ops": "turbowan.ops",
     "lora": "turbowan.lora",

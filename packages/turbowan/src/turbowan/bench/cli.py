@@ -11,6 +11,7 @@ import shlex
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 DEFAULT_TOKENS = {"tiny": 256, "small": 512}
 DEFAULT_VIDEO = ("480p", "16:9", 81)
@@ -171,14 +172,13 @@ def resolve_device(text: str | None) -> str:
     (its check: cpu or an existing cuda:N)."""
     import torch
 
-    from offloadkit.api import resolve_device as placement_device
-    from offloadkit.errors import DeviceUnavailableError
+    import offloadkit
 
     if text is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        device = placement_device(text)
-    except DeviceUnavailableError as exc:
+        device = offloadkit.resolve_device(text)
+    except offloadkit.DeviceUnavailableError as exc:
         raise UsageError(f"--device {text}: {exc}") from None
     return "cpu" if device.type == "cpu" else text  # the sweep compares names with "cpu"
 
@@ -214,6 +214,7 @@ def run_plan(args, argv: list[str]) -> int:
     except BudgetError as exc:
         raise UsageError(str(exc)) from None
     strategies = [s.split("@", 1)[0] for s in resolve_strategies(args.strategies)]
+    _check_before_measuring(args, None)
     workload = resolve_workload(args, preset)
     config = get_preset(preset)
     device = "cuda" if _cuda() else "cpu"
@@ -286,6 +287,19 @@ def _cuda() -> bool:
 # ------------------------------------------------------------------------------ sweep mode
 
 
+def _check_before_measuring(args, options: dict[str, dict]) -> None:
+    """Output paths writable, named strategies buildable (see ``bench.checks``)."""
+    from turbowan.bench.checks import BenchCheckError, check_named_strategies, check_output_file
+
+    try:
+        for flag in ("json", "markdown", "plot"):
+            check_output_file(f"--{flag}", getattr(args, flag, None))
+        if options is not None:
+            check_named_strategies(args.strategies, options)
+    except BenchCheckError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def run_sweep(args, argv: list[str]) -> int:
     import torch
 
@@ -298,6 +312,7 @@ def run_sweep(args, argv: list[str]) -> int:
     device = resolve_device(args.device)
     workload = resolve_workload(args, args.preset)
     strategies = resolve_strategies(args.strategies)
+    _check_before_measuring(args, parse_options(args.option))
     budgets = _split(args.budgets)
     check_budgets(budgets + [s.split("@", 1)[1] for s in strategies if "@" in s], device)
     homes = _split(args.home)
@@ -380,11 +395,20 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return run_plan(args, argv) if args.plan else run_sweep(args, argv)
-    except UsageError as exc:
-        print(f"turbowan-bench: error: {exc}", file=sys.stderr)
-        return 2
+    from turbowan.interrupts import signals_as_interrupt
+
+    with signals_as_interrupt() as stop:  # SIGTERM/SIGHUP end it like Ctrl-C
+        try:
+            code = run_plan(args, argv) if args.plan else run_sweep(args, argv)
+        except UsageError as exc:
+            print(f"turbowan-bench: error: {exc}", file=sys.stderr)
+            code = 2
+        except KeyboardInterrupt:
+            kept = (f"; the runs measured so far are in {args.json} (\"complete\": false)"
+                    if args.json and Path(args.json).is_file() else "")
+            print(f"turbowan-bench: interrupted{kept}", file=sys.stderr)
+            code = 130
+    return stop.exit_code(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

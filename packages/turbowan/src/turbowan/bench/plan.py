@@ -98,7 +98,7 @@ def plan_strategy_rows(
     block_seconds: float,
 ) -> list[dict]:
     """One row per card and strategy: the plan, its predicted peak and its predicted slowdown."""
-    from offloadkit import get_strategy
+    import offloadkit
 
     block_bytes = [b.nbytes for b in profile.blocks]
     per_block = [block_seconds] * len(block_bytes)
@@ -119,12 +119,11 @@ def plan_strategy_rows(
                 row["note"] = "activations alone exceed the card"
                 continue
             try:
-                strategy = get_strategy(name)()
-                need = strategy.min_device_bytes(card_profile)
-                if budget < need:
-                    row["note"] = f"does not fit: needs {need / 2**30:.2f} GiB for weights"
+                report = offloadkit.check_fits(card_profile, name, budget)
+                if not report.fits:
+                    row["note"] = f"does not fit: needs {report.minimum_bytes / 2**30:.2f} GiB for weights"
                     continue
-                plan = strategy.plan(card_profile, budget)
+                plan = report.plan
             except Exception as exc:  # a strategy that cannot plan here says why in the table
                 row["note"] = f"cannot plan: {str(exc).splitlines()[0][:48]}..."
                 row["error"] = str(exc)
@@ -168,7 +167,7 @@ def plan_summary(plan: Plan) -> dict:
 
 def meta_profile(preset: str, *, quant: str, attention: str, device: str = "cuda") -> ModelProfile:
     """Profile of ``preset`` built on ``meta``: byte counts only, no memory, no device."""
-    from offloadkit.engine.profile import profile_model
+    from offloadkit import profile_model
     from turbowan.dit.meta import build_manifest_model
 
     model = build_manifest_model(preset, quant=quant, attention=attention)

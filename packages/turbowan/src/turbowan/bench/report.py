@@ -5,6 +5,7 @@ and comparisons across runs, and a PNG (peak memory against slowdown) for the tr
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -140,10 +141,17 @@ def plan_table(rows: Sequence[dict]) -> str:
 
 
 def write_json(path: str | Path, document: dict) -> Path:
+    """Write atomically (temporary file, then rename): an interrupt while the partial results
+    are rewritten after a run leaves the previous complete file, never a truncated one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     document = {"schema": SCHEMA, **document}
-    path.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        tmp.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

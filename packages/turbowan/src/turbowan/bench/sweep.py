@@ -271,7 +271,7 @@ class Sweep:
 
     # ---------------------------------------------------------------- the sweep
     def run(self) -> dict:
-        from offloadkit.engine.profile import profile_model
+        from offloadkit import profile_model
 
         s = self.spec
         self._check_host_memory()
@@ -329,18 +329,17 @@ class Sweep:
         s = self.spec
         try:
             budget_bytes = resolve_budget(budget, self.model_bytes, s.device)
-            cls = offloadkit.get_strategy(strategy)
-            instance = cls(**s.strategy_options.get(strategy, {}))
-            need = instance.min_device_bytes(profile)
+            report = offloadkit.check_fits(profile, strategy, budget_bytes,
+                                           **s.strategy_options.get(strategy, {}))
         except Exception as exc:
             self.skip(strategy, budget, None, exc)
             return
-        if budget_bytes < need:
+        if not report.fits:
             self.skip(strategy, budget, None,
                        f"budget {budget_bytes / 2**20:.2f} MiB is below the "
-                       f"{need / 2**20:.2f} MiB this strategy needs")  # fmt: skip
+                       f"{report.minimum_bytes / 2**20:.2f} MiB this strategy needs")  # fmt: skip
             return
-        same = self._same_plan_as(instance, profile, strategy, budget, budget_bytes)
+        same = self._same_plan_as(report.plan, strategy, budget)
         if same is not None:
             self.skip(strategy, budget, None, f"same plan as {strategy} @ {same}: measured once")
             return
@@ -348,14 +347,9 @@ class Sweep:
             self._one_offloadkit_run(model, inputs, strategy, budget, budget_bytes, home)
             self._progress()
 
-    def _same_plan_as(self, instance, profile, strategy: str, budget: str,
-                      budget_bytes: int) -> str | None:  # fmt: skip
+    def _same_plan_as(self, plan, strategy: str, budget: str) -> str | None:
         """The budget label already measured with an identical plan (e.g. layerwise, which
         ignores extra budget), so a sweep does not time the same placement twice."""
-        try:
-            plan = instance.plan(profile, budget_bytes)
-        except Exception:  # the run itself reports why it cannot plan
-            return None
         key = (strategy, plan.resident, plan.streamed, plan.group_size, plan.prefetch_depth,
                plan.num_slots)  # fmt: skip
         first = self._plans.setdefault(key, budget)

@@ -8,7 +8,6 @@ memory-mapped by safetensors. Both paths return CPU tensors that share the file'
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from collections.abc import Mapping
@@ -17,24 +16,16 @@ from pathlib import Path
 
 import torch
 
+from turbowan.checkpoint.header import (  # noqa: F401  (SAFETENSORS_DTYPES re-exported)
+    SAFETENSORS_DTYPES,
+    HeaderError,
+    parse_header,
+    validate_header,
+)
+
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
-# safetensors dtype names, for reading headers and (inverted) for writing them
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 # the fix for every damaged file, said where the damage is found (CLI and loaders alike)
@@ -91,6 +82,7 @@ def load_state_dict(path: str | os.PathLike[str], *, mmap: bool = True) -> dict[
     if _is_safetensors(path):
         from safetensors.torch import load_file
 
+        _safetensors_header(path)  # the whole header checked first, with a clear message
         try:
             return load_file(str(path), device="cpu")
         except Exception as exc:  # safetensors raises several types for a bad header
@@ -116,6 +108,7 @@ def load_state_dict(path: str | os.PathLike[str], *, mmap: bool = True) -> dict[
 
 
 def _safetensors_header(path: Path) -> dict[str, TensorSpec]:
+    """Read and fully validate the header (see ``checkpoint.header``)."""
     size = path.stat().st_size
     with path.open("rb") as fh:
         head = fh.read(8)
@@ -126,28 +119,14 @@ def _safetensors_header(path: Path) -> dict[str, TensorSpec]:
             raise CheckpointReadError(
                 f"{path}: truncated or corrupt safetensors header; {REDOWNLOAD}"
             )
-        try:
-            header = json.loads(fh.read(n))
-        except json.JSONDecodeError as exc:
-            raise CheckpointReadError(
-                f"{path}: corrupt safetensors header ({exc}); {REDOWNLOAD}"
-            ) from exc
-    specs: dict[str, TensorSpec] = {}
-    data_len = size - 8 - n
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        dtype = SAFETENSORS_DTYPES.get(info.get("dtype", ""))
-        if dtype is None:
-            raise CheckpointReadError(f"{path}: tensor {key!r} has unknown dtype {info.get('dtype')}")
-        begin, end = info["data_offsets"]
-        if end > data_len:
-            raise CheckpointReadError(
-                f"{path}: truncated: tensor {key!r} ends at byte {end} but only {data_len} "
-                f"data bytes are present; {REDOWNLOAD}"
-            )
-        specs[key] = TensorSpec(tuple(int(s) for s in info["shape"]), dtype)
-    return specs
+        raw = fh.read(n)
+    try:
+        entries = validate_header(
+            parse_header(raw, path), path, size - 8 - n, truncated_hint=REDOWNLOAD
+        )
+    except HeaderError as exc:
+        raise CheckpointReadError(str(exc)) from None
+    return {key: TensorSpec(shape, dtype) for key, (shape, dtype) in entries.items()}
 
 
 def read_tensor_specs(path: str | os.PathLike[str]) -> dict[str, TensorSpec]:

@@ -220,9 +220,12 @@ def _dit_ignore(options: Mapping[str, str]) -> Callable[[str], bool] | None:
 
 def _detect_dit(found: Mapping[str, Any]) -> Any | None:
     from turbowan.dit.config import config_from_state_dict
+    from turbowan.limits import OutOfBoundsError
 
     try:
         return config_from_state_dict(found)
+    except OutOfBoundsError:
+        raise  # a DiT with impossible sizes: say so, do not look for another family
     except ValueError:
         return None
 

@@ -22,6 +22,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--attention", choices=["sla", "original"], help="DiT: insist on this")
     p.add_argument("--naming", choices=["wan", "comfy"], help="umT5: insist on this naming")
     p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.add_argument("--full", action="store_true",
+                   help="also read every tensor and report NaN/Inf values (reads the whole file)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,5 +44,29 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"turbowan check: {exc}")
         return EXIT_UNREADABLE
-    print(json.dumps(report.to_dict(), indent=1) if args.json else report.format())
-    return EXIT_OK if report.ok else EXIT_MISMATCH
+    non_finite = _scan(args.file) if args.full else {}
+    if args.json:
+        print(json.dumps({**report.to_dict(), **({"non_finite": non_finite} if args.full else {})},
+                         indent=1))
+    else:
+        print(report.format())
+        if args.full:
+            print(_format_non_finite(args.file, non_finite))
+    return EXIT_OK if report.ok and not non_finite else EXIT_MISMATCH
+
+
+def _scan(path: str) -> dict[str, int]:
+    from turbowan.finite import non_finite_tensors
+
+    return non_finite_tensors(path)
+
+
+def _format_non_finite(path: str, found: dict[str, int]) -> str:
+    if not found:
+        return f"{path}: every tensor is finite (full scan)"
+    lines = [f"{path}: {len(found)} tensors hold NaN/Inf values (a damaged download or a broken "
+             "fine-tune; such weights give a black video):"]
+    lines += [f"  {key}: {count} non-finite values" for key, count in list(found.items())[:10]]
+    if len(found) > 10:
+        lines.append(f"  ... and {len(found) - 10} more")
+    return "\n".join(lines)

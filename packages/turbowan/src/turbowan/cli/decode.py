@@ -18,7 +18,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "automatically when decoding failed) into a video file.",
     )
     p.add_argument("latents", help="the <output>.latents.safetensors file")
-    p.add_argument("-o", "--output", help="video file (.mp4/.webm/.gif); default: the original output")
+    p.add_argument("-o", "--output", help="video file (.mp4/.webm/.gif); default: beside the latents "
+                   "file, with its name (clip.latents.safetensors -> clip.mp4)")
     p.add_argument("--vae", help="Wan2.1_VAE.pth; default: the VAE recorded in the latents file")
     p.add_argument("--fps", type=float, help="frame rate (default: as recorded, else 16)")
     p.add_argument("--quality", type=int, help="1..10 (default: as recorded, else 8)")

@@ -12,7 +12,7 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
-from offloadkit.strategy import HOME_TIERS
+from offloadkit import HOME_TIERS
 from turbowan.dit.config import ATTENTION_CHOICES
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -107,8 +107,10 @@ class _Progress:
     def __init__(self, total: int) -> None:
         self.total = total
         self.bar = None
+        self.current = "setting up"  # the stage an error is reported in
 
     def on_stage(self, name: str) -> None:
+        self.current = name
         if name.startswith("sampling"):
             if self.bar is None:
                 from tqdm import tqdm
@@ -170,9 +172,12 @@ def settings_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from turbowan.pipeline.i2v import DecodeFailedError, DecodeInterrupted, I2VPipeline
     from turbowan.pipeline.preflight import PreflightError
+    from turbowan.resource_errors import describe_resource_error
+    from turbowan.sampler.rcm import MAX_STEPS
 
     settings = settings_from_args(args)
     demo = settings.is_demo
+    progress = _Progress(args.steps if isinstance(args.steps, int) and 1 <= args.steps <= MAX_STEPS else 0)
     try:
         if demo:
             print("turbowan: no checkpoints given, running the embedded demo.", file=sys.stderr)
@@ -181,9 +186,7 @@ def run(args: argparse.Namespace) -> int:
             print(NOISE_NOTICE, file=sys.stderr)
         pipe = I2VPipeline(settings, whole_run=True)  # every problem of the run, in one round
         from turbowan.pipeline.timings import Timings
-        from turbowan.sampler.rcm import MAX_STEPS
 
-        progress = _Progress(args.steps if 1 <= args.steps <= MAX_STEPS else 0)
         try:
             with cpu_threads(settings.threads, demo):
                 result = pipe.generate(callback=progress.on_step,
@@ -202,8 +205,12 @@ def run(args: argparse.Namespace) -> int:
     except DecodeFailedError as exc:
         print(f"turbowan generate: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except OSError as exc:  # e.g. a tokenizer or checkpoint that vanished after the checks
-        print(f"turbowan generate: error: {exc}", file=sys.stderr)
+    except (OSError, MemoryError, RuntimeError) as exc:
+        # a full disk, exhausted memory, or a file that vanished after the checks
+        message = describe_resource_error(exc, progress.current)
+        if message is None and not isinstance(exc, OSError):
+            raise
+        print(f"turbowan generate: error: {message or exc}", file=sys.stderr)
         return EXIT_FAILED
     s = result.settings
     print(result.timings.summary(device=s["device"]), file=sys.stderr)

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 #: exit status for an offloadkit plugin setup that cannot work (as for bad input)
 EXIT_BAD_SETUP = 2
 
@@ -42,18 +43,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    module = importlib.import_module(COMMANDS[args.command])
-    try:
-        return int(module.run(args) or 0)
-    except Exception as exc:
-        # a broken plugin setup (two plugins claiming one strategy name, a junk
-        # OFFLOADKIT_* switch) is the user's installation to fix: one line, not a traceback
-        from offloadkit import PluginError
+    from turbowan.interrupts import signals_as_interrupt
 
-        if not isinstance(exc, PluginError):
-            raise
-        print(f"turbowan {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_SETUP
+    with signals_as_interrupt() as stop:  # SIGTERM/SIGHUP take Ctrl-C's cleanup paths
+        try:
+            module = importlib.import_module(COMMANDS[args.command])
+            code = int(module.run(args) or 0)
+        except KeyboardInterrupt:  # a command without its own handling: no traceback
+            print(f"turbowan {args.command}: interrupted", file=sys.stderr)
+            code = EXIT_INTERRUPTED
+        except Exception as exc:
+            # a broken plugin setup (two plugins claiming one strategy name, a junk
+            # OFFLOADKIT_* switch) is the user's installation to fix: one line, not a traceback
+            from offloadkit import PluginError
+
+            if not isinstance(exc, PluginError):
+                raise
+            print(f"turbowan {args.command}: error: {exc}", file=sys.stderr)
+            code = EXIT_BAD_SETUP
+    return stop.exit_code(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from turbowan.dit.config import ATTENTION_CHOICES, check_choice
 from turbowan.ops.dense import dense_attention
+from turbowan.ops.sagesla import sagesla_attention
+from turbowan.ops.sla import sla_forward
 
 
 class DenseAttention(nn.Module):
@@ -25,7 +26,10 @@ class DenseAttention(nn.Module):
 
 
 class SparseLinearAttention(nn.Module):
-    """`sla` / `sagesla` backend: block-sparse softmax + linear branch through ``proj_l``."""
+    """`sla` / `sagesla` backend: block-sparse softmax + linear branch through ``proj_l``.
+
+    ``kind`` and ``topk`` are checked where the model is built (``WanDiT``); the forward runs
+    the op without checking them again (it runs once per block per step)."""
 
     def __init__(
         self,
@@ -38,12 +42,6 @@ class SparseLinearAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if kind not in ("sla", "sagesla"):
-            raise ValueError(f"SparseLinearAttention kind must be 'sla' or 'sagesla', got {kind!r}")
-        if not 0.0 < topk <= 1.0:
-            raise ValueError(
-                f"sla_topk must be in (0, 1] (fraction of key blocks kept), got {topk}"
-            )
         self.kind = kind
         self.topk = topk
         self.block_q = block_q
@@ -51,13 +49,11 @@ class SparseLinearAttention(nn.Module):
         self.proj_l = nn.Linear(head_dim, head_dim, dtype=dtype)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        from turbowan import ops  # imported lazily: the SLA kernels are optional for `original`
-
         if self.kind == "sagesla":
-            return ops.sagesla_attention(
+            return sagesla_attention(
                 q, k, v, topk=self.topk, proj_weight=self.proj_l.weight, proj_bias=self.proj_l.bias
             )
-        return ops.sparse_linear_attention(
+        return sla_forward(
             q,
             k,
             v,
@@ -86,7 +82,7 @@ class AttentionOp(nn.Module):
 def make_attention_op(
     attention: str, *, head_dim: int, topk: float, dtype: torch.dtype | None
 ) -> AttentionOp:
-    check_choice("attention", attention, ATTENTION_CHOICES)
+    """The op of ``attention`` ("original", "sla" or "sagesla"; checked by the caller)."""
     if attention == "original":
         return AttentionOp(DenseAttention())
     return AttentionOp(SparseLinearAttention(head_dim, topk=topk, kind=attention, dtype=dtype))

@@ -7,10 +7,13 @@ Wan-architecture I2V checkpoint loads without naming a preset.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
+
+from turbowan.limits import DIT_LIMITS, check_bounds
 
 HEAD_DIM = 128  # every Wan model; heads = dim / 128
 QUANT_CHOICES = ("int8", "none")
@@ -91,6 +94,26 @@ def get_preset(name: str) -> DiTConfig:
         ) from None
 
 
+def attention_problems(attention: str, sla_topk: float) -> list[str]:
+    """What is wrong with an attention backend and SLA top-k (empty: nothing). Checked where a
+    run or a model starts (pre-flight, ``load_dit``, ``WanDiT``), never in a forward."""
+    problems = []
+    if attention not in ATTENTION_CHOICES:
+        problems.append(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTION_CHOICES)} "
+                        "(default sla)")
+    if not (isinstance(sla_topk, (int, float)) and not isinstance(sla_topk, bool)
+            and 0 < sla_topk <= 1 and math.isfinite(sla_topk)):
+        problems.append(f"sla_topk is the kept share of key blocks, in (0, 1] (default 0.1), got {sla_topk!r}")
+    return problems
+
+
+def check_attention(attention: str, sla_topk: float) -> None:
+    """:func:`attention_problems` as one ValueError."""
+    problems = attention_problems(attention, sla_topk)
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     """Refuse an option value outside ``choices``, listing them."""
     if value not in choices:
@@ -165,6 +188,7 @@ def config_from_state_dict(specs: Mapping[str, Any]) -> DetectedLayout:
     layers = sorted({int(m.group(1)) for k in specs if (m := _BLOCK_KEY.match(k))})
     if not layers:
         raise ValueError("no blocks.N.* keys found: not a Wan DiT checkpoint")
+    check_bounds({"num_layers": layers[-1] + 1}, DIT_LIMITS, f"block index {layers[-1]}")
     if layers != list(range(len(layers))):
         gaps = sorted(set(range(layers[-1] + 1)) - set(layers))
         raise ValueError(f"block indices are not contiguous: blocks {gaps[:10]} are missing")
@@ -179,14 +203,15 @@ def config_from_state_dict(specs: Mapping[str, Any]) -> DetectedLayout:
     if dim % HEAD_DIM:
         raise ValueError(f"width {dim} is not a multiple of the head size {HEAD_DIM}")
     attention = "sla" if any(k.endswith(PROJ_L + ".weight") for k in specs) else "original"
-    config = DiTConfig(
+    sizes = dict(
         dim=dim,
         ffn_dim=ffn_dim,
-        num_heads=dim // HEAD_DIM,
         num_layers=len(layers),
         in_dim=patch_in // 4,
         out_dim=_shape(specs["head.head.weight"])[0] // 4,
         text_dim=_shape(specs["text_embedding.0.weight"])[1],
         freq_dim=_shape(specs["time_embedding.0.weight"])[1],
     )
+    check_bounds(sizes, DIT_LIMITS, "DiT checkpoint")
+    config = DiTConfig(num_heads=dim // HEAD_DIM, **sizes)
     return DetectedLayout(config=config, quant=quant, attention=attention)

@@ -16,13 +16,7 @@ import torch
 
 from turbowan.checkpoint.io import load_state_dict, read_tensor_specs
 from turbowan.checkpoint.report import CheckpointMismatchError, compare_specs, module_specs
-from turbowan.dit.config import (
-    ATTENTION_CHOICES,
-    PROJ_L,
-    DetectedLayout,
-    check_choice,
-    config_from_state_dict,
-)
+from turbowan.dit.config import PROJ_L, DetectedLayout, check_attention, config_from_state_dict
 from turbowan.dit.keys import normalize_dit_keys
 from turbowan.dit.meta import build_meta
 from turbowan.dit.model import WanDiT
@@ -40,11 +34,7 @@ def _default_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
 def _validate_args(
     attention: str, sla_topk: float, dtype: torch.dtype | None, int8_mode: str
 ) -> None:
-    check_choice("attention", attention, ATTENTION_CHOICES)
-    if not 0.0 < sla_topk <= 1.0:
-        raise ValueError(
-            f"sla_topk must be in (0, 1] (fraction of key blocks kept); got {sla_topk}"
-        )
+    check_attention(attention, sla_topk)
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be one of float32, bfloat16, float16 or None; got {dtype}")
     if int8_mode not in MODES:

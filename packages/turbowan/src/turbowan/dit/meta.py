@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from turbowan.dit.config import (
-    ATTENTION_CHOICES,
     OPTION_VARIANTS,
     PRESETS,
     QUANT_CHOICES,
@@ -18,10 +17,12 @@ from turbowan.dit.config import (
     get_preset,
 )
 from turbowan.dit.model import WanDiT
+from turbowan.limits import reported
 
 __all__ = ["OPTION_VARIANTS", "PRESETS", "build_manifest_model", "build_meta"]
 
 
+@reported("building the DiT on meta")
 def build_meta(config: DiTConfig, *, quant: str = "none", attention: str = "original",
                sla_topk: float = 0.1, dtype: torch.dtype = torch.float32) -> WanDiT:
     """``WanDiT(config, ...)`` on ``meta``: the shapes and dtypes of the loaded expert (fp32
@@ -36,5 +37,4 @@ def build_manifest_model(
     """The DiT of ``preset`` on ``meta`` with the checkpoint's dtypes (bf16, fp32 norms, int8)."""
     config = preset if isinstance(preset, DiTConfig) else get_preset(preset)
     check_choice("quant", quant, QUANT_CHOICES)
-    check_choice("attention", attention, ATTENTION_CHOICES)
     return build_meta(config, quant=quant, attention=attention, dtype=torch.bfloat16)

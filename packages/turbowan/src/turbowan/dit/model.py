@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from turbowan.dit.attention import make_attention_op
-from turbowan.dit.config import DiTConfig
+from turbowan.dit.config import DiTConfig, check_attention
 from turbowan.dit.rope import apply_rope, rope_cos_sin
 from turbowan.ops.dense import dense_attention
 from turbowan.quant.int8_linear import Int8Linear
@@ -207,6 +207,7 @@ class WanDiT(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
+        check_attention(attention, sla_topk)  # once here: the blocks and their forwards trust it
         self.config = config
         self.quant = quant
         self.attention = attention

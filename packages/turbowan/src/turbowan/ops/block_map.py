@@ -3,8 +3,10 @@
 Selection follows upstream SLA: keys are smoothed (the mean over tokens is subtracted, so a
 shared offset does not dominate every score), q and the smoothed k are mean-pooled per block
 (a partial last block is averaged over its real token count), the pooled scores are ranked and
-the top ``kk`` key blocks are kept per query block. Unlike upstream, ``kk`` is never 0: upstream
-keeps ``int(topk * Nb)`` blocks, which is 0 on short inputs and turns the sparse softmax into 0/0.
+the top ``kk`` key blocks are kept per query block. Pooling and scoring run in the compute dtype,
+as upstream's do (bf16 rounding decides near-ties). The one deliberate difference: ``kk`` is
+never 0. Upstream keeps ``int(topk * Nb)`` blocks, which is 0 on short inputs and turns the
+sparse softmax into 0/0 (NaN); here at least one key block is kept.
 """
 
 from __future__ import annotations
@@ -78,7 +80,9 @@ def select_blocks(
 ) -> BlockSelection:
     """Rank key blocks for every query block of (B, H, L, D) q and k and keep the top kk.
 
-    Scores are pooled(q) . pooled(k - mean_tokens(k)), unscaled, computed in float32.
+    Scores are pooled(q) . pooled(k - mean_tokens(k)), unscaled. In float32 they are computed
+    in float32; in bf16/fp16 every step rounds to that dtype as upstream's does (see
+    ``_low_precision_scores``), since the rounding decides near-ties between key blocks.
     The input length is not limited: pooling and scoring are O(L * D) and O(Mb * Nb * D).
     ``pool`` computes the float32 block means (the Triton path passes its kernel).
     """
@@ -89,15 +93,42 @@ def select_blocks(
         )
     length = k.shape[2]
     n_key_blocks = num_blocks(length, block_k)
-    # pool(k - mean(k)) == pool(k) - mean(k) (every block is an average), so no smoothed copy
-    # of k is made: at 720p that copy would be gigabytes.
-    pooled_q = pool(q, block_q)
-    pooled_k = pool(k, block_k) - k.mean(dim=2, keepdim=True, dtype=torch.float32)
-    scores = pooled_q @ pooled_k.transpose(-1, -2)
+    if q.dtype == torch.float32:
+        # pool(k - mean(k)) == pool(k) - mean(k) (every block is an average), so no smoothed
+        # copy of k is made: at 720p that copy would be gigabytes.
+        pooled_q = pool(q, block_q)
+        pooled_k = pool(k, block_k) - k.mean(dim=2, keepdim=True, dtype=torch.float32)
+        scores = pooled_q @ pooled_k.transpose(-1, -2)
+    else:
+        scores = _low_precision_scores(q, k, block_q, block_k, pool)
     kk = kept_key_blocks(topk, n_key_blocks)
     lut = torch.topk(scores, kk, dim=-1, sorted=False).indices
     lut = lut.sort(dim=-1).values.contiguous()
     return BlockSelection(lut=lut, n_key_blocks=n_key_blocks, block_q=block_q, block_k=block_k)
+
+
+# key blocks smoothed and pooled per slice, so the smoothed copy is never whole-length
+_SMOOTH_SLICE_BLOCKS = 64
+
+
+def _low_precision_scores(
+    q: Tensor, k: Tensor, block_q: int, block_k: int, pool: Callable[[Tensor, int], Tensor]
+) -> Tensor:
+    """Upstream's block scores in q's dtype: the token mean of k in that dtype, ``k - mean``
+    rounded per element, block means summed in fp32 and stored in the dtype, and a matmul whose
+    result is rounded to the dtype (fp32 accumulation, as cuBLAS does)."""
+    dtype = q.dtype
+    mean_k = k.mean(dim=2, keepdim=True)  # in k's dtype, like torch.mean upstream
+    pooled_q = pool(q, block_q).to(dtype)
+    step = _SMOOTH_SLICE_BLOCKS * block_k
+    pooled_k = torch.cat(
+        [
+            pool((k[:, :, start : start + step] - mean_k).to(dtype), block_k).to(dtype)
+            for start in range(0, k.shape[2], step)
+        ],
+        dim=2,
+    )
+    return pooled_q @ pooled_k.transpose(-1, -2)
 
 
 def tileable(*sizes: int) -> bool:

@@ -149,6 +149,16 @@ def sparse_linear_attention(
     """
     _check_qkv(q, k, v)
     _check_options(q, topk, block_q, block_k, proj_weight, proj_bias, backend, compute_dtype)
+    return sla_forward(q, k, v, topk=topk, block_q=block_q, block_k=block_k,
+                       proj_weight=proj_weight, proj_bias=proj_bias, backend=backend,
+                       compute_dtype=compute_dtype)
+
+
+def sla_forward(q: Tensor, k: Tensor, v: Tensor, *, topk: float, block_q: int, block_k: int,
+                proj_weight: Tensor | None, proj_bias: Tensor | None, backend: str = "auto",
+                compute_dtype: torch.dtype | None = None) -> Tensor:
+    """:func:`sparse_linear_attention` without checking its arguments: for callers that
+    checked them once when they were built (the DiT's attention, once per block per step)."""
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, proj_weight, proj_bias)
     )

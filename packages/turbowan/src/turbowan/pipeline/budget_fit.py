@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from turbowan.limits import reported
 from turbowan.pipeline.problems import Problems, collecting
 
 #: what a budget problem calls each model the pipeline places
@@ -59,6 +60,7 @@ def placed_text_encoder(config: Any, *, dtype: torch.dtype) -> PlacedModel:
     return PlacedModel(model, model.blocks)
 
 
+@reported("building the models on meta from their checkpoint headers")
 def placed_models_from_specs(specs: dict[str, dict[str, Any]], *, dtype: torch.dtype,
                              attention: str, sla_topk: float, home: str) -> dict[str, PlacedModel]:
     """role -> meta model, configured from the headers pre-flight read (no second read of
@@ -90,6 +92,7 @@ def placed_models_from_specs(specs: dict[str, dict[str, Any]], *, dtype: torch.d
     return out
 
 
+@reported("building the demo models on meta")
 def demo_placed_models(*, dtype: torch.dtype, attention: str, sla_topk: float,
                        home: str) -> dict[str, PlacedModel]:
     """The demo's models on ``meta``, from the presets its checkpoints are written from
@@ -105,60 +108,45 @@ def demo_placed_models(*, dtype: torch.dtype, attention: str, sla_topk: float,
             "high": expert, "low": expert}
 
 
-def _budget_bytes_for_check(budget: Any, device: torch.device) -> int:
-    """The budget as bytes. ``"auto"`` is read at placement from the memory free then (the
-    text encoder, released by then, may hold some now), so it is checked against the most
-    it can ever be: the device's total less the activation reserve, as ``offloadkit.stage``
-    does. Sizes and percentages of the total do not change, so they are resolved now."""
-    from offloadkit.budget import auto_reserve_bytes, parse_budget
-    from offloadkit.probe import probe
-
-    if budget is None or (isinstance(budget, str) and budget.strip().lower() == "auto"):
-        total = probe(device).total_bytes
-        return max(0, total - auto_reserve_bytes(total))
-    return parse_budget(budget, str(device))
-
-
 def check_budget_fits(models: dict[str, PlacedModel], *, strategy: str, budget: Any,
                       device: torch.device, strategy_options: dict[str, Any] | None = None,
                       collector: Problems | None = None) -> None:
-    """The budget holds the least the strategy needs for every model it will place."""
+    """The budget holds the least the strategy needs for every model it will place
+    (``offloadkit.check_fits``; ``"auto"`` is compared by its ceiling). One problem names
+    every model that does not fit, the budget that would, and a strategy that needs less."""
     import offloadkit
-    from offloadkit.engine.options import ENGINE_OPTIONS
-    from offloadkit.engine.profile import profile_model, with_device_memory
-    from offloadkit.strategy import describe_bytes
+
+    options = dict(strategy_options or {})
+
+    def fits(placed: PlacedModel, role: str, chosen: str = strategy) -> Any:
+        return offloadkit.check_fits(placed.model, chosen, budget, device, blocks=placed.blocks,
+                                     home=placed.home, name=MODEL_LABELS.get(role, role),
+                                     **(options if chosen == strategy else {}))
 
     with collecting(collector) as c:
-        options = {k: v for k, v in (strategy_options or {}).items() if k not in ENGINE_OPTIONS}
-
-        def make_strategy() -> Any:
-            return offloadkit.get_strategy(strategy)(**options)
-
-        chosen = c.check(make_strategy)
-        if chosen is None or not getattr(chosen, "uses_budget", True):
-            return  # cpu_only places nothing on the device: any budget will do
-        budget_bytes = c.check(lambda: _budget_bytes_for_check(budget, device))
-        if budget_bytes is None:
-            return
-        layerwise = offloadkit.get_strategy("layerwise")()
-        short: dict[int, list[str]] = {}  # need -> labels of the models that need it
-        layerwise_need = 0
+        reports = {}
         for role, placed in models.items():
-            profile = with_device_memory(
-                profile_model(placed.model, placed.blocks, device=device, home=placed.home), device)
-            need = chosen.min_device_bytes(profile)
-            layerwise_need = max(layerwise_need, layerwise.min_device_bytes(profile))
-            if budget_bytes < need:
-                short.setdefault(need, []).append(MODEL_LABELS.get(role, role))
-        if short:
-            most = max(short)
-            what = "; ".join(f"the {' and the '.join(labels)} {'needs' if len(labels) == 1 else 'each need'} "
-                             f"{describe_bytes(need)}" for need, labels in short.items())
-            # layerwise streams everything, but with prefetch it holds two blocks, more than
-            # adaptive's least: suggest it only where it really needs less
-            alternative = (f"--offload layerwise (needs {describe_bytes(layerwise_need)})"
-                           if layerwise_need < most else
-                           "--offload cpu_only (no device memory, slow)")
-            c.add(f"--budget {budget!r} is {describe_bytes(budget_bytes)}, below the minimum of "
-                  f"strategy {strategy!r}: {what}. Pass --budget {math.ceil(most / 2**20)}MiB or "
-                  f"more, or use {alternative}")
+            report = c.check(lambda placed=placed, role=role: fits(placed, role))
+            if report is None:
+                return
+            reports[role] = report
+        short: dict[int, list[str]] = {}  # need -> labels of the models that need it
+        for role, report in reports.items():
+            if not report.fits:
+                short.setdefault(report.minimum_bytes, []).append(MODEL_LABELS.get(role, role))
+        if not short:
+            return
+        budget_bytes = next(iter(reports.values())).budget_bytes
+        most = max(short)
+        # layerwise streams everything, but with prefetch it holds two blocks, more than
+        # adaptive's least: suggest it only where it really needs less
+        layerwise_need = max(fits(placed, role, "layerwise").minimum_bytes
+                             for role, placed in models.items())
+        describe = offloadkit.describe_bytes
+        what = "; ".join(f"the {' and the '.join(labels)} {'needs' if len(labels) == 1 else 'each need'} "
+                         f"{describe(need)}" for need, labels in short.items())
+        alternative = (f"--offload layerwise (needs {describe(layerwise_need)})"
+                       if layerwise_need < most else "--offload cpu_only (no device memory, slow)")
+        c.add(f"--budget {budget!r} is {describe(budget_bytes)}, below the minimum of "
+              f"strategy {strategy!r}: {what}. Pass --budget {math.ceil(most / 2**20)}MiB or "
+              f"more, or use {alternative}")

@@ -6,7 +6,6 @@ none, raises :class:`PreflightError` itself. None of them reads a checkpoint's t
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 
 import torch
 
-from turbowan.dit.config import ATTENTION_CHOICES
+from turbowan.dit.config import attention_problems
 from turbowan.dtypes import parse_float_dtype
 from turbowan.pipeline import resolution, video_io
 from turbowan.pipeline.conditioning import check_resize_mode, open_image
@@ -70,12 +69,11 @@ def check_output(output: str | os.PathLike[str] | None, *, fps: float, quality: 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """None -> cuda if present, else cpu. offloadkit places every model, so it decides which
     devices work; its refusal (no CUDA, a missing cuda:N, mps) becomes a preflight problem."""
-    from offloadkit.api import resolve_device as placement_device
-    from offloadkit.errors import DeviceUnavailableError
+    import offloadkit
 
     try:
-        return placement_device(device)
-    except DeviceUnavailableError as exc:
+        return offloadkit.resolve_device(device)
+    except offloadkit.DeviceUnavailableError as exc:
         raise ValueError(f"--device {device}: {exc}") from None
 
 
@@ -93,19 +91,15 @@ def check_placement(strategy: str, budget: Any, device: str | torch.device | Non
 
 
 def check_attention(attention: str, sla_topk: float, collector: Problems | None = None) -> None:
-    """The attention backend and SLA's kept share: checked here, once, and never again in the
-    model's forward."""
+    """The attention backend and SLA's kept share (the DiT's own rule)."""
     with collecting(collector) as c:
-        if attention not in ATTENTION_CHOICES:
-            c.add(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTION_CHOICES)} (default sla)")
-        if not (isinstance(sla_topk, (int, float)) and not isinstance(sla_topk, bool)
-                and 0 < sla_topk <= 1 and math.isfinite(sla_topk)):
-            c.add(f"sla_topk is the kept share of key blocks, in (0, 1] (default 0.1), got {sla_topk!r}")
+        for problem in attention_problems(attention, sla_topk):
+            c.add(problem)
 
 
 def check_home(home: str, collector: Problems | None = None) -> None:
     """The offloadkit home tier for the DiT experts."""
-    from offloadkit.strategy import HOME_TIERS
+    from offloadkit import HOME_TIERS
 
     with collecting(collector) as c:
         if home not in HOME_TIERS:

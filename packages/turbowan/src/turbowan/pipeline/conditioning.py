@@ -31,9 +31,12 @@ def check_resize_mode(mode: str) -> str:
 
 
 def open_image(image: ImageInput) -> Image.Image:
-    """A PIL RGB image from a path, PIL image, uint8 HxWx3 array or (3,H,W) tensor in [-1,1]."""
+    """A PIL RGB image from a path, PIL image, uint8 HxWx3 array or (3,H,W) tensor in [-1,1].
+
+    A file's (or PIL image's) EXIF orientation is applied, so a phone photo stored sideways
+    with an orientation tag is used upright, as every image viewer shows it."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return _upright(image).convert("RGB")
     if isinstance(image, torch.Tensor):
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"an image tensor must be (3, H, W) in [-1, 1], got {tuple(image.shape)}")
@@ -49,11 +52,18 @@ def open_image(image: ImageInput) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
+            return _upright(img).convert("RGB")
     except Exception as exc:  # PIL raises several types for unreadable files
         raise ValueError(
             f"start image {str(path)!r} cannot be read as an image ({exc}); use a PNG, JPEG or WebP file"
         ) from exc
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation tag (a no-op without one)."""
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(image) or image
 
 
 def resize_image(image: Image.Image, width: int, height: int, mode: str = DEFAULT_RESIZE) -> Image.Image:

@@ -8,6 +8,7 @@ from typing import Any
 
 from turbowan.pipeline import preflight
 from turbowan.pipeline.latents_io import load_latents
+from turbowan.pipeline.outputs import default_decode_output
 from turbowan.pipeline.settings import RunSettings
 from turbowan.pipeline.timings import Timings
 from turbowan.pipeline.video_io import DEFAULT_FPS, DEFAULT_QUALITY, to_uint8_frames, write_video
@@ -38,13 +39,11 @@ def decode_latents_file(
         demo=use_demo_vae, strategy=strategy, budget=budget,
         device=device or recorded.get("device") or None, dtype=dtype or recorded.get("dtype"),
         **{k: recorded[k] for k in ("vae_tiling", "vae_tile", "vae_overlap") if k in recorded},
-        output=output if output is not None else recorded.get("output"),
+        output=output if output is not None else default_decode_output(latents_path, recorded.get("output")),
         fps=float(recorded.get("fps", DEFAULT_FPS)) if fps is None else fps,
         quality=int(recorded.get("quality", DEFAULT_QUALITY)) if quality is None else quality,
     )
     problems = preflight.Problems()
-    if settings.output is None:
-        problems.add("no output recorded in the latents file: pass -o OUT.mp4")
     preflight.check_output(settings.output, fps=settings.fps, quality=settings.quality,
                            collector=problems)
     facts = preflight.check_pipeline(settings, roles=("vae",), collector=problems)

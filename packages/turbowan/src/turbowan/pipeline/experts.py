@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from turbowan.interrupts import stop_thread
 from turbowan.pipeline.placement import release_device_cache, remove_recording_peak
 from turbowan.pipeline.timings import Stage, Timings
 
@@ -48,17 +49,18 @@ class ExpertRunner:
         switch only has to place it."""
         import offloadkit
 
+        staged = None
         try:
             model = self.pipe._load_expert(self.pipe.files.low)
             staged = offloadkit.stage(model, self.pipe.strategy, **self._offload_kwargs())
+            with self._lock:
+                if not self._cancelled:
+                    self._staged["staged"], staged = staged, None
         except BaseException as exc:  # re-raised in the sampling thread at the switch
             self._staged["error"] = exc
-            return
-        with self._lock:
-            if self._cancelled:  # the run ended first: give the memory (or temp file) back
+        finally:
+            if staged is not None:  # the run ended first: give the memory (or temp file) back
                 staged.discard(restore=False)
-            else:
-                self._staged["staged"] = staged
 
     def expert(self, name: str) -> Callable[..., torch.Tensor]:
         def run(x, t, context, y):
@@ -134,11 +136,18 @@ class ExpertRunner:
             release_device_cache(self.pipe.device)
 
     def close(self, wait: bool = True) -> None:
-        """Release the placed expert and any staged one; ``wait=False`` leaves a staging
-        thread running (a daemon; it discards its result when it finishes)."""
+        """Release the placed expert and any staged one. ``wait=False`` (an error, Ctrl-C,
+        SIGTERM) stops a staging thread at once instead of letting it finish, and still waits
+        for it to clean up: a thread left running into interpreter shutdown aborts the process
+        and leaves its disk tier in $TMPDIR."""
         self._deactivate()
-        if wait and self._thread is not None and self._thread.is_alive():
-            self._thread.join()
+        if self._thread is not None:
+            if not wait:
+                with self._lock:
+                    self._cancelled = True
+                stop_thread(self._thread)
+            elif self._thread.is_alive():
+                self._thread.join()
         with self._lock:
             self._cancelled = True
             staged = self._staged.pop("staged", None)

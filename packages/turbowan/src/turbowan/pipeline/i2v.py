@@ -29,12 +29,14 @@ from typing import Any
 
 import torch
 
+from turbowan.finite import ensure_finite
 from turbowan.pipeline import preflight
 from turbowan.pipeline.checks import check_image
 from turbowan.pipeline.conditioning import build_clip, build_y, image_to_tensor, resize_image
 from turbowan.pipeline.experts import ExpertRunner
 from turbowan.pipeline.placement import placed, release_device_cache, vae_blocks
 from turbowan.pipeline.preflight import CheckedRun, PipelineFacts, Problems
+from turbowan.pipeline.rescue import failure_text, rescue_latents
 from turbowan.pipeline.results import (  # noqa: F401  (re-exported: the pipeline's public names)
     DecodeFailedError,
     DecodeInterrupted,
@@ -340,12 +342,14 @@ class I2VPipeline:
         record = run_record(settings, self.facts, checked, vae=self.files.vae)
         result = GenerationResult(latents=latents, settings=record, timings=timings)
         out_path = Path(settings.output) if settings.output is not None else None
-        if out_path is not None and settings.save_latents:
-            result.latents_path = save_latents_file(out_path, latents, record)
-        if not decode:
-            return result
         try:
+            if out_path is not None and settings.save_latents:
+                result.latents_path = save_latents_file(out_path, latents, record)
+            ensure_finite(latents, "sampling")  # kept (below) for inspection
+            if not decode:
+                return result
             result.video = self.decode(latents, timings)
+            ensure_finite(result.video, "VAE decode")
             if out_path is not None:
                 with timings.stage("write video"):
                     result.output = write_video(result.frames, out_path, fps=settings.fps,
@@ -353,17 +357,11 @@ class I2VPipeline:
         except BaseException as exc:
             if out_path is None or isinstance(exc, GeneratorExit):
                 raise
-            rescued = result.latents_path or save_latents_file(out_path, latents, record)
-            how = (f"the sampled latents are saved in {rescued}; finish with:\n"
-                   f"  turbowan decode {rescued} -o {out_path}")
+            rescued, how = rescue_latents(out_path, latents, record, result.latents_path)
             if isinstance(exc, KeyboardInterrupt):
-                raise DecodeInterrupted(f"interrupted while decoding; {how}", rescued) from exc
-            raise DecodeFailedError(
-                f"sampling finished but decoding failed ({type(exc).__name__}: {exc}); {how}"
-                + ("  --budget <smaller> or --offload layerwise uses less device memory"
-                   if isinstance(exc, torch.OutOfMemoryError) else ""),
-                rescued,
-            ) from exc
+                raise DecodeInterrupted(f"interrupted after sampling; {how}", rescued) from exc
+            raise DecodeFailedError(f"sampling finished but {failure_text(exc, timings)}; {how}",
+                                    rescued) from exc
         return result
 
     __call__ = generate

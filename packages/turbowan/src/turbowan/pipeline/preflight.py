@@ -1,9 +1,9 @@
 """Pre-flight: every check of a run, done in one round before any model is loaded.
 
 A 14B run spends minutes loading and sampling; a typo in the frame count or a wrong file must
-not be discovered at the end, nor one problem per attempt. :func:`check` takes a
-:class:`~turbowan.pipeline.settings.RunSettings` and reports every problem it has together
-(one :class:`PreflightError`), each with its fix. Checkpoints are checked from their headers
+not be discovered at the end, nor one problem per attempt. :func:`check_pipeline` and
+:func:`check_run` check a :class:`~turbowan.pipeline.settings.RunSettings` into one collector,
+so every problem of a run is reported together (one :class:`PreflightError`), each with its fix. Checkpoints are checked from their headers
 (shapes and dtypes), never loaded here; the budget is compared with each model's minimum
 under the strategy on ``meta`` copies built from those headers.
 
@@ -46,6 +46,7 @@ from turbowan.pipeline.model_files import (  # noqa: F401  (re-exported)
     inspect_model_files,
     required_problem,
 )
+from turbowan.pipeline.outputs import check_output_not_input
 from turbowan.pipeline.problems import PreflightError, Problems, collecting
 from turbowan.pipeline.settings import DEFAULT_FRAMES, DEFAULT_SLA_TOPK, ROLES, RunSettings
 
@@ -167,6 +168,9 @@ def check_run(settings: RunSettings, *, complete: bool = True,
             c.add(f"{s.steps} steps reach the low-noise expert (t < {s.boundary}); pass --low, or "
                   "use --steps 2 (the high expert only)")
         check_output(s.output, fps=s.fps, quality=s.quality, collector=c)
+        check_output_not_input(s.output, {"--image": image, "--high": s.high, "--low": s.low,
+                                          "--vae": s.vae, "--text-encoder": s.text_encoder,
+                                          "--tokenizer": s.tokenizer}, c)
         if s.save_latents and s.output is None:
             c.add("save_latents=True needs output= (the latents go next to the video)")
         pil = check_image(image, c) if image is not None else None
@@ -178,16 +182,5 @@ def check_run(settings: RunSettings, *, complete: bool = True,
     return CheckedRun(clip=clip, prompt=prompt, image=pil, image_label=label)
 
 
-def check(settings: RunSettings, *, roles: tuple[str, ...] = PIPELINE_ROLES,
-          complete: bool = True) -> tuple[PipelineFacts, CheckedRun]:
-    """Every problem of the run, pipeline and generation alike, in one :class:`PreflightError`."""
-    c = Problems()
-    facts = check_pipeline(settings, roles=roles, collector=c)
-    run = check_run(settings, complete=complete, collector=c)
-    c.raise_if_any()
-    assert facts is not None and run is not None
-    return facts, run
-
-
 __all__ = ["PIPELINE_ROLES", "CheckedRun", "PipelineFacts", "PreflightError", "Problems",
-           "check", "check_pipeline", "check_run"]
+           "check_pipeline", "check_run"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from turbowan.limits import check_frames_bound, check_size_bound
+
 # (width, height) per resolution key and aspect ratio (W:H); every entry is a multiple of 16.
 VIDEO_RES_SIZE_INFO: dict[str, dict[str, tuple[int, int]]] = {
     "480": {"16:9": (768, 432), "9:16": (432, 768), "4:3": (640, 480), "3:4": (480, 640), "1:1": (480, 480)},
@@ -38,6 +40,7 @@ def resolve_size(
     if width is not None and height is not None:
         _check_multiple("width", width)
         _check_multiple("height", height)
+        check_size_bound(width, height)
         return width, height
     resolution = DEFAULT_RESOLUTION if resolution is None else str(resolution)
     aspect_ratio = DEFAULT_ASPECT_RATIO if aspect_ratio is None else str(aspect_ratio)
@@ -62,6 +65,7 @@ def check_frames(frames: int) -> int:
         else:
             hint = "try 81 (upstream default) or 17"
         raise ValueError(f"frames must be 4n+1 (1, 5, 9, ..., 81), got {frames!r}; {hint}")
+    check_frames_bound(frames)
     return frames
 
 

@@ -126,10 +126,6 @@ class RunSettings:
         check_names(changes, field_names())
         return dataclasses.replace(self, **changes)
 
-    def given(self, scope: str) -> dict[str, Any]:
-        """The fields of ``scope`` ("pipeline" or "run") as a dict."""
-        return {name: getattr(self, name) for name in field_names(scope)}
-
 
 def field_names(scope: str | None = None) -> tuple[str, ...]:
     """Names of the fields of ``scope`` ("pipeline", "run"; None: all), in order."""

@@ -31,7 +31,7 @@ def _pad_totiles(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_blockwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantise a 2-D tensor per 128x128 tile: q = rne(x*128/amax) saturated, scale = amax/128.
+    """Quantise a 2-D tensor per 128x128 tile: q = rne(x * fp32(128/amax)) saturated, scale = amax/128.
 
     Returns ``(q, scale)``: q int8 with x's shape, scale fp32 (ceil(R/128), ceil(C/128)).
     The arithmetic is fp32 (x is upcast exactly from bf16/fp16), as the upstream kernel does.
@@ -45,7 +45,10 @@ def quantize_blockwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rb, cb = padded.shape[0] // TILE, padded.shape[1] // TILE
     tiles = padded.view(rb, TILE, cb, TILE)
     amax = tiles.abs().amax(dim=(1, 3)).clamp_min(AMAX_FLOOR)  # (rb, cb) fp32
-    q = torch.round(tiles * 128.0 / amax[:, None, :, None]).clamp_(-128, 127)
+    # upstream's order: the fp32 reciprocal 128/amax first, then one multiply per element
+    # (x*128/amax rounds differently at exact .5 ties)
+    inv = 128.0 / amax
+    q = torch.round(tiles * inv[:, None, :, None]).clamp_(-128, 127)
     q = q.view(rb * TILE, cb * TILE)[:rows, :cols].to(torch.int8)
     return q.contiguous(), (amax / 128.0).contiguous()
 
@@ -110,8 +113,27 @@ def _tile_gemm_torch(
     for kb in range(tiles(k_dim)):
         cols = slice(kb * TILE, min((kb + 1) * TILE, k_dim))
         int_acc = qxf[:, cols] @ qwf[:, cols].T  # exact integers, |.| <= 2**21
-        acc = acc + (int_acc * sx_rows[:, kb : kb + 1]) * sw_cols[:, kb][None, :]
+        scale = sx_rows[:, kb : kb + 1] * sw_cols[:, kb][None, :]  # fp32 sx*sw, as upstream
+        acc = fma_fp32(int_acc, scale, acc)
     return acc
+
+
+def fma_fp32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """fp32 ``a*b + c`` rounded once, like a hardware FMA (torch has no fp32 fma op).
+
+    The product of two fp32 values is exact in fp64; the fp64 sum is made round-to-odd with
+    an error-free TwoSum, and round-to-odd at 53 bits followed by rounding to 24 bits equals
+    a single correct rounding (Boldo and Melquiond), so no double-rounding case remains.
+    """
+    p = a.double() * b.double()
+    c64 = c.double()
+    s = p + c64
+    bv = s - p
+    err = (p - (s - bv)) + (c64 - bv)
+    even = (s.view(torch.int64) & 1) == 0
+    toward = torch.where(err > 0, math.inf, -math.inf).to(s.dtype)
+    s = torch.where((err != 0) & even, torch.nextafter(s, toward), s)
+    return s.float()
 
 
 def int8_linear_reference(
@@ -121,7 +143,7 @@ def int8_linear_reference(
 
     Integer products of one K tile are summed exactly (|q| <= 128 and 128 terms keep every
     partial sum below 2**21, which fp32 represents exactly in any summation order), then
-    combined in fp32 as ``acc = acc + (float(int_acc) * sx) * sw`` for K tiles in order.
+    combined in fp32 as ``acc = fma(float(int_acc), sx * sw, acc)`` for K tiles in order.
     The result is cast to x's dtype and the bias is added in that dtype.
     """
     return w8a8_linear(x, q_weight, w_scale, bias, _tile_gemm_torch)

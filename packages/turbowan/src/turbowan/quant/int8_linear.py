@@ -6,8 +6,8 @@ compute dtype. Two compute paths:
 
 * ``mode="reference"`` reproduces the upstream CUTLASS numerics: the activation is
   fake-quantised with the same 128x128 tiling (128 tokens x 128 channels per scale), each
-  K tile is accumulated exactly (integers), then ``acc += float(int_acc) * sx * sw`` in fp32,
-  K tile after K tile. Slow; used to check the fast path and for bit-level studies.
+  K tile is accumulated exactly (integers), then ``acc = fma(float(int_acc), sx*sw, acc)`` in
+  fp32 (one rounding, as upstream's kernel), K tile after K tile. Slow; used to check the fast path and for bit-level studies.
 * ``mode="fast"`` dequantises the weight to the compute dtype and calls ``F.linear``
   (W8A16, what runs when no int8 GEMM is available). It does not quantise activations, so
   it differs from the reference path by the activation rounding (see tests for the bound).

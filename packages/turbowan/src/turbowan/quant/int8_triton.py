@@ -2,11 +2,13 @@
 
 Each program computes one 128x128 output tile. For K tile kb it multiplies the int8
 activation tile by the int8 weight tile with int32 accumulation (exact), then adds
-``(float(int_acc) * sx) * sw`` to an fp32 accumulator, where sx and sw are the single scales
+``float(int_acc) * (sx * sw)`` to an fp32 accumulator with one explicit ``tl.fma`` (a single
+rounding, upstream's order), where sx and sw are the single scales
 of that activation tile (128 tokens x 128 channels) and weight tile (128 outputs x 128
 channels); tiles and scales line up because both use 128x128 blocks. This is the reference
-path's arithmetic, so under ``TRITON_INTERPRET=1`` the two agree bit for bit (the tests);
-compiled for a GPU, the backend may fuse the last multiply-add into an FMA (1 ulp per step).
+path's arithmetic, so under ``TRITON_INTERPRET=1`` (whose fma rounds once) the two agree bit
+for bit (the tests); compiled for a GPU the explicit fma is a hardware FFMA, so the order
+cannot be changed by the compiler's contraction choices.
 
 Activations are quantised with torch ops (``quantize_blockwise``) before the kernel.
 Opt-in: it has been checked in the interpreter, not yet timed on a GPU.
@@ -63,7 +65,7 @@ def _int8_tile_gemm_kernel(
         part = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
         sx = tl.load(sx_ptr + pid_m * k_tiles + kb)
         sw = tl.load(sw_ptr + pid_n * k_tiles + kb)
-        acc = acc + (part.to(tl.float32) * sx) * sw
+        acc = tl.fma(part.to(tl.float32), sx * sw, acc)
     tl.store(
         out_ptr + rows[:, None] * stride_om + cols[None, :],
         acc,

@@ -122,7 +122,7 @@ def config_from_state_dict(
             "SD3), not umT5-xxl: use models_t5_umt5-xxl-enc-bf16.pth or a ComfyUI "
             "umt5_xxl_*.safetensors file."
         )
-    return UMT5Config(
+    sizes = dict(
         vocab_size=vocab,
         dim=dim,
         dim_attn=dim_attn,
@@ -131,6 +131,10 @@ def config_from_state_dict(
         num_layers=len(layers),
         num_buckets=num_buckets,
     )
+    from turbowan.limits import TEXT_ENCODER_LIMITS, check_bounds
+
+    check_bounds(sizes, TEXT_ENCODER_LIMITS, source)
+    return UMT5Config(**sizes)
 
 
 def preset_config(preset: str) -> UMT5Config:

@@ -8,6 +8,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from turbowan.limits import reported
 from turbowan.text_encoder.config import OPTION_VARIANTS, PRESETS, UMT5Config, preset_config
 from turbowan.text_encoder.fp8 import ScaledFP8Linear
 from turbowan.text_encoder.model import UMT5Encoder
@@ -19,6 +20,7 @@ __all__ = ["OPTION_VARIANTS", "PRESETS", "build_manifest_model", "build_meta",
 T = TypeVar("T")
 
 
+@reported("building the text encoder on meta")
 def build_meta(config: UMT5Config, *, dtype: torch.dtype = torch.bfloat16) -> UMT5Encoder:
     """``UMT5Encoder(config, dtype=dtype)`` on ``meta`` (upstream names, no fp8)."""
     with torch.device("meta"):

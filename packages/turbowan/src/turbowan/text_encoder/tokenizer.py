@@ -18,6 +18,8 @@ from typing import Protocol
 
 import torch
 
+from turbowan.text_encoder.tokenizer_file import check_sentencepiece_bytes, check_tokenizer_file
+
 __all__ = [
     "EOS_ID",
     "PAD_ID",
@@ -75,14 +77,24 @@ def clean_prompt(text: str) -> str:
 
 
 class _SentencePieceBackend:
+    """``spiece.model`` encoded the way upstream's HF tokenizer does (see ``spm_convert``).
+
+    SentencePiece loads the file (validating it, giving its special ids); the pieces come from
+    the HF conversion of the same model, so a byte-fallback model yields ``<unk>`` where
+    upstream does, not ``<0xNN>`` byte pieces.
+    """
+
     def __init__(self, model_proto: bytes) -> None:
         import sentencepiece
 
+        from turbowan.text_encoder.spm_convert import hf_tokenizer_from_spiece
+
         self._sp = sentencepiece.SentencePieceProcessor()
         self._sp.LoadFromSerializedProto(model_proto)
+        self._hf = hf_tokenizer_from_spiece(model_proto)
 
     def piece_ids(self, text: str) -> list[int]:
-        return list(self._sp.EncodeAsIds(text))
+        return list(self._hf.encode(text, add_special_tokens=False).ids)
 
     def vocab_size(self) -> int:
         return int(self._sp.GetPieceSize())
@@ -142,6 +154,7 @@ class UMT5Tokenizer:
             )
         if not path.is_file():
             raise MissingTokenizerError(f"{path}: no such tokenizer file. {DOWNLOAD_HINT}")
+        check_tokenizer_file(path)  # size and magic first: SentencePiece can crash on others
         if path.suffix.lower() == ".json":
             try:
                 backend: _Backend = _HFTokenizerBackend(path)
@@ -195,7 +208,11 @@ class UMT5Tokenizer:
 
 
 def _sentencepiece_or_error(data: bytes, source: str) -> _SentencePieceBackend:
+    check_sentencepiece_bytes(data, source)
     try:
+        from turbowan.text_encoder.spm_convert import parse_spiece
+
+        parse_spiece(data)  # well-formed protobuf before SentencePiece's own parser sees it
         return _SentencePieceBackend(data)
     except Exception as exc:
         raise ValueError(

@@ -134,4 +134,7 @@ def config_from_state_dict(shapes: Mapping[str, Any]) -> VAEConfig:
             f"conv2.weight has {z_dim} latent channels; the Wan2.1 VAE has {WAN21_Z_DIM}. "
             "Pass Wan2.1_VAE.pth or wan_2.1_vae.safetensors."
         )
+    from turbowan.limits import VAE_LIMITS, check_bounds
+
+    check_bounds({"dim": enc_in[0]}, VAE_LIMITS, "VAE checkpoint")
     return VAEConfig(dim=enc_in[0], z_dim=z_dim)

@@ -6,12 +6,14 @@ from typing import Any
 
 import torch
 
+from turbowan.limits import reported
 from turbowan.vae.config import PRESETS, VAEConfig, normalize_checkpoint_keys
 from turbowan.vae.model import WanVAE
 
 __all__ = ["PRESETS", "build_manifest_model", "build_meta", "normalize_checkpoint_keys"]
 
 
+@reported("building the VAE on meta")
 def build_meta(config: VAEConfig, *, dtype: torch.dtype | None = None) -> WanVAE:
     """``WanVAE(config)`` on ``meta``; with ``dtype``, every float tensor in that dtype, as
     ``load_vae`` leaves the model (the budget check profiles it so)."""

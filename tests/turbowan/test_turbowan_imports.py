@@ -97,7 +97,7 @@ def test_the_graph_sees_deferred_imports():
     graph = import_graph()
     # imported inside a function (turbowan.pipeline.i2v loads the DiT only when a run starts)
     assert "turbowan.dit.loading" in graph["turbowan.pipeline.i2v"]
-    assert "turbowan.ops" in graph["turbowan.dit.attention"]  # `from turbowan import ops`
+    assert "turbowan.pipeline.preflight" in graph["turbowan.pipeline.i2v"]  # `from pkg import mod`
     assert len(graph) > 80
 
 
@@ -107,3 +107,32 @@ def test_no_import_circles():
 
 def test_the_cycle_finder_finds_a_circle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def offloadkit_uses() -> list[tuple[str, str]]:
+    """(turbowan module, what it takes from offloadkit) for every import of offloadkit and every
+    ``offloadkit.<name>`` attribute it reads."""
+    uses = []
+    for name, (path, is_package) in _modules().items():
+        tree = ast.parse(path.read_text())
+        for module, names in _imports(tree, name, is_package):
+            if module == "offloadkit":
+                uses += [(name, imported) for imported in names]
+            elif module.startswith("offloadkit."):
+                uses.append((name, module))
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id == "offloadkit"):
+                uses.append((name, node.attr))
+    return uses
+
+
+def test_turbowan_uses_only_offloadkits_public_api():
+    """offloadkit's main client is written with offloadkit's public API: what it needs belongs
+    in ``offloadkit.__all__``, not in a private module."""
+    import offloadkit
+
+    uses = offloadkit_uses()
+    assert ("turbowan.pipeline.budget_fit", "check_fits") in uses  # the walk sees attribute reads
+    private = sorted({(module, what) for module, what in uses if what not in offloadkit.__all__})
+    assert private == []
