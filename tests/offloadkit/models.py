@@ -4,6 +4,10 @@ keyword arguments in forward, and a head."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -82,3 +86,22 @@ def snapshot(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.device, to
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         out[name] = (t.detach().clone(), t.device, t.dtype, t.requires_grad)
     return out
+
+
+def run_on_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` on a fresh thread (as a background stager runs it); its
+    result, or its exception re-raised here."""
+    box: dict = {}
+
+    def work() -> None:
+        try:
+            box["result"] = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the calling thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=work, name="test-stager")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]

@@ -7,11 +7,10 @@ A staged-then-placed model must behave exactly like ``apply()`` (it is the same 
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 import torch
-from models import make_inputs, make_model, snapshot
+from models import make_inputs, make_model, run_on_thread, snapshot
 
 import offloadkit
 import offloadkit.budget as budget_module
@@ -33,20 +32,7 @@ def reference():
 
 def _stage_in_thread(model, *args, **kwargs):
     """Run offloadkit.stage on a background thread, as the turbowan pipeline does."""
-    box: dict = {}
-
-    def work():
-        try:
-            box["staged"] = offloadkit.stage(model, *args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the test thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=work, name="test-stager")
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["staged"]
+    return run_on_thread(offloadkit.stage, model, *args, **kwargs)
 
 
 @pytest.mark.parametrize(("name", "options", "home", "share"), [

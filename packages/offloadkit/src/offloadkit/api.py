@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from offloadkit.budget import Budget
+from offloadkit.engine.guards import refuse_foreign
 from offloadkit.engine.profile import (
     BlocksArg,
     layout_model,
@@ -79,6 +80,7 @@ def _stage(model: torch.nn.Module, strategy: str | Strategy, *, device: str | to
         raise TypeError(f"offloadkit.apply()/stage() needs a torch.nn.Module, not "
                         f"{type(model).__name__}")
     _refuse_second_apply(model)
+    refuse_foreign(model.named_modules(), "offloadkit.apply()/stage()")
     if home not in HOME_TIERS:
         raise ValueError(f"home={home!r} is not a home tier; use one of: {', '.join(HOME_TIERS)}")
     strategy_obj, engine_options = build_strategy(strategy, options)  # checks every option

@@ -35,6 +35,13 @@ class OffloadHandle:
         """Measured counters so far (peak device bytes, bytes moved, stall seconds, ...)."""
         return self._placement.stats()
 
+    def state_dict(self) -> dict[str, Any]:
+        """The model's state dict with its real weights: streamed and resident block tensors
+        are read from the home tier (as new CPU tensors), the rest as the model holds them.
+        ``model.state_dict()`` gives the same while the offload lives."""
+        self._check_live("state_dict")
+        return self._placement.state_dict()
+
     def replan(self) -> Plan | None:
         """Ask the strategy for a better plan from the measured stats; apply it if any."""
         self._check_live("replan")

@@ -17,7 +17,7 @@ model untouched; :meth:`remove` puts it back.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from offloadkit.ledger import OffloadStats, TraceEvent
@@ -43,6 +43,11 @@ class Placement(ABC):
     def replan(self) -> Plan | None:
         """Put a better plan in force, or return None; a fixed placement never re-plans."""
         return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The model's state dict with its real weights (``handle.state_dict()``); a
+        mechanism that leaves the weights in the model returns ``model.state_dict()``."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement state_dict()")
 
     @abstractmethod
     def remove(self, *, restore: bool = True) -> None:

@@ -16,6 +16,8 @@ Two phases, so a model can be prepared while another one runs ("pack now, place 
 from __future__ import annotations
 
 import dataclasses
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from offloadkit.engine import guards, writeback
 from offloadkit.engine.disk import DiskStore
-from offloadkit.engine.hooks import ForwardWrapper
+from offloadkit.engine.hooks import ForwardWrapper, excluded_runner, run_block
 from offloadkit.engine.layout import (
     BlockLayout,
     TensorEntry,
@@ -33,6 +36,7 @@ from offloadkit.engine.layout import (
     tensor_nbytes,
     view_in,
 )
+from offloadkit.engine.modes import engine_mode
 from offloadkit.engine.oom import is_oom, shrink_plan
 from offloadkit.engine.packing import HostStore, release_memory
 from offloadkit.engine.profile import ModelLayout, layout_model, with_device_memory
@@ -96,11 +100,11 @@ class Engine(Placement):
         self.plan = plan
         self._removed = False
         self._wrappers: list[ForwardWrapper] = []
-        self._outside: list[tuple[TensorRef, torch.Tensor]] = []
+        self._outside: list[tuple[TensorRef, torch.Tensor, torch.Tensor, int]] = []
         self._resident: dict[int, torch.Tensor] = {}
         self._resident_views: dict[int, list[torch.Tensor]] = {}
         self._placeholders: dict[tuple[int, str], list[torch.Tensor]] = {}
-        self._placeholder_seed: dict[tuple[torch.dtype, str], torch.Tensor] = {}
+        self._placeholder_seed: dict[tuple[torch.dtype, str, bool], torch.Tensor] = {}
         self._slots: list[Slot] = []
         self._groups: list[tuple[int, ...]] = []
         self._group_of: dict[int, int] = {}
@@ -108,6 +112,13 @@ class Engine(Placement):
         self._next_group_from: list[int] = []
         self._packed: set[int] = set()
         self._last_block = max((b.index for b in self.blocks), default=-1)
+        self._first_block = min((b.index for b in self.blocks), default=-1)
+        # one block runs at a time: two threads calling forward share slots and bindings
+        self._lock = threading.RLock()
+        self._dirty: dict[int, set[int]] = {}  # resident block -> entries written by forward
+        self._undo: list[Callable[[], None]] = []  # guards and state_dict hooks to take off
+        self._named_modules = list(model.named_modules())
+        self._excluded: Callable[..., Any] | None = None  # run_block kept out of torch.compile
 
         self.placed = False
         self.transport: CpuTransport | CudaTransport | None = None
@@ -123,10 +134,13 @@ class Engine(Placement):
                                    pin_limit_bytes=pin_limit_bytes)
         try:
             self._pack_blocks()
+            self._undo.append(guards.install(self._named_modules))
+            self._hook_state_dict()
         except BaseException:
             self.remove()
             raise
 
+    @engine_mode()
     def place(self, plan: Plan | None = None, budget_bytes: int | None = None) -> None:
         """Put the staged model on the device: non-block tensors, resident blocks, slots,
         forward wrappers. ``plan``/``budget_bytes`` replace the staged ones (a budget read
@@ -187,17 +201,19 @@ class Engine(Placement):
         for ref in self.layout.outside:
             original = require_data(ref)
             if id(original) not in moved:
-                placed = original.to(self.device)
+                with torch.inference_mode(original.is_inference()):  # the kind it was
+                    placed = original.to(self.device)
                 moved[id(original)] = placed
                 self.ledger.device_alloc(tensor_nbytes(placed))
-            self._outside.append((ref, original))
             ref.set(moved[id(original)])
+            obj = ref.get()  # what forward may update in place or replace: kept at remove()
+            self._outside.append((ref, original, obj, -1 if obj.is_inference() else obj._version))
 
     def _pack_blocks(self) -> None:
         """Block by block: pack into the home tier, then drop the originals (the block's
         tensors point at CPU stand-ins until :meth:`place` binds device ones)."""
         start, t = self.ledger.now(), time.perf_counter()
-        with torch.no_grad():
+        with engine_mode():
             for block in self.blocks:
                 self.store.add(block)
                 self._packed.add(block.index)
@@ -218,20 +234,24 @@ class Engine(Placement):
         key = (block.index, str(device))
         cached = self._placeholders.get(key)
         if cached is None:
-            with torch.inference_mode(False):
+            with engine_mode():
                 cached = [self._placeholder(e, device) for e in block.entries]
             self._placeholders[key] = cached
         return cached
 
     def _placeholder(self, entry: TensorEntry, device: torch.device) -> torch.Tensor:
-        seed = self._placeholder_seed.get((entry.dtype, str(device)))
-        if seed is None:
-            fill = float("nan") if entry.dtype.is_floating_point or entry.dtype.is_complex else 0
-            seed = torch.full((1,), fill, dtype=entry.dtype, device=device)
-            self._placeholder_seed[(entry.dtype, str(device))] = seed
-        return seed.view([1] * len(entry.shape)).expand(entry.shape)
+        key = (entry.dtype, str(device), entry.inference)
+        with torch.inference_mode(entry.inference):  # the kind of tensor the model had
+            seed = self._placeholder_seed.get(key)
+            if seed is None:
+                fill = float("nan") if entry.dtype.is_floating_point or entry.dtype.is_complex \
+                    else 0
+                seed = torch.full((1,), fill, dtype=entry.dtype, device=device)
+                self._placeholder_seed[key] = seed
+            return seed.view([1] * len(entry.shape)).expand(entry.shape)
 
     # ------------------------------------------------------------------ plan in force
+    @engine_mode()
     def _configure(self, plan: Plan) -> None:
         """Make the device match ``plan``: free what leaves first, then allocate."""
         plan.validate(self.profile)
@@ -243,6 +263,7 @@ class Engine(Placement):
         self._slots = []
         new_resident = set(plan.resident)
         for index in sorted(set(self._resident) - new_resident):
+            self._flush(index)
             self._bind_block(index, self._placeholders_for(self.blocks[index]))
             self.ledger.device_free(self._resident.pop(index).numel())
             self._resident_views.pop(index, None)
@@ -254,8 +275,7 @@ class Engine(Placement):
             self.ledger.record_transfer(f"resident block {index}", block.nbytes, start,
                                         time.perf_counter() - t)
             self._resident[index] = buffer
-            with torch.inference_mode(False):
-                views = [view_in(buffer, e) for e in block.entries]
+            views = [view_in(buffer, e, for_model=True) for e in block.entries]
             self._resident_views[index] = views
             self._bind_block(index, views)
         self._groups = plan.groups(self.profile)
@@ -305,8 +325,7 @@ class Engine(Placement):
         if views is None:
             offset = self._offset_in_group[index]
             region = slot.buffer[offset : offset + self.blocks[index].nbytes]
-            with torch.inference_mode(False):
-                views = [view_in(region, e) for e in self.blocks[index].entries]
+            views = [view_in(region, e, for_model=True) for e in self.blocks[index].entries]
             slot.views[index] = views
         return views
 
@@ -368,6 +387,7 @@ class Engine(Placement):
         slot.ticket = self.transport.submit(f"group {group} ({members[0]}..{members[-1]})",
                                             copies, after=slot.free_token)
 
+    @engine_mode()
     def _before(self, index: int) -> None:
         if index in self._resident:
             self._pump(index)
@@ -388,6 +408,7 @@ class Engine(Placement):
             self._bind_group(slot)
         self._pump(index)
 
+    @engine_mode()
     def _after(self, index: int) -> None:
         if index not in self._resident:
             group = self._group_of[index]
@@ -404,24 +425,181 @@ class Engine(Placement):
                    kwargs: dict) -> Any:
         if self._removed:
             return forward(*args, **kwargs)
-        attempts = 0
-        while True:
+        if torch.compiler.is_compiling() or "torch._dynamo" in sys.modules:
+            # something may compile the model: keep the engine's frames out of its graphs
+            if self._excluded is None:
+                self._excluded = excluded_runner(
+                    self._enter, self._leave, self._failed, self._run_block,
+                    *(w.forward for w in self._wrappers[:1]))
+            return self._excluded(index, forward, args, kwargs)
+        return run_block(index, forward, args, kwargs, self._enter, self._leave, self._failed)
+
+    def _enter(self, index: int, args: tuple, kwargs: dict) -> tuple:
+        """Before a block runs: take the lock, refuse what would go wrong, bring its weights."""
+        self._lock.acquire()
+        try:
+            if index == self._first_block:
+                guards.refuse_foreign(self._named_modules, "offloadkit forward")
+            if torch.is_grad_enabled():
+                self._refuse_training(index, args, kwargs)
             self._before(index)
-            token = self.transport.compute_begin(index)
-            failure: BaseException | None = None
-            try:
-                out = forward(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
-                if not is_oom(exc) or attempts >= MAX_OOM_RETRIES:
-                    raise
-                failure = exc
-            if failure is None:
-                self.transport.compute_end(index, token)
-                self._after(index)
-                return out
-            attempts += 1
-            self._recover(index, failure)
-            failure = None
+            return (self.transport.compute_begin(index), writeback.snapshot(self.blocks[index]), 0)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _leave(self, index: int, token: tuple) -> None:
+        try:
+            self.transport.compute_end(index, token[0])
+            self._keep_writes(index, token[1])
+            self._after(index)
+        finally:
+            self._lock.release()
+
+    def _failed(self, index: int, exc: BaseException, token: tuple) -> tuple:
+        """An error inside the block: recover from OOM and return a token to run it again,
+        else release the lock and re-raise."""
+        attempts = token[2]
+        try:
+            if not isinstance(exc, Exception) or not is_oom(exc) \
+                    or attempts >= MAX_OOM_RETRIES:
+                raise exc
+            self._recover(index, exc)
+            self._before(index)
+            snap = writeback.snapshot(self.blocks[index])
+            return (self.transport.compute_begin(index), snap, attempts + 1)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _refuse_training(self, index: int, args: tuple, kwargs: dict) -> None:
+        """Autograd would keep the slot tensors for backward, which the next group overwrites
+        (silently wrong gradients), and an optimizer would update stand-ins: refused."""
+        block = self.blocks[index]
+        trained = [e.ref.qualname for e in block.entries if e.ref.get().requires_grad]
+        if trained:
+            raise OffloadError(
+                f"offloadkit is inference-only: block {block.name!r} runs with autograd on and "
+                f"{len(trained)} of its tensors require grad (e.g. {trained[0]!r}). Wrap the "
+                "call in torch.no_grad() or torch.inference_mode(), or freeze the block "
+                "parameters (block.requires_grad_(False)); training through offloaded blocks "
+                "is not supported."
+            )
+        if index in self._resident:
+            return  # its weights stay put: backward through it is exact
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves):
+            raise OffloadError(
+                f"offloadkit is inference-only: streamed block {block.name!r} gets an input that "
+                "requires grad (a trainable layer runs before it), and its weights leave the "
+                "device before backward needs them. Wrap the call in torch.no_grad() or "
+                "torch.inference_mode(), or keep trainable layers after the offloaded blocks."
+            )
+
+    # ------------------------------------------------------------------ forward's writes
+    def _bound(self, index: int) -> list[torch.Tensor]:
+        if index in self._resident:
+            return self._resident_views[index]
+        slot = self._slot_holding(self._group_of[index])
+        assert slot is not None and slot.bound
+        return self._slot_views(slot, index)
+
+    @engine_mode()
+    def _keep_writes(self, index: int, before: writeback.Snapshot) -> None:
+        """Tensors the forward wrote go back to the home tier (a resident block's at the next
+        eviction, state_dict() or remove()), so neither the next load nor remove() loses them."""
+        positions = writeback.changed(self.blocks[index], before)
+        if not positions:
+            return
+        block, bound = self.blocks[index], self._bound(index)
+        for position in positions:
+            entry, target = block.entries[position], bound[position]
+            now = entry.ref.get()
+            if now.data_ptr() != target.data_ptr():  # a new tensor was assigned to the slot
+                if now.shape != entry.shape or now.dtype != entry.dtype:
+                    raise OffloadError(
+                        f"the forward of block {block.name!r} replaced {entry.ref.qualname!r} "
+                        f"({tuple(entry.shape)}, {entry.dtype}) with a {tuple(now.shape)} "
+                        f"{now.dtype} tensor; offloadkit streams fixed-size block tensors. Keep "
+                        "a tensor that changes size outside the offloaded blocks (or update it "
+                        "in place)."
+                    )
+                target.copy_(now.detach())
+                entry.ref.set(target)
+            if index in self._resident:
+                self._dirty.setdefault(index, set()).add(position)
+            else:
+                self.store.write_entry(index, entry, target)
+
+    @engine_mode()
+    def _flush(self, index: int) -> None:
+        """Write a resident block's tensors that forward changed back to the home tier."""
+        for position in sorted(self._dirty.pop(index, ())):
+            self.store.write_entry(index, self.blocks[index].entries[position],
+                                   self._resident_views[index][position])
+
+    # ------------------------------------------------------------------ state_dict
+    def _hook_state_dict(self) -> None:
+        """``state_dict()`` of the model (or of any part of it) returns the real weights, read
+        from the home tier, in place of the stand-ins the modules hold."""
+        owned: dict[int, tuple[torch.nn.Module, list[tuple[int, TensorEntry]]]] = {}
+        for block in self.blocks:
+            for entry in block.entries:
+                module = entry.ref.module
+                owned.setdefault(id(module), (module, []))[1].append((block.index, entry))
+        for module, entries in owned.values():
+            def hook(_module: torch.nn.Module, state: dict, prefix: str, _meta: Any,
+                     entries: list[tuple[int, TensorEntry]] = entries) -> None:
+                for index, entry in entries:
+                    key = prefix + entry.ref.attr
+                    if key in state:
+                        state[key] = self.read_entry(index, entry)
+
+            self._undo.append(module.register_state_dict_post_hook(hook).remove)
+        self._refuse_load_state_dict()
+
+    def _refuse_load_state_dict(self) -> None:
+        """``load_state_dict`` would copy into the stand-ins (or into a slot the next group
+        overwrites): refused before anything loads, by the outermost module it reaches."""
+        modules = dict(self._named_modules)
+        below: dict[str, list[str]] = {}  # module name -> block tensors under it, relative
+        for block in self.blocks:
+            for entry in block.entries:
+                parts = entry.ref.qualname.split(".")
+                for depth in range(len(parts)):
+                    below.setdefault(".".join(parts[:depth]), []).append(
+                        ".".join(parts[depth:]))
+        for name, names in below.items():
+            module = modules.get(name)
+            if module is None:
+                continue
+
+            def pre(_module: torch.nn.Module, state: dict, prefix: str, *_: Any,
+                    names: list[str] = names) -> None:
+                hit = next((prefix + n for n in names if prefix + n in state), None)
+                if hit is not None:
+                    raise OffloadError(
+                        f"load_state_dict() while offloadkit offloads the model: {hit!r} is a "
+                        "streamed block tensor (a stand-in in the module). Nothing was loaded. "
+                        "Call handle.remove(), load, then offloadkit.apply() again."
+                    )
+
+            self._undo.append(module.register_load_state_dict_pre_hook(pre).remove)
+
+    def read_entry(self, index: int, entry: TensorEntry) -> torch.Tensor:
+        """One block tensor's real value, as a new CPU tensor read from the home tier."""
+        with self._lock, engine_mode():
+            if self._removed or index not in self._packed:
+                raise OffloadError("this offload was removed; read the model's own tensors")
+            if index in self._dirty:
+                self._flush(index)
+            out = torch.empty(entry.shape, dtype=entry.dtype)
+            self.store.read_entry(index, entry, out)
+            return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state dict with the real block weights (read from the home tier)."""
+        return self.model.state_dict()
 
     def _recover(self, index: int, failure: BaseException) -> None:
         """Evict part of the resident set so activations fit, then let the block rerun."""
@@ -442,6 +620,7 @@ class Engine(Placement):
             self.replan()
 
     # ------------------------------------------------------------------ public (via handle)
+    @engine_mode()
     def replan(self) -> Plan | None:
         """Ask the strategy for a better plan from measurements; put it in force if any."""
         profile = with_device_memory(self.profile, self.device)
@@ -467,15 +646,26 @@ class Engine(Placement):
             self.transport.resolve()
         return list(self.ledger.trace)
 
+    @engine_mode()
     def remove(self, *, restore: bool = True) -> None:
         """Put every tensor back where it was (values, device, dtype, requires_grad), drop
         the wrappers, free device memory and the home tier. Safe after a failed set-up.
         ``restore=False``, for a model about to be dropped, leaves the blocks' weights as
         NaN stand-ins (the model is unusable after), saving a full copy of its weights out
         of the home tier."""
+        with self._lock:
+            self._remove(restore)
+
+    def _remove(self, restore: bool) -> None:
         if self._removed:
             return
+        if restore and self.transport is not None:
+            for index in list(self._dirty):
+                self._flush(index)
         self._removed = True
+        for undo in reversed(self._undo):
+            undo()
+        self._undo = []
         try:
             if self.transport is not None:
                 self.transport.close()
@@ -497,12 +687,21 @@ class Engine(Placement):
             self._resident.clear()
             self._resident_views.clear()
             placed: set[int] = set()
-            for ref, original in self._outside:
+            kept: dict[int, torch.Tensor] = {}
+            for ref, original, obj, version in self._outside:
                 current = ref.get()
                 if id(current) not in placed:
                     placed.add(id(current))
                     self.ledger.device_free(tensor_nbytes(current))
-                ref.set(original)
+                written = current is not obj or (version >= 0 and current._version != version)
+                if restore and written and (current is not obj
+                                            or current.device != original.device):
+                    if id(current) not in kept:  # what forward left, where it was (tied once)
+                        with torch.inference_mode(original.is_inference()):
+                            kept[id(current)] = current.detach().to(original.device, copy=True)
+                    ref.set(kept[id(current)])
+                else:
+                    ref.set(original)
             self._outside = []
             self.store.close()
             self._placeholders.clear()
@@ -518,15 +717,15 @@ class Engine(Placement):
     def _restore_block(self, block: BlockLayout) -> None:
         """Each tensor gets its own fresh memory again, filled from the home tier."""
         raw = None if isinstance(self.store, DiskStore) else self.store.read_block(block.index)
-        with torch.inference_mode(False):
+        with engine_mode():
             for entry in block.entries:
                 if raw is None:
                     restored = torch.empty(entry.shape, dtype=entry.dtype)
                     self.store.read_entry(block.index, entry, restored)
                 else:
-                    restored = view_in(raw, entry).clone()
-                if restored.device != entry.original_device:
-                    restored = restored.to(entry.original_device)
+                    restored = view_in(raw, entry)
+                with torch.inference_mode(entry.inference):  # the kind of tensor it was
+                    restored = restored.to(entry.original_device, copy=True)
                 if entry.ref.kind == "buffer" and entry.requires_grad:
                     restored.requires_grad_(True)
                 entry.ref.set(restored)

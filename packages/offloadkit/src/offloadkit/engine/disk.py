@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import weakref
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from offloadkit.engine.layout import BlockLayout, TensorEntry, require_data
+from offloadkit.engine.modes import engine_mode
 from offloadkit.ledger import Ledger
 
 HEADER_ALIGN = 4096  # data section starts on a page boundary
@@ -86,6 +89,18 @@ class DiskStore:
         self._fh.write(raw)
         self._fh.flush()
         self.fd = self._fh.fileno()
+        if self.owned:
+            self._forget_name()
+
+    def _forget_name(self) -> None:
+        """Our own temporary file is unlinked at once: its blocks stay readable through the
+        open descriptor, and the OS frees it when the process ends however it ends (exit
+        without remove(), a crash, SIGKILL). Where an open file cannot be unlinked
+        (Windows), it is removed at interpreter exit instead."""
+        try:
+            os.unlink(self.path)
+        except OSError:
+            weakref.finalize(self, _remove_file, self._fh, self.path)
 
     def add(self, layout: BlockLayout) -> None:
         """Write one block: each tensor's bytes straight to its offset (no scratch copy);
@@ -104,6 +119,11 @@ class DiskStore:
         DiskSource(self.fd, self.data_start + start + entry.offset, entry.nbytes).read_into(
             _bytes_of(out))
 
+    def write_entry(self, index: int, entry: TensorEntry, value: torch.Tensor) -> None:
+        """Overwrite one tensor of a block (a buffer its forward updated in place)."""
+        start, _ = self.offsets[index]
+        _pwrite_all(self.fd, _bytes_of(value), self.data_start + start + entry.offset)
+
     def finish(self) -> None:
         """Flush after the last block (readers use pread on the same descriptor)."""
         self._fh.flush()
@@ -112,6 +132,7 @@ class DiskStore:
         start, nbytes = self.offsets[index]
         return DiskSource(self.fd, self.data_start + start, nbytes)
 
+    @engine_mode()
     def read_block(self, index: int) -> torch.Tensor:
         out = torch.empty(self.offsets[index][1], dtype=torch.uint8)
         self.source(index).read_into(out)
@@ -130,6 +151,11 @@ class DiskStore:
         self._fh.close()
         if self.owned:
             self.path.unlink(missing_ok=True)
+
+
+def _remove_file(fh: Any, path: Path) -> None:
+    fh.close()
+    path.unlink(missing_ok=True)
 
 
 def _bytes_of(t: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,10 @@ class TensorEntry:
     requires_grad: bool
     original_device: torch.device
     contiguous: bool
+    #: the model's tensor is an inference tensor (built under torch.inference_mode()); a
+    #: Parameter made so keeps a disabled version counter whatever ``.data`` it is given, so
+    #: every tensor the engine binds in its place must be an inference tensor too
+    inference: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,15 +117,31 @@ def build_layout(index: int, name: str, refs: list[TensorRef]) -> BlockLayout:
                 requires_grad=bool(t.requires_grad),
                 original_device=t.device,
                 contiguous=t.is_contiguous(),
+                inference=t.is_inference(),
             )
         )
         offset = align_up(offset + n)
     return BlockLayout(index, name, tuple(entries), offset)
 
 
-def view_in(buffer: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
-    """The tensor ``entry`` describes, as a view of the flat uint8 ``buffer``."""
-    raw = buffer[entry.offset : entry.offset + entry.nbytes]
-    if entry.dtype == torch.bool:
-        return raw.view(torch.bool).view(entry.shape)
-    return raw.view(entry.dtype).view(entry.shape)
+def view_in(buffer: torch.Tensor, entry: TensorEntry, *, for_model: bool = False) -> torch.Tensor:
+    """The tensor ``entry`` describes, over the bytes of the flat uint8 ``buffer``.
+
+    A tensor of its own over the buffer's storage, not an autograd view: it has its own
+    version counter, so an in-place write by the block's forward shows on this tensor alone
+    (copies into the buffer do not). It is a normal tensor, which works in whatever mode the
+    model runs (see :mod:`offloadkit.engine.modes`). ``for_model``: the tensor is bound to
+    the model, and is an inference tensor where the model's own was one (see
+    :attr:`TensorEntry.inference`)."""
+    itemsize = torch.empty(0, dtype=entry.dtype).element_size()
+    start = buffer.storage_offset() * buffer.element_size() + entry.offset
+    if start % itemsize:
+        raise OffloadError(f"{entry.ref.qualname!r}: misaligned offset {start} in its buffer")
+    strides, step = [], 1
+    for size in reversed(entry.shape):
+        strides.append(step)
+        step *= size
+    with torch.inference_mode(for_model and entry.inference), torch.no_grad():
+        out = torch.empty(0, dtype=entry.dtype, device=buffer.device)
+        out.set_(buffer.untyped_storage(), start // itemsize, entry.shape, tuple(reversed(strides)))
+    return out

@@ -14,7 +14,8 @@ import sys
 
 import torch
 
-from offloadkit.engine.layout import BlockLayout, require_data, view_in
+from offloadkit.engine.layout import BlockLayout, TensorEntry, require_data, view_in
+from offloadkit.engine.modes import engine_mode
 from offloadkit.ledger import Ledger
 
 DEFAULT_PIN_FRACTION = 0.5  # of the host's available RAM, when no pin_limit_bytes is given
@@ -78,6 +79,7 @@ class HostStore:
         self.pinned_bytes = 0  # page-locked bytes held, as the allocator rounds them
         self.sources: dict[int, HostSource] = {}
 
+    @engine_mode()  # home buffers are written back to later, from any mode
     def _allocate(self, nbytes: int) -> tuple[torch.Tensor, bool]:
         if self.pin and self.pinned_bytes + pinned_footprint(nbytes) <= self.pin_limit:
             try:
@@ -101,6 +103,14 @@ class HostStore:
     def read_block(self, index: int) -> torch.Tensor:
         """The block's bytes as a host tensor (used to restore the model)."""
         return self.sources[index].buffer
+
+    def read_entry(self, index: int, entry: TensorEntry, out: torch.Tensor) -> None:
+        """Copy one tensor of a block into ``out`` (state_dict while offloaded)."""
+        out.copy_(view_in(self.sources[index].buffer, entry))
+
+    def write_entry(self, index: int, entry: TensorEntry, value: torch.Tensor) -> None:
+        """Overwrite one tensor of a block (a buffer its forward updated in place)."""
+        view_in(self.sources[index].buffer, entry).copy_(value)
 
     def drop(self, index: int) -> None:
         source = self.sources.pop(index)

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
+from offloadkit.engine.modes import engine_mode
 from offloadkit.ledger import Ledger
 
 
@@ -78,6 +79,7 @@ class CpuTransport:
         with self._lock:
             self._inflight.discard(future)
 
+    @engine_mode()  # a worker thread: copies into normal tensors, whatever the caller's mode
     def _run(self, name: str, copies: list[tuple[Source, torch.Tensor]]) -> None:
         start = self.ledger.now()
         t = time.perf_counter()
@@ -124,6 +126,7 @@ class CpuTransport:
     def resolve(self) -> None:
         """Nothing to resolve: CPU timings are recorded as they happen."""
 
+    @engine_mode()
     def allocate(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8)
 
@@ -186,6 +189,7 @@ class CudaTransport:
         with self._lock:
             self._pending.append(_Timing("transfer", -1, name, nbytes, start, ready))
 
+    @engine_mode()
     def _disk_then_copy(self, name: str, copies: list, after: Any, ready: Any, nbytes: int
                         ) -> None:
         which = self._staging_next
@@ -203,6 +207,7 @@ class CudaTransport:
         self._issue(name, staged, after, ready, nbytes)
         self._staging[which] = (buf, ready)  # reusable once this upload has finished
 
+    @engine_mode()
     def ensure_staging(self, nbytes: int) -> None:
         """Disk tier: pinned staging buffers at least one slot large (re-plans may grow
         slots). Allocated outside the hot path: at set-up and re-plan time."""
@@ -259,6 +264,7 @@ class CudaTransport:
             if len(self._pending) > 4096:
                 self._resolve_locked()
 
+    @engine_mode()
     def copy_now(self, source: Source, dst: torch.Tensor) -> None:
         if source.on_disk:
             staging = torch.empty(source.nbytes, dtype=torch.uint8)
@@ -292,6 +298,7 @@ class CudaTransport:
             self._pool.submit(lambda: None).result()
         self.stream.synchronize()
 
+    @engine_mode()
     def allocate(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 

@@ -127,6 +127,9 @@ class ComfyPlacement(Placement):
                             streamed_blocks=len(self.plan.streamed), group_size=1,
                             prefetch_depth=0, num_slots=0, home="host", **snap)
 
+    def state_dict(self) -> dict[str, Any]:
+        return self._container.inner.state_dict()
+
     def remove(self, *, restore: bool = True) -> None:
         self.patcher.unpatch_model(device_to=self.patcher.offload_device)
         loaded = getattr(self._management, "current_loaded_models", None)

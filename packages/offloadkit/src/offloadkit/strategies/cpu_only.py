@@ -26,6 +26,7 @@ class CpuOnlyPlacement(Placement):
                  device: torch.device, budget_bytes: int, **options: Any) -> None:
         self.plan = plan
         self._name = strategy.name
+        self._model = model
         self._ledger = Ledger(max_trace_events=0)
         self._moved: list[tuple[TensorRef, torch.Tensor]] = []
         for ref in module_tensor_refs(model, ""):
@@ -42,6 +43,9 @@ class CpuOnlyPlacement(Placement):
     def stats(self) -> OffloadStats:
         return OffloadStats.of(self.plan, strategy=self._name, device="cpu", budget_bytes=0,
                                counters=self._ledger.snapshot())
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._model.state_dict()
 
     def remove(self, *, restore: bool = True) -> None:
         for ref, original in reversed(self._moved):
