@@ -1,5 +1,6 @@
-"""Test-wide setup: Triton kernels run in the interpreter when there is no GPU; a fixture
-that installs throwaway offloadkit plugins the way pip does."""
+"""Test-wide setup: Triton kernels run in the interpreter when there is no GPU; the ComfyUI
+stand-in (tests/comfy_standin.py) is importable from both packages' tests; a fixture that
+installs throwaway offloadkit plugins the way pip does."""
 
 import os
 import sys
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 if not torch.cuda.is_available():
     # Must be set before any module decorates a kernel with @triton.jit.

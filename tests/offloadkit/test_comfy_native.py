@@ -1,145 +1,166 @@
-"""comfy_native inside ComfyUI, against a STAND-IN for comfy.model_management and
-comfy.model_patcher (fake modules in sys.modules mimicking ComfyUI's names and the parts of
-its behaviour that matter here: ModelPatcher writes attributes onto the module it is given,
-load_models_gpu records what it was asked, a full load moves the whole module)."""
+"""comfy_native against the ComfyUI stand-in (tests/comfy_standin.py, mirroring
+comfy.model_management's load_models_gpu / free_memory / LoadedModel of ComfyUI v0.33):
+ComfyUI makes room, its grant becomes the budget, the rest streams, ComfyUI can shrink or
+unload the model, and its loaded-model list is clean afterwards."""
 
 from __future__ import annotations
 
 import sys
-import types
 
 import pytest
 import torch
+from comfy_standin import ComfyUI, load_other_model
 from models import make_inputs, make_model
 
 import offloadkit
-from offloadkit.errors import BudgetError, OffloadError
-from offloadkit.strategies.comfy_native import module_bytes
+from offloadkit.errors import OffloadError
 
 
-class ComfyStandIn:
-    def __init__(self, *, leave_on_cpu: str | None = None, old_signature: bool = False) -> None:
-        self.load_calls: list[dict] = []
-        self.unpatched: list[torch.device] = []
-        self.current_loaded_models: list = []
-        self.strays: list = []
-        standin = self
+@pytest.fixture(autouse=True)
+def inference_mode():
+    """offloadkit is inference-only; ComfyUI runs every node inside inference mode."""
+    with torch.inference_mode():
+        yield
 
-        class ModelPatcher:  # the attributes ComfyUI's ModelPatcher sets on its model
-            def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
-                self.model, self.load_device, self.offload_device = model, load_device, offload_device
-                self.size = size or sum(t.numel() * t.element_size() for t in model.state_dict().values())
-                if not hasattr(model, "device"):
-                    model.device = offload_device
-                model.model_loaded_weight_memory = 0
-                model.lowvram_patch_counter = 0
-                model.model_lowvram = False
 
-            def model_size(self):
-                return self.size
+def sizes(model) -> tuple[int, int, int]:
+    """(total, non-block, one block) bytes, as the strategy's profile counts them."""
+    profile = offloadkit.profile_model(model, device="cpu")
+    return profile.total_bytes, profile.non_block_bytes, profile.max_block_bytes
 
-            def loaded_size(self):
-                return self.model.model_loaded_weight_memory
 
-            def unpatch_model(self, device_to=None, unpatch_weights=True):
-                standin.unpatched.append(device_to)
-                for owner, name, tensor in standin.strays:  # the stand-in's stray goes home too
-                    owner._buffers[name] = tensor
-                if device_to is not None:
-                    self.model.to(device_to)
-                    self.model.device = device_to
-                self.model.model_loaded_weight_memory = 0
-
-        def full_load(models, memory_required=0, force_patch_weights=False,
-                      minimum_memory_required=None, force_full_load=False):
-            self.load_calls.append(dict(memory_required=memory_required,
-                                        minimum_memory_required=minimum_memory_required,
-                                        force_full_load=force_full_load))
-            for patcher in models:
-                patcher.model.to(patcher.load_device)
-                patcher.model.device = patcher.load_device
-                patcher.model.model_loaded_weight_memory = patcher.model_size()
-                if leave_on_cpu:  # what a partial load does to a layer that is not comfy.ops
-                    path, name = ("inner." + leave_on_cpu).rsplit(".", 1)
-                    owner = patcher.model.get_submodule(path)
-                    self.strays.append((owner, name, owner._buffers[name]))
-                    owner._buffers[name] = owner._buffers[name].to("meta")  # "not on the device"
-                self.current_loaded_models.append(types.SimpleNamespace(model=patcher))
-
-        def old_load(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None):
-            full_load(models, memory_required, force_patch_weights, minimum_memory_required)
-
-        mm = types.ModuleType("comfy.model_management")
-        mm.unet_offload_device = lambda: torch.device("cpu")
-        mm.load_models_gpu = old_load if old_signature else full_load
-        mm.current_loaded_models = self.current_loaded_models
-        mp = types.ModuleType("comfy.model_patcher")
-        mp.ModelPatcher = ModelPatcher
-        comfy = types.ModuleType("comfy")
-        comfy.model_management, comfy.model_patcher = mm, mp
-        self.modules = {"comfy": comfy, "comfy.model_management": mm, "comfy.model_patcher": mp}
+def entries(comfy: ComfyUI) -> list:
+    return [m.model for m in comfy.current_loaded_models]
 
 
 @pytest.fixture
-def install(monkeypatch):
-    def _install(**kwargs) -> ComfyStandIn:
-        standin = ComfyStandIn(**kwargs)
-        for name, module in standin.modules.items():
-            monkeypatch.setitem(sys.modules, name, module)
-        return standin
-    return _install
+def comfy_for(monkeypatch):
+    def make(**kwargs) -> ComfyUI:
+        comfy = ComfyUI(**kwargs).install(monkeypatch)
+        return comfy
+    return make
 
 
-def test_full_load_counts_buffers_and_leaves_the_model_untouched(install):
-    comfy = install()
+def test_outside_comfyui_it_says_it_needs_comfyui(monkeypatch):
+    monkeypatch.setitem(sys.modules, "comfy", None)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", None)
+    model = make_model()
+    with pytest.raises(OffloadError, match=r"needs ComfyUI.*strategy='adaptive'"):
+        offloadkit.apply(model, "comfy_native", device="cpu", budget="1GiB")
+    tokens, mask = make_inputs()
+    assert torch.isfinite(model(tokens, mask=mask)).all()  # left as it was
+
+
+def test_comfyui_makes_room_and_its_grant_is_the_budget(comfy_for):
     model = make_model()
     tokens, mask = make_inputs()
     expected = model(tokens, mask=mask)
-    size = module_bytes(model)
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    assert size > params  # the int8 weights are buffers: a parameter-only count misses them
-    handle = offloadkit.apply(model, "comfy_native", device="cpu", budget=2 * size)
-    assert comfy.load_calls == [dict(memory_required=size, minimum_memory_required=None,
-                                     force_full_load=True)]
-    assert torch.equal(model(tokens, mask=mask), expected)
+    total, non_block, block = sizes(model)
+    reserve = block // 4
+    vram = total // 2 + reserve  # ComfyUI can give half the model once the encoder is gone
+    comfy = comfy_for(mode="normal", vram_bytes=vram, reserve_bytes=reserve)
+    encoder = load_other_model(comfy, vram - reserve)  # the text encoder holds the device
+    assert encoder.loaded_size() == vram - reserve
+
+    handle = offloadkit.apply(model, "comfy_native", device="cpu", budget="1GiB",
+                              activation_reserve=reserve)
+    (patcher,) = entries(comfy)  # ComfyUI unloaded the encoder (free_memory) and lists ours
+    assert encoder.loaded_size() == 0
     stats = handle.stats()
-    assert stats.peak_device_bytes == size and stats.streamed_blocks == 0
-    assert stats.resident_blocks == len(model.blocks)
-    # ComfyUI wrote its bookkeeping onto a container, not onto the user's model
-    assert not hasattr(model, "model_loaded_weight_memory") and not hasattr(model, "device")
+    grant = vram - reserve  # load_models_gpu's lowvram_model_memory: free less the reserve
+    assert stats.budget_bytes == grant
+    assert 0 < stats.resident_blocks < len(model.blocks)  # half resident, the rest streamed
+    assert patcher.loaded_size() == stats.current_device_bytes <= grant
+    assert torch.equal(model(tokens, mask=mask), expected)
+    assert handle.stats().peak_device_bytes <= grant
     handle.remove()
-    assert comfy.unpatched == [torch.device("cpu")] and comfy.current_loaded_models == []
+    assert entries(comfy) == [] and comfy.mm.get_free_memory() == vram
     assert torch.equal(model(tokens, mask=mask), expected)
 
 
-def test_older_comfyui_without_force_full_load_gets_the_whole_size_as_minimum(install):
-    comfy = install(old_signature=True)
+def placed_with_room_for_all(comfy_for):
+    """The test model placed by comfy_native in a stand-in whose device holds all of it."""
     model = make_model()
-    size = module_bytes(model)
-    offloadkit.apply(model, "comfy_native", device="cpu", budget="auto").remove()
-    assert comfy.load_calls == [dict(memory_required=size, minimum_memory_required=size,
-                                     force_full_load=False)]
+    tokens, mask = make_inputs()
+    expected = model(tokens, mask=mask)
+    total, non_block, block = sizes(model)
+    reserve = block // 4
+    comfy = comfy_for(mode="normal", vram_bytes=total + 2 * reserve, reserve_bytes=reserve)
+    handle = offloadkit.apply(model, "comfy_native", device="cpu", budget="1GiB",
+                              activation_reserve=reserve)
+    return comfy, model, handle, (tokens, mask, expected), (total, non_block, block), reserve
 
 
-def test_budget_below_the_whole_model_points_to_adaptive(install):
-    comfy = install()
+def test_comfyui_shrinks_it_when_another_model_needs_the_device(comfy_for):
+    comfy, model, handle, (tokens, mask, expected), (total, non_block, block), reserve = \
+        placed_with_room_for_all(comfy_for)
+    assert handle.stats().resident_blocks == len(model.blocks)  # everything fit
+    before = handle.stats().current_device_bytes
+
+    want = 3 * block  # another model needs three blocks' worth: ComfyUI calls partially_unload
+    other = load_other_model(comfy, want)
+    assert other.loaded_size() == want
+    after = handle.stats()
+    assert before - after.current_device_bytes >= want - reserve
+    assert after.resident_blocks < len(model.blocks) and after.streamed_blocks > 0
+    assert len(entries(comfy)) == 2  # shrunk, not dropped
+    assert torch.equal(model(tokens, mask=mask), expected)  # streams what it gave back
+    handle.remove()
+    assert entries(comfy) == [other]
+
+
+def test_a_full_unload_keeps_the_minimum_and_reregisters_before_the_next_forward(comfy_for):
+    comfy, model, handle, (tokens, mask, expected), (total, non_block, block), reserve = \
+        placed_with_room_for_all(comfy_for)
+    comfy.mm.unload_all_models()  # the "Unload models" button: free_memory(1e30, device)
+    assert entries(comfy) == []
+    assert handle.stats().current_device_bytes == non_block + block
+    assert torch.equal(model(tokens, mask=mask), expected)
+    assert len(entries(comfy)) == 1 and handle.stats().resident_blocks == len(model.blocks)
+    handle.remove()
+    assert entries(comfy) == []
+
+
+@pytest.mark.parametrize("mode", ["cpu", "highvram", "novram", "lowvram"])
+def test_every_comfyui_vram_mode(comfy_for, mode):
+    """--cpu / --highvram: ComfyUI grants everything; --novram: 0.1 byte, so the minimum
+    (everything streams); --lowvram: free memory less the reserve."""
     model = make_model()
-    size = module_bytes(model)
-    with pytest.raises(BudgetError, match=r"(?s)the whole model.*comfy.ops.*'adaptive'"):
-        offloadkit.apply(model, "comfy_native", device="cpu", budget=size // 2)
-    assert comfy.load_calls == []
-    offloadkit.apply(model, "layerwise", device="cpu", budget=size).remove()  # left unmarked
+    tokens, mask = make_inputs()
+    expected = model(tokens, mask=mask)
+    total, non_block, block = sizes(model)
+    reserve = block // 4
+    vram = non_block + 3 * block + reserve
+    comfy = comfy_for(mode=mode, vram_bytes=vram, reserve_bytes=reserve)
+    handle = offloadkit.apply(model, "comfy_native", device="cpu", budget="1GiB",
+                              activation_reserve=reserve)
+    stats = handle.stats()
+    resident = {"cpu": len(model.blocks), "highvram": len(model.blocks), "novram": 0,
+                "lowvram": 1}[mode]  # lowvram: 3 blocks of room less two slots (prefetch 1)
+    assert stats.resident_blocks == resident
+    if mode == "novram":
+        assert stats.budget_bytes == non_block + block
+    if mode == "lowvram":
+        assert stats.budget_bytes == vram - reserve
+    assert torch.equal(model(tokens, mask=mask), expected)
+    handle.remove()
+    assert entries(comfy) == []
 
 
-def test_a_partial_load_by_comfyui_is_caught_and_undone(install):
-    comfy = install(leave_on_cpu="blocks.0.proj.weight")
+def test_an_explicit_budget_caps_the_grant(comfy_for):
     model = make_model()
-    with pytest.raises(OffloadError, match=r"only part of the model.*blocks.0.proj.weight.*'adaptive'"):
-        offloadkit.apply(model, "comfy_native", device="cpu", budget="auto")
-    assert comfy.unpatched == [torch.device("cpu")] and comfy.current_loaded_models == []
+    total, non_block, block = sizes(model)
+    comfy_for(mode="highvram", vram_bytes=10 * total)
+    cap = non_block + 4 * block
+    with offloadkit.offloaded(model, "comfy_native", device="cpu", budget=cap) as handle:
+        assert handle.stats().budget_bytes == cap
+        assert handle.stats().peak_device_bytes <= cap
 
 
-def test_engine_options_are_refused(install):
-    install()
-    with pytest.raises(TypeError, match="unknown option.*comfy_native"):
-        offloadkit.apply(make_model(), "comfy_native", device="cpu", budget="auto", pin_limit_bytes=1)
+def test_budget_below_the_minimum_is_refused_before_comfyui_is_asked(comfy_for):
+    comfy = comfy_for(mode="normal")
+    model = make_model()
+    total, non_block, block = sizes(model)
+    with pytest.raises(offloadkit.BudgetError, match="comfy_native"):
+        offloadkit.apply(model, "comfy_native", device="cpu", budget=non_block)
+    assert comfy.load_calls == [] and entries(comfy) == []

@@ -7,19 +7,20 @@ import pytest
 import torch
 from lora_files import diffusers_keys, kohya_keys, make_lora, peft_keys, write
 from test_comfyui_nodes import (  # noqa: F401 - fixtures
-    RUN,
-    ComfyStandIn,
     comfy,
-    comfy_image,
     load_models,
     models_dir,
     reference,
+    sample,
 )
 
 from turbowan.comfyui import NODE_CLASS_MAPPINGS
 from turbowan.lora import LoraSpec
 from turbowan.pipeline.demo import DEMO_SLA_TOPK, demo_files, demo_image
 from turbowan.pipeline.i2v import I2VPipeline, RunSettings
+
+RUN_FRAMES = 5
+LORA_NODE = NODE_CLASS_MAPPINGS["TurboWanLoraLoader"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -59,26 +60,23 @@ def comfy_loras(comfy, lora_dir, monkeypatch):  # noqa: F811
     return comfy
 
 
-def _sample(high, low, vae, context):
-    (frames,) = NODE_CLASS_MAPPINGS["TurboDiffusionI2VSampler"]().sample(
-        high, low, [[context, {}]], vae, comfy_image(demo_image()), **RUN)
-    return frames
+def _lora(comfy, model, name, strength):  # noqa: F811
+    return comfy.run_node(LORA_NODE, model=model, lora_name=name, strength_model=strength)[0]
 
 
 def test_chained_loras_reach_their_expert(comfy_loras, reference, models_dir, lora_dir):  # noqa: F811
-    node = NODE_CLASS_MAPPINGS["TurboWanLoraLoader"]()
-    req = type(node).INPUT_TYPES()["required"]
+    standin = comfy_loras
+    req = LORA_NODE.INPUT_TYPES()["required"]
     assert req["model"][0] == "TURBOWAN_MODEL"
     assert req["lora_name"][0] == ["a.safetensors", "b.safetensors", "c.safetensors", "sdxl.safetensors"]
     assert req["strength_model"][1]["default"] == 1.0
     context, plain = reference
-    high, low, vae = load_models()
-    (high_a,) = node.load_lora(high, "a.safetensors", 0.8)
-    (high_ab,) = node.load_lora(high_a, "b.safetensors", -0.5)
-    (low_c,) = node.load_lora(low, "c.safetensors", 1.0)
+    high, low, vae = load_models(standin)
+    high_ab = _lora(standin, _lora(standin, high, "a.safetensors", 0.8), "b.safetensors", -0.5)
+    low_c = _lora(standin, low, "c.safetensors", 1.0)
     assert [(s.name, s.strength) for s in high_ab.loras] == [("a", 0.8), ("b", -0.5)]
     assert high.loras == ()  # nodes return new models; the input is unchanged
-    frames = _sample(high_ab, low_c, vae, context)
+    frames = sample(standin, high_ab, low_c, vae, context)
     # the same run through I2VPipeline with each LoRA given for its expert
     files = demo_files(models_dir)
     pipe = I2VPipeline(RunSettings(
@@ -87,7 +85,7 @@ def test_chained_loras_reach_their_expert(comfy_loras, reference, models_dir, lo
         loras=(LoraSpec(lora_dir / "a.safetensors", 0.8, "high"),
                LoraSpec(lora_dir / "b.safetensors", -0.5, "high"),
                LoraSpec(lora_dir / "c.safetensors", 1.0, "low"))))
-    y = pipe.encode_image(demo_image(), RUN["num_frames"], 16, 16, "crop")
+    y = pipe.encode_image(demo_image(), RUN_FRAMES, 16, 16, "crop")
     latents = pipe.sample(y, context, steps=4, sigma_max=200.0, boundary=0.9, seed=1, ode=False)
     expected = ((pipe.decode(latents)[0].permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1)
     assert torch.equal(frames, expected)
@@ -96,19 +94,18 @@ def test_chained_loras_reach_their_expert(comfy_loras, reference, models_dir, lo
 
 def test_strength_zero_chain_is_the_plain_model(comfy_loras, reference):  # noqa: F811
     context, plain = reference
-    high, low, vae = load_models()
-    node = NODE_CLASS_MAPPINGS["TurboWanLoraLoader"]()
-    (high0,) = node.load_lora(high, "a.safetensors", 0.0)
-    assert torch.equal(_sample(high0, low, vae, context), plain)
+    high, low, vae = load_models(comfy_loras)
+    high0 = _lora(comfy_loras, high, "a.safetensors", 0.0)
+    assert torch.equal(sample(comfy_loras, high0, low, vae, context), plain)
 
 
 def test_bad_lora_fails_at_the_node(comfy_loras):  # noqa: F811
-    high, _, _ = load_models()
-    node = NODE_CLASS_MAPPINGS["TurboWanLoraLoader"]()
+    standin = comfy_loras
+    high, _, _ = load_models(standin)
     with pytest.raises(ValueError, match="TurboWanLoraLoader: .*Stable Diffusion / SDXL UNet"):
-        node.load_lora(high, "sdxl.safetensors", 1.0)
+        _lora(standin, high, "sdxl.safetensors", 1.0)
     with pytest.raises(ValueError, match="TurboWanLoraLoader: .*not in ComfyUI's loras/ folder"):
-        node.load_lora(high, "missing.safetensors", 1.0)
-    (once,) = node.load_lora(high, "a.safetensors", 1.0)
+        _lora(standin, high, "missing.safetensors", 1.0)
+    once = _lora(standin, high, "a.safetensors", 1.0)
     with pytest.raises(ValueError, match="already on this model"):
-        node.load_lora(once, "a.safetensors", 0.5)
+        _lora(standin, once, "a.safetensors", 0.5)

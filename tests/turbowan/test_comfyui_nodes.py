@@ -1,23 +1,24 @@
-"""The ComfyUI node pack, run against a STAND-IN for the few ComfyUI modules it touches.
-
-ComfyUI cannot be installed in CI, so `ComfyStandIn` below builds fake `folder_paths`,
-`comfy.model_management` and `comfy.utils` modules in sys.modules with the same function
-names and return shapes as ComfyUI's, recording the calls the nodes make. The models are
-the tiny demo checkpoints, so a whole run takes a couple of seconds on a CPU.
+"""The ComfyUI node pack, run the way ComfyUI runs it, against the STAND-IN in
+tests/comfy_standin.py (ComfyUI cannot be installed in CI): nodes execute on a worker
+thread inside torch.inference_mode(), with ComfyUI's interrupt check, progress bar and model
+management mirrored from its v0.33 source. The models are the tiny demo checkpoints.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
-import types
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from comfy_standin import ComfyUI, InterruptProcessingException, interrupt_when
 
 import offloadkit
+from offloadkit.engine.core import Engine
 from turbowan.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from turbowan.comfyui.conditioning import conditioning_to_context
 from turbowan.comfyui.install import SHIM, install
@@ -34,90 +35,10 @@ from turbowan.pipeline.video_io import read_video
 
 RUN = dict(num_frames=5, num_steps=4, resolution="480p", aspect_ratio="16:9", boundary=0.9,
            sigma_max=200.0, seed=1, use_ode=False, width=16, height=16, resize="crop")
-
-
-class ComfyStandIn:
-    """Fake ComfyUI modules: model folders, output folder, device, memory calls, progress."""
-
-    def __init__(self, models_dir: Path, output_dir: Path) -> None:
-        self.models_dir = models_dir
-        self.output_dir = output_dir
-        self.free_memory_calls: list[tuple[int, torch.device]] = []
-        self.progress: list[tuple[int, int]] = []
-        self.empty_cache_calls = 0
-        self.interrupt_after_checks: int | None = None
-        self.interrupt_checks = 0
-
-        fp = types.ModuleType("folder_paths")
-        fp.get_filename_list = lambda folder: sorted(p.name for p in models_dir.glob("*.safetensors"))
-        fp.get_full_path = lambda folder, name: (
-            str(models_dir / name) if (models_dir / name).is_file() else None)
-        fp.get_output_directory = lambda: str(output_dir)
-        fp.get_save_image_path = self._save_image_path
-
-        mm = types.ModuleType("comfy.model_management")
-        mm.get_torch_device = lambda: torch.device("cpu")
-        mm.free_memory = lambda nbytes, device, keep_loaded=(): self.free_memory_calls.append((nbytes, device))
-        mm.soft_empty_cache = self._soft_empty_cache
-        mm.throw_exception_if_processing_interrupted = self._check_interrupt
-
-        utils = types.ModuleType("comfy.utils")
-        standin = self
-
-        class ProgressBar:
-            def __init__(self, total: int) -> None:
-                self.total = total
-
-            def update_absolute(self, value: int, total: int | None = None, preview=None) -> None:
-                standin.progress.append((value, total or self.total))
-
-        utils.ProgressBar = ProgressBar
-
-        # for offloadkit's comfy_native strategy: a patcher that loads the module whole
-        self.full_loads: list[int] = []
-
-        class ModelPatcher:
-            def __init__(self, model, load_device, offload_device, size=0):
-                self.model, self.load_device, self.offload_device, self.size = (
-                    model, load_device, offload_device, size)
-                model.model_loaded_weight_memory = 0
-
-            def loaded_size(self):
-                return self.model.model_loaded_weight_memory
-
-            def unpatch_model(self, device_to=None, unpatch_weights=True):
-                self.model.to(device_to)
-                self.model.model_loaded_weight_memory = 0
-
-        def load_models_gpu(models, memory_required=0, force_patch_weights=False,
-                            minimum_memory_required=None, force_full_load=False):
-            for patcher in models:
-                assert force_full_load
-                patcher.model.to(patcher.load_device)
-                patcher.model.model_loaded_weight_memory = patcher.size
-                self.full_loads.append(patcher.size)
-
-        mm.unet_offload_device = lambda: torch.device("cpu")
-        mm.load_models_gpu = load_models_gpu
-        patcher_mod = types.ModuleType("comfy.model_patcher")
-        patcher_mod.ModelPatcher = ModelPatcher
-        comfy = types.ModuleType("comfy")
-        comfy.model_management, comfy.utils, comfy.model_patcher = mm, utils, patcher_mod
-        self.modules = {"folder_paths": fp, "comfy": comfy, "comfy.model_management": mm,
-                        "comfy.utils": utils, "comfy.model_patcher": patcher_mod}
-
-    def _soft_empty_cache(self, force: bool = False) -> None:
-        self.empty_cache_calls += 1
-
-    def _check_interrupt(self) -> None:
-        self.interrupt_checks += 1
-        if self.interrupt_after_checks is not None and self.interrupt_checks > self.interrupt_after_checks:
-            raise InterruptedError("stand-in: processing interrupted")
-
-    def _save_image_path(self, prefix, output_dir, width=0, height=0):
-        folder = Path(output_dir)
-        counter = 1 + len(list(folder.glob(f"{prefix}_*")))
-        return str(folder), prefix, counter, "", prefix
+STRATEGIES = ["adaptive", "layerwise", "chunkwise", "comfy_native", "cpu_only", "manual"]
+SAMPLER = NODE_CLASS_MAPPINGS["TurboDiffusionI2VSampler"]
+LOADER = NODE_CLASS_MAPPINGS["TurboWanModelLoader"]
+VAE_LOADER = NODE_CLASS_MAPPINGS["TurboWanVAELoader"]
 
 
 @pytest.fixture(scope="module")
@@ -127,13 +48,19 @@ def models_dir(tmp_path_factory):
     return directory
 
 
+def make_comfy(models_dir, tmp_path, monkeypatch, **kwargs) -> ComfyUI:
+    (tmp_path / "output").mkdir(exist_ok=True)
+    kwargs.setdefault("vram_bytes", 256 * 2**20)
+    kwargs.setdefault("reserve_bytes", 2**20)
+    comfy = ComfyUI(models_dir=models_dir, output_dir=tmp_path / "output", **kwargs)
+    return comfy.install(monkeypatch)
+
+
 @pytest.fixture
 def comfy(models_dir, tmp_path, monkeypatch):
-    standin = ComfyStandIn(models_dir, tmp_path / "output")
-    (tmp_path / "output").mkdir()
-    for name, module in standin.modules.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    return standin
+    standin = make_comfy(models_dir, tmp_path, monkeypatch)
+    yield standin
+    standin.close()
 
 
 @pytest.fixture(scope="module")
@@ -154,12 +81,43 @@ def comfy_image(pil) -> torch.Tensor:
     return torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).unsqueeze(0)
 
 
-def load_models(strategy="adaptive", budget="auto"):
-    loader = NODE_CLASS_MAPPINGS["TurboWanModelLoader"]()
-    (high,) = loader.load("demo_dit_high.safetensors", "sla", DEMO_SLA_TOPK, strategy, budget)
-    (low,) = loader.load("demo_dit_low.safetensors", "sla", DEMO_SLA_TOPK, strategy, budget)
-    (vae,) = NODE_CLASS_MAPPINGS["TurboWanVAELoader"]().load("demo_vae.safetensors")
-    return high, low, vae
+#: the installed plugin needs its resident list: the loaders' strategy_options input
+OPTIONS = {"manual": '{"resident": [0]}'}
+
+
+def load_models(comfy: ComfyUI, strategy="adaptive", budget="auto", vae_strategy=None,
+                vae_budget=None):
+    """The two loader nodes and the VAE loader, each run by the executor."""
+    def expert(name):
+        return comfy.run_node(LOADER, model_name=name, attention_type="sla",
+                              sla_topk=DEMO_SLA_TOPK, offload_strategy=strategy,
+                              budget=budget, strategy_options=OPTIONS.get(strategy, ""))[0]
+    vae = comfy.run_node(VAE_LOADER, vae_name="demo_vae.safetensors",
+                         offload_strategy=vae_strategy or strategy,
+                         budget=vae_budget or budget,
+                         strategy_options=OPTIONS.get(vae_strategy or strategy, ""))[0]
+    return expert("demo_dit_high.safetensors"), expert("demo_dit_low.safetensors"), vae
+
+
+def sample(comfy: ComfyUI, high, low, vae, context, **overrides):
+    return comfy.run_node(SAMPLER, high_noise_model=high, low_noise_model=low,
+                          conditioning=[[context, {}]], vae=vae,
+                          image=comfy_image(demo_image()), **{**RUN, **overrides})[0]
+
+
+def live_engines() -> list[Engine]:
+    """Engines still holding device or home-tier memory (placed and not removed, or staged)."""
+    gc.collect()
+    return [e for e in gc.get_objects() if type(e) is Engine and not e._removed]
+
+
+def assert_nothing_left(comfy: ComfyUI) -> None:
+    for thread in threading.enumerate():
+        if thread.name == "turbowan-stage-low":
+            thread.join(timeout=30)
+            assert not thread.is_alive(), "the staging thread did not stop"
+    assert comfy.current_loaded_models == []
+    assert live_engines() == []
 
 
 def test_input_types_match_the_original_nodes_without_their_bugs(comfy):
@@ -167,7 +125,7 @@ def test_input_types_match_the_original_nodes_without_their_bugs(comfy):
                                         "TurboDiffusionI2VSampler", "TurboDiffusionSaveVideo",
                                         "TurboWanLoraLoader"}
     assert set(NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_CLASS_MAPPINGS)
-    loader = NODE_CLASS_MAPPINGS["TurboWanModelLoader"].INPUT_TYPES()
+    loader = LOADER.INPUT_TYPES()
     assert loader["required"]["model_name"][0] == ["demo_dit_high.safetensors", "demo_dit_low.safetensors",
                                                    "demo_umt5.safetensors", "demo_vae.safetensors"]
     opt = loader["optional"]
@@ -175,9 +133,17 @@ def test_input_types_match_the_original_nodes_without_their_bugs(comfy):
     assert opt["offload_strategy"][0] == offloadkit.list_strategies()
     assert opt["offload_strategy"][1]["default"] == "adaptive"
     assert opt["sla_topk"][1]["default"] == 0.1 and opt["budget"][1]["default"] == "auto"
+    # the tooltip describes comfy_native as what it is now (a shim that streams), and every
+    # strategy it names is one the list offers
+    tip = opt["offload_strategy"][1]["tooltip"]
+    assert "whole" not in tip and "streams" in tip
+    assert all(name in tip for name in ("adaptive", "layerwise", "comfy_native", "cpu_only"))
+    # the VAE loader has its own placement
+    vae_opt = VAE_LOADER.INPUT_TYPES()["optional"]
+    assert vae_opt["offload_strategy"][0] == offloadkit.list_strategies()
+    assert vae_opt["budget"][1]["default"] == "auto"
 
-    sampler = NODE_CLASS_MAPPINGS["TurboDiffusionI2VSampler"]
-    req = sampler.INPUT_TYPES()["required"]
+    req = SAMPLER.INPUT_TYPES()["required"]
     assert list(req)[:5] == ["high_noise_model", "low_noise_model", "conditioning", "vae", "image"]
     assert req["conditioning"][0] == "CONDITIONING" and req["image"][0] == "IMAGE"
     assert req["high_noise_model"][0] == "TURBOWAN_MODEL" and req["vae"][0] == "TURBOWAN_VAE"
@@ -185,8 +151,11 @@ def test_input_types_match_the_original_nodes_without_their_bugs(comfy):
     assert frames["step"] == 4 and (frames["default"] - frames["min"]) % 4 == 0 and frames["default"] % 4 == 1
     assert (req["num_steps"][1]["min"], req["num_steps"][1]["max"], req["num_steps"][1]["default"]) == (1, 4, 4)
     assert req["boundary"][1]["default"] == 0.9 and req["sigma_max"][1]["default"] == 200.0
-    assert req["resolution"][0] == ["480", "480p", "512", "720", "720p"]
-    assert sampler.RETURN_TYPES == ("IMAGE",)
+    assert req["resolution"][0] == ["480p", "512", "720p"]  # one name per size
+    assert req["resolution"][1]["default"] in req["resolution"][0]
+    # IMAGE (frames, H, W, 3) float in [0, 1]: what ComfyUI's CreateVideo, SaveAnimatedWEBP
+    # and PreviewImage take (comfy_extras/nodes_video.py: CreateVideo's "images" is IMAGE)
+    assert SAMPLER.RETURN_TYPES == ("IMAGE",)
 
     saver = NODE_CLASS_MAPPINGS["TurboDiffusionSaveVideo"]
     sreq = saver.INPUT_TYPES()["required"]
@@ -194,62 +163,207 @@ def test_input_types_match_the_original_nodes_without_their_bugs(comfy):
     assert saver.OUTPUT_NODE is True and saver.RETURN_TYPES == ()
 
 
-def test_nodes_give_the_same_frames_as_the_pipeline(comfy, reference, monkeypatch):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_gives_the_pipelines_frames_through_the_executor(
+        comfy, reference, strategy, monkeypatch):
+    """ComfyUI runs nodes on its prompt worker thread inside torch.inference_mode()."""
     context, expected = reference
-    high, low, vae = load_models()
+    high, low, vae = load_models(comfy, strategy, "1GiB" if strategy != "cpu_only" else "auto")
     import turbowan.dit.loading
 
     loaded, real_load_dit = [], turbowan.dit.loading.load_dit
     monkeypatch.setattr(turbowan.dit.loading, "load_dit",
                         lambda path, **kw: loaded.append(Path(path).name) or real_load_dit(path, **kw))
-    image = comfy_image(demo_image())
     # ComfyUI's umT5 rows: the prompt rows then zeros; hand over only the rows up to the last
     # non-zero one, so the node's padding back to 512 rows is exercised too
     rows = int((context[0].abs().amax(dim=1) > 0).nonzero().max()) + 1
     assert rows < 512
-    conditioning = [[context[:, :rows].to(torch.bfloat16).float(), {"pooled_output": None}]]
-    assert torch.equal(conditioning_to_context(conditioning, context.shape[-1]), context.to(torch.bfloat16).float())
-    conditioning = [[context[:, :rows].clone(), {"pooled_output": None}]]
-    (frames,) = NODE_CLASS_MAPPINGS["TurboDiffusionI2VSampler"]().sample(high, low, conditioning, vae, image, **RUN)
+    frames = sample(comfy, high, low, vae, context[:, :rows].clone())
+    assert comfy.node_threads and comfy.import_thread not in comfy.node_threads
     assert frames.shape == (5, 16, 16, 3) and frames.dtype == torch.float32
     assert float(frames.min()) >= 0.0 and float(frames.max()) <= 1.0
     assert torch.equal(frames, expected) and float(frames.std()) > 0.01
     # 4 steps: t = 0.995, 0.934 (high expert), 0.853, 0.609 (low expert, t < boundary 0.9)
     assert sorted(loaded) == ["demo_dit_high.safetensors", "demo_dit_low.safetensors"]
-    # ComfyUI saw the progress of every step and was asked to make room for the weights
-    assert comfy.progress == [(1, 4), (2, 4), (3, 4), (4, 4)]
-    assert len(comfy.free_memory_calls) == 1
-    nbytes, device = comfy.free_memory_calls[0]
-    assert device == torch.device("cpu") and nbytes > max(high.nbytes, low.nbytes, vae.nbytes)
-    assert comfy.empty_cache_calls >= 1
+    assert [(v, t) for v, t, _ in comfy.progress] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    if strategy == "comfy_native":  # each model asked ComfyUI for room: VAE, high, low, VAE
+        assert len(comfy.load_calls) == 4
+    else:  # ComfyUI was asked once to make room for the largest model
+        assert len(comfy.free_memory_calls) == 1
+        assert comfy.free_memory_calls[0][0] > max(high.nbytes, low.nbytes, vae.nbytes)
+    assert_nothing_left(comfy)
 
 
-def test_comfy_native_strategy_gives_the_same_frames(comfy, reference):
+@pytest.mark.parametrize("mode", ["cpu", "lowvram", "novram", "highvram"])
+def test_comfy_native_in_every_comfyui_memory_mode(models_dir, tmp_path, monkeypatch,
+                                                   reference, mode):
     context, expected = reference
-    high, low, vae = load_models(strategy="comfy_native", budget="1GiB")
-    (frames,) = NODE_CLASS_MAPPINGS["TurboDiffusionI2VSampler"]().sample(
-        high, low, [[context, {}]], vae, comfy_image(demo_image()), **RUN)
+    comfy = make_comfy(models_dir, tmp_path, monkeypatch, mode=mode, vram_bytes=8 * 2**20,
+                       reserve_bytes=2**20)
+    from comfy_standin import load_other_model
+
+    encoder = load_other_model(comfy, 6 * 2**20)  # CLIPTextEncode left the encoder loaded
+    high, low, vae = load_models(comfy, "comfy_native", "1GiB")
+    frames = sample(comfy, high, low, vae, context)
     assert torch.equal(frames, expected)
-    # ComfyUI loaded each model whole: VAE (encode), high, low, VAE (decode); on the CPU the
-    # bf16 weights run in float32, so more bytes than the file holds
-    assert len(comfy.full_loads) == 4
-    assert comfy.full_loads[1] == comfy.full_loads[2] > high.nbytes
-    assert comfy.full_loads[0] == comfy.full_loads[3] > 0
+    if mode != "cpu":  # ComfyUI unloaded the text encoder to make room
+        assert encoder.loaded_size() < 6 * 2**20
+    assert [m.model for m in comfy.current_loaded_models] in ([], [encoder])
+    assert_nothing_left_but(comfy, encoder)
+    comfy.close()
 
 
-def test_cancel_button_stops_sampling_between_steps(comfy, reference):
+def assert_nothing_left_but(comfy: ComfyUI, *others) -> None:
+    assert [m.model for m in comfy.current_loaded_models if m.model not in others] == []
+    assert live_engines() == []
+
+
+def _phase_tracker(monkeypatch) -> dict:
+    """Marks which long stage is running: VAE encode/decode, expert loading, sampling."""
+    import turbowan.pipeline.i2v as i2v
+    import turbowan.vae.model as vae_model
+
+    phase = {"now": None}
+
+    def wrap(owner, name, label):
+        real = getattr(owner, name)
+
+        def wrapped(*args, **kwargs):
+            if threading.current_thread().name == "turbowan-stage-low":
+                return real(*args, **kwargs)  # the phase is the node thread's
+            before, phase["now"] = phase["now"], label
+            try:
+                return real(*args, **kwargs)
+            finally:
+                phase["now"] = before
+        monkeypatch.setattr(owner, name, wrapped)
+
+    wrap(vae_model.WanVAE, "encode", "encode")
+    wrap(vae_model.WanVAE, "decode", "decode")
+    wrap(i2v.I2VPipeline, "_load_expert_checked", "loading")
+    wrap(offloadkit, "apply", "placing")  # offloadkit packs and places block by block
+    wrap(i2v, "rcm_sample", "sampling")
+    return phase
+
+
+@pytest.mark.parametrize("where", ["placing", "encode", "loading", "sampling", "decode"])
+@pytest.mark.parametrize("strategy", ["adaptive", "comfy_native"])
+def test_cancel_takes_effect_at_the_next_check_and_the_next_run_works(
+        comfy, reference, monkeypatch, where, strategy):
+    context, expected = reference
+    high, low, vae = load_models(comfy, strategy, "1GiB")
+    phase = _phase_tracker(monkeypatch)
+    pressed = {}
+
+    def press(count: int) -> bool:
+        if phase["now"] == where and not pressed:
+            pressed.update(at=count)
+            return True
+        return False
+
+    with interrupt_when(comfy, press):
+        with pytest.raises(InterruptProcessingException):
+            sample(comfy, high, low, vae, context)
+    # the interrupt was honoured by the very next check: one block, VAE stage or load later
+    assert pressed and comfy.interrupt_checks == pressed["at"] + 1
+    assert len(comfy.progress) < 4 or where == "decode"
+    assert_nothing_left(comfy)
+    # the next queued run works and gives the same frames
+    comfy.progress.clear()
+    frames = sample(comfy, high, low, vae, context)
+    assert torch.equal(frames, expected)
+    assert_nothing_left(comfy)
+
+
+def test_a_cancel_stops_the_background_staging_thread(comfy, reference, monkeypatch):
+    """The low expert's staging thread is still reading when the user cancels: it stops at
+    its next check instead of packing the expert, and nothing stays staged."""
+    context, expected = reference
+    high, low, vae = load_models(comfy, "adaptive", "1GiB")
+    from turbowan.pipeline.i2v import I2VPipeline as Pipeline
+
+    release = threading.Event()
+    real_load = Pipeline._load_expert
+
+    def slow_low_read(self, path):
+        if threading.current_thread().name == "turbowan-stage-low":
+            while not release.wait(0.05):  # the read is still going when Cancel is pressed
+                pass
+        return real_load(self, path)
+
+    staged_on: list[str] = []
+    real_stage = offloadkit.stage
+
+    def spy_stage(*args, **kwargs):
+        staged_on.append(threading.current_thread().name)
+        return real_stage(*args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "_load_expert", slow_low_read)
+    monkeypatch.setattr(offloadkit, "stage", spy_stage)
+    phase = _phase_tracker(monkeypatch)
+    with interrupt_when(comfy, lambda count: phase["now"] == "sampling"):
+        with pytest.raises(InterruptProcessingException):
+            sample(comfy, high, low, vae, context)
+    release.set()  # (the thread was stopped before: its read never finished)
+    assert_nothing_left(comfy)  # joins the staging thread
+    assert staged_on == []  # it stopped before packing the low expert
+    # without a Cancel the same thread does stage it
+    frames = sample(comfy, high, low, vae, context)
+    assert torch.equal(frames, expected) and staged_on == ["turbowan-stage-low"]
+    assert_nothing_left(comfy)
+
+
+def test_an_error_mid_run_leaves_comfyui_clean(comfy, reference, monkeypatch):
     context, _ = reference
-    high, low, vae = load_models()
-    comfy.interrupt_after_checks = 2  # after the VAE encode check and the first step
-    with pytest.raises(InterruptedError):
-        NODE_CLASS_MAPPINGS["TurboDiffusionI2VSampler"]().sample(
-            high, low, [[context, {}]], vae, comfy_image(demo_image()), **RUN)
-    assert comfy.progress == [(1, 4), (2, 4)]
+    high, low, vae = load_models(comfy, "comfy_native", "1GiB")
+    import turbowan.dit.model as dit_model
+
+    calls = {"n": 0}
+    real = dit_model.WanDiT.forward
+
+    def failing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the first low-noise step
+            raise RuntimeError("boom")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(dit_model.WanDiT, "forward", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        sample(comfy, high, low, vae, context)
+    assert_nothing_left(comfy)
+
+
+def test_the_vae_is_placed_with_its_own_loaders_settings(comfy, reference):
+    context, expected = reference
+    high, low, vae = load_models(comfy, "adaptive", "1GiB", vae_strategy="comfy_native")
+    assert (vae.strategy, high.strategy) == ("comfy_native", "adaptive")
+    frames = sample(comfy, high, low, vae, context)
+    assert torch.equal(frames, expected)
+    assert len(comfy.load_calls) == 2  # only the VAE (encode, decode) went through ComfyUI
+    assert_nothing_left(comfy)
+
+
+def test_a_budget_below_the_minimum_fails_at_the_loader(comfy):
+    with pytest.raises(ValueError) as err:
+        comfy.run_node(LOADER, model_name="demo_dit_high.safetensors", offload_strategy="adaptive",
+                       budget="64KB")
+    message = str(err.value)
+    assert message.startswith("TurboWanModelLoader:") and "demo_dit_high.safetensors" in message
+    assert "strategy 'adaptive'" in message and "budget '64KB' = 64000 bytes (0.000 GiB)" in message
+    need = int(message.split("demo_dit_high.safetensors: ")[1].split(" bytes")[0])
+    assert need > 64000 and f"{need} bytes ({need / 2**30:.3f} GiB)" in message
+    assert f"set budget to {-(-need // 2**20)}MiB or more" in message
+    with pytest.raises(ValueError, match=r"TurboWanVAELoader:.*'layerwise'.*demo_vae.safetensors.*set budget"):
+        comfy.run_node(VAE_LOADER, vae_name="demo_vae.safetensors", offload_strategy="layerwise",
+                       budget="64KB")
+    # cpu_only places nothing on the device: any budget is fine
+    comfy.run_node(LOADER, model_name="demo_dit_high.safetensors", offload_strategy="cpu_only",
+                   budget="64KB")
 
 
 def test_wrong_frame_count_and_clip_conditioning_fail_before_loading(comfy, reference, monkeypatch):
     context, _ = reference
-    high, low, vae = load_models()
+    high, low, vae = load_models(comfy)
     import turbowan.dit.loading
     import turbowan.vae.loading
 
@@ -277,7 +391,7 @@ def test_wrong_frame_count_and_clip_conditioning_fail_before_loading(comfy, refe
 
 def test_mismatched_loaders_and_bad_images_are_refused(comfy, reference):
     context, _ = reference
-    high, _low, vae = load_models()
+    high, _low, vae = load_models(comfy)
     (low_other,) = NODE_CLASS_MAPPINGS["TurboWanModelLoader"]().load(
         "demo_dit_low.safetensors", "sla", DEMO_SLA_TOPK, "layerwise", "auto")
     sampler = NODE_CLASS_MAPPINGS["TurboDiffusionI2VSampler"]()
@@ -321,7 +435,7 @@ def test_loaders_read_each_header_once(comfy, monkeypatch):
     reads = []
     real = ckpt_io.read_tensor_specs
     monkeypatch.setattr(ckpt_io, "read_tensor_specs", lambda path: reads.append(path) or real(path))
-    load_models()
+    load_models(comfy)
     assert sorted(p.name for p in reads) == ["demo_dit_high.safetensors", "demo_dit_low.safetensors",
                                             "demo_vae.safetensors"]
 
@@ -390,3 +504,45 @@ def test_install_writes_the_two_line_shim(tmp_path):
     exec(compile(SHIM, str(target), "exec"), namespace)
     assert namespace["NODE_CLASS_MAPPINGS"] is NODE_CLASS_MAPPINGS
     assert install(tmp_path) == target  # idempotent
+    # what ComfyUI serves under /api/workflow_templates/turbowan, and the registry metadata
+    pack = target.parent
+    assert [p.name for p in (pack / "example_workflows").iterdir()] == ["turbowan_i2v_480p.json"]
+    import tomllib
+
+    meta = tomllib.loads((pack / "pyproject.toml").read_text())
+    comfy_meta = meta["tool"]["comfy"]
+    assert comfy_meta["PublisherId"] and comfy_meta["DisplayName"] and "Icon" in comfy_meta
+    assert meta["project"]["name"] and meta["project"]["version"]
+
+
+def test_example_workflow_is_a_ui_workflow_of_real_nodes_with_valid_widgets(tmp_path):
+    """UI format (nodes + links), every TurboWan widget value a valid choice for its input."""
+    import json
+    from importlib import resources
+
+    text = (resources.files("turbowan.comfyui") / "pack" / "example_workflows"
+            / "turbowan_i2v_480p.json").read_text()
+    workflow = json.loads(text)
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    core = {"LoadImage", "CLIPLoader", "CLIPTextEncode"}
+    assert {n["type"] for n in nodes.values()} <= set(NODE_CLASS_MAPPINGS) | core
+    for link_id, src, src_slot, dst, dst_slot, kind in workflow["links"]:
+        assert nodes[src]["outputs"][src_slot]["type"] == kind
+        assert nodes[dst]["inputs"][dst_slot]["type"] == kind
+        assert nodes[dst]["inputs"][dst_slot]["link"] == link_id
+    clip = next(n for n in nodes.values() if n["type"] == "CLIPLoader")
+    assert clip["widgets_values"][1] == "wan"
+    for n in nodes.values():
+        if n["type"] not in NODE_CLASS_MAPPINGS:
+            continue
+        spec = NODE_CLASS_MAPPINGS[n["type"]].INPUT_TYPES()
+        widgets = [(name, s) for part in ("required", "optional")
+                   for name, s in spec.get(part, {}).items()
+                   if isinstance(s[0], list) or s[0] in ("INT", "FLOAT", "STRING", "BOOLEAN")]
+        values = [v for v in n["widgets_values"] if v != "fixed"]  # seed's control widget
+        assert len(values) == len(widgets), n["type"]
+        for (name, s), value in zip(widgets, values, strict=True):
+            if isinstance(s[0], list) and s[0]:  # a combo with known choices
+                assert value in s[0], (n["type"], name, value)
+    sampler = next(n for n in nodes.values() if n["type"] == "TurboDiffusionI2VSampler")
+    assert sampler["widgets_values"][2] == "480p"

@@ -63,6 +63,7 @@ class StagedModel:
         self.profile = profile
         self._reread_budget = reread_budget
         self._engine_options = engine_options
+        self._layout = layout
         self._on_finish = on_finish
         self._lock = threading.Lock()
         self._state = "staging"
@@ -129,10 +130,14 @@ class StagedModel:
                 self._state = "placed"
                 placement_cls = self.strategy.placement
                 assert placement_cls is not None
+                # a mechanism that builds on the engine (comfy_native) needs the staged layout
+                staged = ({"profile": self.profile, "layout": self._layout}
+                          if getattr(placement_cls, "needs_layout", False) else {})
                 try:
                     handle = OffloadHandle(placement_cls(
                         self.model, plan=plan or self.plan, strategy=self.strategy,
-                        device=self.device, budget_bytes=budget_bytes, **self._engine_options))
+                        device=self.device, budget_bytes=budget_bytes, **staged,
+                        **self._engine_options))
                 except BaseException:
                     self._finish("discarded")
                     raise

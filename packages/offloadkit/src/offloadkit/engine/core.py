@@ -84,6 +84,7 @@ class Engine(Placement):
         disk_path: str | None = None,
         replan_every: int = 8,
         trace: bool = True,
+        interrupt_check: Callable[[], None] | None = None,
     ) -> None:
         self.model = model
         self.profile = profile
@@ -91,6 +92,9 @@ class Engine(Placement):
         self.device = torch.device(device)
         self.budget_bytes = budget_bytes
         self.replan_every = replan_every
+        # called between blocks while packing and loading resident blocks: a host's Cancel
+        # (ComfyUI's interrupt) raises from it, and the engine restores the model
+        self.interrupt_check = interrupt_check
         self.ledger = Ledger(max_trace_events=100_000 if trace else 0)
         if layout is None:
             layout = layout_model(model, [model.get_submodule(b.name) for b in profile.blocks])
@@ -215,6 +219,8 @@ class Engine(Placement):
         start, t = self.ledger.now(), time.perf_counter()
         with engine_mode():
             for block in self.blocks:
+                if self.interrupt_check is not None:
+                    self.interrupt_check()
                 self.store.add(block)
                 self._packed.add(block.index)
                 stand_ins = self._placeholders_for(block, torch.device("cpu"))
@@ -268,6 +274,8 @@ class Engine(Placement):
             self.ledger.device_free(self._resident.pop(index).numel())
             self._resident_views.pop(index, None)
         for index in sorted(new_resident - set(self._resident)):
+            if self.interrupt_check is not None:
+                self.interrupt_check()
             block = self.blocks[index]
             buffer = self._allocate(block.nbytes)
             start, t = self.ledger.now(), time.perf_counter()
@@ -632,6 +640,20 @@ class Engine(Placement):
         self._configure(proposal)
         self.ledger.replans += 1
         return proposal
+
+    def reconfigure(self, plan: Plan, budget_bytes: int) -> None:
+        """Put ``plan`` in force under a new budget: for a host that owns device memory and
+        grows or shrinks this model's share (comfy_native). What leaves the device is freed
+        before anything new is allocated, so shrinking never needs more memory."""
+        if not self.placed or self._removed:
+            raise OffloadError("reconfigure() needs a placed, live engine")
+        plan = dataclasses.replace(plan, home=self.plan.home)
+        plan.validate(self.profile)
+        if plan.predicted_peak_device_bytes > budget_bytes:
+            raise OffloadError(f"plan needs {describe_bytes(plan.predicted_peak_device_bytes)},"
+                               f" over the new budget of {describe_bytes(budget_bytes)}")
+        self.budget_bytes = budget_bytes
+        self._configure(plan)
 
     def stats(self) -> OffloadStats:
         if self.transport is not None:

@@ -8,4 +8,5 @@ ENGINE_OPTIONS: dict[str, str] = {
     "disk_path": "directory or .safetensors file for home='disk' (default: a temp file)",
     "replan_every": "ask the strategy to re-plan after this many forwards (0 = never)",
     "trace": "record per-block timeline events (default True)",
+    "interrupt_check": "callable run between blocks while packing and placing; raise to cancel",
 }

@@ -2,14 +2,19 @@
 
 ComfyUI loads node packs from folders in ``custom_nodes/``. turbowan is an ordinary
 installed package, so the folder only needs a two-line ``__init__.py`` that re-exports the
-node mappings; upgrading turbowan (pip) upgrades the nodes with nothing to copy again.
+node mappings; upgrading turbowan (pip) upgrades the nodes. Next to it go the files ComfyUI
+and its tools look for in a pack's folder: ``example_workflows/*.json`` (served under
+/api/workflow_templates/turbowan and shown in the template browser) and ``pyproject.toml``
+with the ``[tool.comfy]`` metadata of the Comfy Registry / ComfyUI-Manager.
 Run it with ComfyUI's own Python after ``pip install turbowan`` into that Python.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+from importlib import resources
 from pathlib import Path
 
 SHIM = (
@@ -36,7 +41,19 @@ def install(comfyui_dir: str | Path) -> Path:
         )
     target.parent.mkdir(exist_ok=True)
     target.write_text(SHIM)
+    _copy_pack_files(target.parent)
     return target
+
+
+def _copy_pack_files(folder: Path) -> None:
+    """pyproject.toml and example_workflows/ from turbowan/comfyui/pack (refreshed each run)."""
+    pack = resources.files("turbowan.comfyui") / "pack"
+    with resources.as_file(pack) as source:
+        shutil.copyfile(source / "pyproject.toml", folder / "pyproject.toml")
+        workflows = folder / "example_workflows"
+        workflows.mkdir(exist_ok=True)
+        for path in sorted((source / "example_workflows").glob("*.json")):
+            shutil.copyfile(path, workflows / path.name)
 
 
 def main(argv: list[str] | None = None) -> int:

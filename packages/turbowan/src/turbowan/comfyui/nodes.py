@@ -40,6 +40,18 @@ DEFAULT_RESOLUTION = "480p"  # 832x480 at 16:9; the 14B model's 720p needs a lar
 DEFAULT_NUM_FRAMES = 81  # upstream default (5 s at 16 fps)
 ACTIVATION_RESERVE = 2 * 1024**3  # asked of ComfyUI on top of the weights (latents, attention)
 VIDEO_FORMATS = ("mp4", "webm", "gif")
+#: one name per size: the pipeline also accepts "480"/"720", the node lists only "480p"/"720p"
+NODE_RESOLUTIONS = tuple(r for r in RESOLUTIONS if r + "p" not in RESOLUTIONS)
+STRATEGY_TOOLTIP = (
+    "adaptive (default): as many blocks on the GPU as the budget allows, the rest streamed "
+    "ahead of use; layerwise: least GPU memory (every block streams); chunkwise: blocks "
+    "stream in groups; comfy_native: ComfyUI decides how much GPU memory the model gets "
+    "(it unloads its other models first and can take memory back), the rest streams; "
+    "cpu_only: no GPU at all (very slow)")
+OPTIONS_INPUT = {"default": "", "tooltip": 'options for the strategy as JSON, e.g. '
+                 '{"resident": [0, 2]} for the manual plugin; empty for the built-ins'}
+BUDGET_TOOLTIP = ("GPU memory for weights: auto (free memory less a reserve), 12GiB, 500MB "
+                  "or 80%. With comfy_native it caps what ComfyUI grants")
 
 
 def _strategy_choices() -> list[str]:
@@ -80,22 +92,19 @@ class TurboWanModelLoader:
                 "sla_topk": ("FLOAT", {"default": 0.1, "min": 0.01, "max": 1.0, "step": 0.01,
                                        "tooltip": "share of key blocks SLA keeps (0.1; 0.15 is sharper)"}),
                 "offload_strategy": (strategies, {
-                    "default": _default_strategy(strategies),
-                    "tooltip": "adaptive: as many blocks on the GPU as the budget allows, the rest "
-                               "streamed ahead of use; layerwise: least memory; comfy_native: "
-                               "ComfyUI loads the expert whole (it cannot stream int8 layers)"}),
-                "budget": ("STRING", {"default": DEFAULT_BUDGET,
-                                      "tooltip": "GPU memory for weights: auto (free memory less a "
-                                                 "reserve), 12GiB, 500MB or 80%"}),
+                    "default": _default_strategy(strategies), "tooltip": STRATEGY_TOOLTIP}),
+                "budget": ("STRING", {"default": DEFAULT_BUDGET, "tooltip": BUDGET_TOOLTIP}),
+                "strategy_options": ("STRING", OPTIONS_INPUT),
             },
         }
 
     def load(self, model_name: str, attention_type: str = "sla", sla_topk: float = 0.1,
-             offload_strategy: str = DEFAULT_STRATEGY, budget: str = DEFAULT_BUDGET) -> tuple[TurboWanModel]:
+             offload_strategy: str = DEFAULT_STRATEGY, budget: str = DEFAULT_BUDGET,
+             strategy_options: str = "") -> tuple[TurboWanModel]:
         path = comfy_env.full_path("diffusion_models", model_name)
         model = check_dit(path, attention=attention_type, sla_topk=sla_topk,
                           strategy=offload_strategy, budget=budget.strip(),
-                          device=comfy_env.compute_device())
+                          device=comfy_env.compute_device(), strategy_options=strategy_options)
         return (model,)
 
 
@@ -107,15 +116,28 @@ class TurboWanVAELoader:
     RETURN_NAMES = ("vae",)
     FUNCTION = "load"
     DESCRIPTION = ("The Wan2.1 VAE used by Wan2.2 A14B (not the 48-channel Wan2.2 VAE), from "
-                   "models/vae. It is placed with the offload strategy of the high-noise loader.")
+                   "models/vae, with its own offload strategy and budget.")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {"required": {"vae_name": (comfy_env.file_choices("vae"), {
-            "tooltip": "Wan2.1_VAE.pth or wan_2.1_vae.safetensors"})}}
+        strategies = _strategy_choices()
+        return {
+            "required": {"vae_name": (comfy_env.file_choices("vae"), {
+                "tooltip": "Wan2.1_VAE.pth or wan_2.1_vae.safetensors"})},
+            "optional": {
+                "offload_strategy": (strategies, {"default": _default_strategy(strategies),
+                                                  "tooltip": STRATEGY_TOOLTIP}),
+                "budget": ("STRING", {"default": DEFAULT_BUDGET, "tooltip": BUDGET_TOOLTIP}),
+                "strategy_options": ("STRING", OPTIONS_INPUT),
+            },
+        }
 
-    def load(self, vae_name: str) -> tuple[TurboWanVAE]:
-        return (check_vae(comfy_env.full_path("vae", vae_name)),)
+    def load(self, vae_name: str, offload_strategy: str = DEFAULT_STRATEGY,
+             budget: str = DEFAULT_BUDGET, strategy_options: str = "") -> tuple[TurboWanVAE]:
+        path = comfy_env.full_path("vae", vae_name)
+        return (check_vae(path, strategy=offload_strategy, budget=budget.strip(),
+                          device=comfy_env.compute_device(),
+                          strategy_options=strategy_options),)
 
 
 def _frames_problem(num_frames: Any) -> str | None:
@@ -151,7 +173,7 @@ class TurboDiffusionI2VSampler:
                                        "tooltip": "4n+1 frames (81 = 5 s at 16 fps)"}),
                 "num_steps": ("INT", {"default": MAX_STEPS, "min": 1, "max": MAX_STEPS,
                                       "tooltip": "rCM steps; 1-2 never reach the low-noise expert"}),
-                "resolution": (list(RESOLUTIONS), {"default": DEFAULT_RESOLUTION}),
+                "resolution": (list(NODE_RESOLUTIONS), {"default": DEFAULT_RESOLUTION}),
                 "aspect_ratio": (list(ASPECT_RATIOS), {"default": "16:9", "tooltip": "width:height"}),
                 "boundary": ("FLOAT", {"default": DEFAULT_BOUNDARY, "min": 0.0, "max": 1.0, "step": 0.01,
                                        "tooltip": "switch to the low-noise expert once the RF time "
@@ -243,26 +265,27 @@ def _run(plan: dict[str, Any]) -> torch.Tensor:
     # ComfyUI brings the text conditioning: the pipeline places the experts and the VAE only
     pipe = I2VPipeline(RunSettings(
         high=high.path, low=low.path if low is not None else None, vae=vae.path,
-        strategy=high.strategy, budget=high.budget, device=device, attention=high.attention,
-        sla_topk=high.sla_topk, frames=run.frames, width=run.width, height=run.height,
-        resize=run.resize, steps=run.steps, sigma_max=run.sigma_max, boundary=run.boundary,
-        seed=run.seed, ode=run.ode, loras=tuple(expert_loras(high, low)),
+        strategy=high.strategy, strategy_options=high.options(), budget=high.budget,
+        device=device, attention=high.attention, sla_topk=high.sla_topk,
+        vae_strategy=vae.strategy, vae_budget=vae.budget, vae_strategy_options=vae.options(),
+        frames=run.frames, width=run.width, height=run.height, resize=run.resize,
+        steps=run.steps, sigma_max=run.sigma_max, boundary=run.boundary, seed=run.seed,
+        ode=run.ode, loras=tuple(expert_loras(high, low)),
     ), roles=("high", "low", "vae"))
-    largest = max(high.nbytes, low.nbytes if low is not None else 0, vae.nbytes)
-    comfy_env.free_device_memory(largest + ACTIVATION_RESERVE, device)
+    pipe.interrupt_check = comfy_env.raise_if_interrupted  # Cancel: within one block or stage
+    if "comfy_native" not in (high.strategy, vae.strategy):  # comfy_native asks for itself
+        largest = max(high.nbytes, low.nbytes if low is not None else 0, vae.nbytes)
+        comfy_env.free_device_memory(largest + ACTIVATION_RESERVE, device)
     bar = comfy_env.progress_bar(run.steps)
 
     def on_step(info) -> None:
         if bar is not None:
             bar.update_absolute(info.step + 1, info.steps)
-        comfy_env.raise_if_interrupted()
 
     try:
         y = pipe.encode_image(plan["image"], run.frames, run.width, run.height, run.resize)
-        comfy_env.raise_if_interrupted()
         latents = pipe.sample(y, plan["context"], steps=run.steps, sigma_max=run.sigma_max,
                               boundary=run.boundary, seed=run.seed, ode=run.ode, callback=on_step)
-        comfy_env.raise_if_interrupted()
         return pipe.decode(latents)
     finally:
         comfy_env.empty_cache()

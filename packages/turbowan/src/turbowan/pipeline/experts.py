@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from turbowan.interrupts import stop_thread
+from turbowan.pipeline.cancel import checked
 from turbowan.pipeline.placement import release_device_cache, remove_recording_peak
 from turbowan.pipeline.timings import Stage, Timings
 
@@ -39,10 +40,13 @@ class ExpertRunner:
         if stage_low:
             self._thread = threading.Thread(target=self._stage_low, name="turbowan-stage-low", daemon=True)
 
-    def _offload_kwargs(self) -> dict[str, Any]:
+    def _offload_kwargs(self, check: Callable[[], None] | None = None) -> dict[str, Any]:
+        """``check``: the host's Cancel, on the sampling thread only (the staging thread is
+        stopped by :func:`~turbowan.interrupts.stop_thread` instead)."""
         pipe = self.pipe
+        extra = {} if check is None else {"interrupt_check": check}
         return dict(device=pipe.device, budget=pipe.budget, blocks="blocks", home=pipe.home,
-                    **pipe.strategy_options)
+                    **pipe.strategy_options, **extra)
 
     def _stage_low(self) -> None:
         """Background thread: read the low expert and pack it into the home tier now, so the
@@ -66,7 +70,8 @@ class ExpertRunner:
         def run(x, t, context, y):
             if self.active != name:
                 self._activate(name)
-            return self.model(x, t, context, y)
+            with checked(self.model, self.pipe.interrupt_check):
+                return self.model(x, t, context, y)
 
         return run
 
@@ -79,11 +84,12 @@ class ExpertRunner:
         home = self.pipe.home
         if name == "high":
             start = time.perf_counter()
-            model = self.pipe._load_expert(self.pipe.files.high)
+            check = self.pipe.interrupt_check
+            model = self.pipe._load_expert_checked(self.pipe.files.high, check)
             loaded = time.perf_counter() - start
             if self._thread is not None:
                 self._thread.start()  # stage the low expert while the high one samples
-            self.handle = offloadkit.apply(model, self.pipe.strategy, **self._offload_kwargs())
+            self.handle = offloadkit.apply(model, self.pipe.strategy, **self._offload_kwargs(check))
             stats = self.handle.stats()
             self.stage.note = (f"loaded in {loaded:.2f} s, packed ({home}) in "
                                f"{stats.stage_seconds:.2f} s, placed in {stats.place_seconds:.2f} s")
@@ -108,8 +114,9 @@ class ExpertRunner:
         staged = self._staged.pop("staged", None)
         background = staged is not None
         if staged is None:  # not staged ahead (no thread): stage now, on this thread
-            model = self.pipe._load_expert(self.pipe.files.low)
-            staged = offloadkit.stage(model, self.pipe.strategy, **self._offload_kwargs())
+            check = self.pipe.interrupt_check
+            model = self.pipe._load_expert_checked(self.pipe.files.low, check)
+            staged = offloadkit.stage(model, self.pipe.strategy, **self._offload_kwargs(check))
         start = time.perf_counter()
         handle = staged.place()
         placed = time.perf_counter() - start

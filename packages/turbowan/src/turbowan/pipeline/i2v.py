@@ -31,6 +31,7 @@ import torch
 
 from turbowan.finite import ensure_finite
 from turbowan.pipeline import preflight
+from turbowan.pipeline.cancel import checked
 from turbowan.pipeline.checks import check_image
 from turbowan.pipeline.conditioning import build_clip, build_y, image_to_tensor, resize_image
 from turbowan.pipeline.experts import ExpertRunner
@@ -100,6 +101,8 @@ class I2VPipeline:
         # a run checked complete is not checked again by generate() without changes
         self._run: CheckedRun | None = run if whole_run or settings.is_demo else None
         self._vae: Any = None
+        #: a host's Cancel (ComfyUI): raises to stop; see turbowan.pipeline.cancel
+        self.interrupt_check: Callable[[], None] | None = None
         self._demo_dir: Path | None = None
         self._demo_written = False
         self._cleanup: Any = None
@@ -186,11 +189,24 @@ class I2VPipeline:
 
     @contextmanager
     def _placed(self, model: torch.nn.Module, stage: Stage | None, *, restore: bool = True,
+                own: tuple[str | None, Any, Any] = (None, None, None),
                 **extra: Any) -> Iterator[Any]:
-        with placed(model, self.strategy, device=self.device, budget=self.budget,
-                    options=self.settings.strategy_options, stage=stage, restore=restore,
-                    **extra) as handle:
+        """``own``: (strategy, budget, options) of a model placed by its own settings (the
+        VAE); None parts fall back to the pipeline's."""
+        strategy = own[0] or self.strategy
+        options = own[2] if own[2] is not None else (
+            self.settings.strategy_options if strategy == self.strategy else {})
+        if self.interrupt_check is not None:
+            options = {**options, "interrupt_check": self.interrupt_check}
+        with placed(model, strategy, device=self.device,
+                    budget=self.budget if own[1] is None else own[1], options=options,
+                    stage=stage, restore=restore, **extra) as handle, \
+                checked(model, self.interrupt_check):
             yield handle
+
+    def _vae_placement(self) -> tuple[str | None, Any, Any]:
+        s = self.settings
+        return s.vae_strategy, s.vae_budget, s.vae_strategy_options
 
     # ------------------------------------------------------------------ stages
     def _load_text_encoder(self):
@@ -232,7 +248,7 @@ class I2VPipeline:
             vae = self._get_vae()
             pixels = image_to_tensor(resize_image(pil, width, height, resize))
             clip = build_clip(pixels, frames)
-            with self._placed(vae, stage, blocks=vae_blocks(vae)):
+            with self._placed(vae, stage, blocks=vae_blocks(vae), own=self._vae_placement()):
                 vae.compute_device = self.device
                 try:
                     latents = vae.encode(clip)
@@ -246,7 +262,7 @@ class I2VPipeline:
         timings = timings or Timings()
         with timings.stage("VAE decode") as stage:
             vae = self._get_vae()
-            with self._placed(vae, stage, blocks=vae_blocks(vae)):
+            with self._placed(vae, stage, blocks=vae_blocks(vae), own=self._vae_placement()):
                 vae.compute_device = self.device
                 try:
                     video = vae.decode(latents, output_device="cpu", tiled=self.settings.vae_tiling,
@@ -283,6 +299,15 @@ class I2VPipeline:
             s = self.loras[i]
             self.loras[i] = LoraSpec(s.path, strength, s.expert, s.name)
         self.settings = self.settings.replace(loras=tuple(self.loras))
+
+    def _load_expert_checked(self, path: Path, check: Callable[[], None] | None):
+        """:meth:`_load_expert` with a cancel point before and after the read."""
+        if check is not None:
+            check()
+        model = self._load_expert(path)
+        if check is not None:
+            check()
+        return model
 
     def sample(
         self,

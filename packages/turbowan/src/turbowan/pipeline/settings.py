@@ -84,6 +84,10 @@ class RunSettings:
     vae_tiling: bool = _pipeline(False)
     vae_tile: int = _pipeline(DEFAULT_VAE_TILE)
     vae_overlap: int = _pipeline(DEFAULT_VAE_OVERLAP)
+    # the VAE's own placement (the ComfyUI VAE loader's); None: the experts' strategy/budget
+    vae_strategy: str | None = _pipeline()
+    vae_budget: int | str | None = _pipeline()
+    vae_strategy_options: Mapping[str, Any] | None = _pipeline()
     # LoRAs of the experts: each a path, "FILE:STRENGTH", (path, strength[, expert]),
     # ("FILE:S", expert) or a turbowan.lora.LoraSpec; checked by turbowan.lora.check
     loras: tuple = _pipeline(())
