@@ -222,6 +222,36 @@ def test_tiny_sweep_json_schema(tmp_path):
         assert peer[0]["strategy"] == "accelerate_disk_offload" and peer[0]["peak_rss_bytes"] > 0
 
 
+def test_lora_rank_repeats_each_run_with_the_lora_and_counts_its_bytes():
+    """Each run is followed by the same run with a random LoRA; a streamed step moves the
+    LoRA's bytes on top of the blocks' (each tensor aligned in the block's copy)."""
+    from turbowan.bench.sweep import Sweep, SweepSpec
+    from turbowan.bench.workload import from_tokens
+
+    spec = SweepSpec(preset="tiny", workload=from_tokens(16), device="cpu", attention="original",
+                     steps=1, warmup=0, runs=[("layerwise", "100%")], lora_rank=4)
+    doc = Sweep(spec, log=lambda line: None).run()
+    kinds = [(r["strategy"], r["kind"], r["lora_rank"]) for r in doc["runs"]]
+    assert kinds[:4] == [("resident", "baseline", None), ("resident", "lora", 4),
+                         ("layerwise", "offloadkit", None), ("layerwise", "lora", 4)]
+    plain, lora = doc["runs"][2], doc["runs"][3]
+    # rank 4 on the ten linears of 3 blocks: (in + out) * 4 fp32 values per linear
+    per_block = 4 * 4 * sum(in_f + out_f for in_f, out_f in
+                            [(256, 256)] * 8 + [(256, 512), (512, 256)])
+    assert lora["lora_bytes"] == 3 * per_block
+    aligned = sum(-(-n // 256) * 256 for n in  # the 20 LoRA tensors of a block
+                                         [4 * 4 * d for d in [256] * 18 + [512, 512]])
+    # every copy moves whole blocks (how many copies a step counts depends on when the next
+    # step's prefetch starts): the plain run moves whole plain blocks, the LoRA run whole
+    # blocks that are exactly the LoRA's aligned bytes larger
+    block = doc["block_bytes"][0]
+    assert plain["bytes_per_step"] % block == 0 and plain["bytes_per_step"] >= 3 * block
+    assert lora["bytes_per_step"] % (block + aligned) == 0
+    assert lora["bytes_per_step"] >= 3 * (block + aligned)
+    assert lora["lora_bytes_per_step_ratio"] == pytest.approx((block + aligned) / block)
+    assert lora["lora_time_ratio"] > 0 and doc["runs"][1]["lora_time_ratio"] > 0
+
+
 def test_a_peer_that_cannot_run_here_is_recorded_as_skipped():
     """No model is built for it; the skip has no budget and names the peer's home tier."""
     from turbowan.bench.peers import run_peers
@@ -264,6 +294,8 @@ def test_a_peer_that_cannot_run_here_is_recorded_as_skipped():
         (["--option", "chunkwise"], "STRATEGY.KEY=VALUE"),
         (["--plan", "--gpu", "50%"], "card sizes"),
         (["--plan", "--bandwidth", "0"], "--bandwidth must be a positive"),
+        (["--lora-rank", "0"], "--lora-rank must be a rank of at least 1"),
+        (["--plan", "--lora-rank", "4"], "does not apply to --plan"),
     ],
 )
 def test_cli_errors_name_the_problem(argv, message, capsys):

@@ -122,7 +122,8 @@ def assert_nothing_left(comfy: ComfyUI) -> None:
 
 def test_input_types_match_the_original_nodes_without_their_bugs(comfy):
     assert set(NODE_CLASS_MAPPINGS) == {"TurboWanModelLoader", "TurboWanVAELoader",
-                                        "TurboDiffusionI2VSampler", "TurboDiffusionSaveVideo"}
+                                        "TurboDiffusionI2VSampler", "TurboDiffusionSaveVideo",
+                                        "TurboWanLoraLoader"}
     assert set(NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_CLASS_MAPPINGS)
     loader = LOADER.INPUT_TYPES()
     assert loader["required"]["model_name"][0] == ["demo_dit_high.safetensors", "demo_dit_low.safetensors",

@@ -9,7 +9,7 @@ Everything a client needs is importable from here; the submodules are internal.
 
 from __future__ import annotations
 
-from offloadkit.api import apply, offloaded, stage
+from offloadkit.api import apply, is_offloaded, offloaded, stage
 from offloadkit.budget import Budget, parse_budget
 from offloadkit.distributed import agreed_budget
 from offloadkit.engine.profile import profile_model
@@ -64,6 +64,7 @@ __all__ = [
     "format_bytes",
     "get_strategy",
     "hookimpl",
+    "is_offloaded",
     "list_strategies",
     "make_plan",
     "offloaded",

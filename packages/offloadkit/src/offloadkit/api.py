@@ -146,3 +146,14 @@ def _mark(modules: list[torch.nn.Module], handle: OffloadHandle) -> None:
 def _unmark(modules: list[torch.nn.Module]) -> None:
     for module in modules:
         module.__dict__.pop(MARKER, None)
+
+
+def is_offloaded(model: torch.nn.Module) -> bool:
+    """True while ``model``, a part of it, or a model containing it is staged or placed by
+    offloadkit. Code that adds or removes tensors (a LoRA, say) must wait until the handle
+    is removed: the engine packs a model's tensors once, when it is staged."""
+    for module in model.modules():
+        handle = module.__dict__.get(MARKER)
+        if handle is not None and not handle.removed:
+            return True
+    return False

@@ -17,6 +17,8 @@ _LAZY = {
     "RunSettings": "turbowan.pipeline.settings",
     "rcm_sample": "turbowan.sampler.rcm",
     "ops": "turbowan.ops",
+    "lora": "turbowan.lora",
+    "LoraSpec": "turbowan.lora",
 }
 
 __all__ = sorted(_LAZY)

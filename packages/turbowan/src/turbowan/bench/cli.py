@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "step (needs the weights twice; auto: on for CPU, off for CUDA)")
     p.add_argument("--no-resident-between", action="store_true",
                    help="measure all-resident only at the start and end (saves time on CUDA)")
+    p.add_argument("--lora-rank", dest="lora_rank", type=int, metavar="R",
+                   help="repeat every run with a random rank-R LoRA on every block linear and "
+                        "report its time and bytes per step against the run without it")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", metavar="PATH", help="write peak memory vs slowdown as PNG")
     p.add_argument("--markdown", metavar="PATH", help="write the runs as a markdown table")
@@ -207,6 +210,8 @@ def run_plan(args, argv: list[str]) -> int:
     from turbowan.dit.config import get_preset
 
     started = time.perf_counter()
+    if args.lora_rank is not None:
+        raise UsageError("--lora-rank measures sweeps; it does not apply to --plan")
     preset = args.preset or "wan2.2-i2v-a14b"
     try:
         cards = planmod.parse_cards(args.gpu or planmod.DEFAULT_CARDS)
@@ -351,6 +356,8 @@ def run_sweep(args, argv: list[str]) -> int:
         raise UsageError(str(exc)) from None
     if args.steps < 1 or args.warmup < 0:
         raise UsageError("--steps must be >= 1 and --warmup >= 0")
+    if args.lora_rank is not None and args.lora_rank < 1:
+        raise UsageError(f"--lora-rank must be a rank of at least 1, got {args.lora_rank}")
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError("--threads must be >= 1")
@@ -367,7 +374,7 @@ def run_sweep(args, argv: list[str]) -> int:
         warmup=args.warmup, seed=args.seed, runs=strategy_budget_pairs(strategies, budgets),
         homes=homes, peers=peers, resident_between=not args.no_resident_between,
         paired=args.paired == "on" or (args.paired == "auto" and device == "cpu"),
-        strategy_options=parse_options(args.option),
+        strategy_options=parse_options(args.option), lora_rank=args.lora_rank,
     )  # fmt: skip
     log = lambda line: print(line, flush=True)
     rates = {

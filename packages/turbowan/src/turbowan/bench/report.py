@@ -34,6 +34,7 @@ RUN_KEYS = (
     "predicted_slowdown",  # plan mode's simulator on this run's plan and measured rates
     "bytes_transferred",
     "bytes_per_step",
+    "transfers",  # host-to-device copies in the timed steps (a block, or a group of blocks)
     "transfer_seconds",
     "achieved_gbps",
     "stall_seconds",
@@ -42,6 +43,12 @@ RUN_KEYS = (
     "streamed_blocks",
     "predicted_peak_device_bytes",
     "within_budget",
+    "lora_rank",  # --lora-rank: this run had a random LoRA of this rank (None: no LoRA)
+    "lora_bytes",  # bytes of that LoRA's tensors
+    "lora_time_ratio",  # s/step over the same run without the LoRA
+    "lora_bytes_per_step_ratio",  # bytes per copy over the same run without the LoRA: a
+    # step makes the same copies either way (a 2-step window may cut the prefetch ring at
+    # another copy, so raw bytes per step are compared per copy)
     "note",
 )
 
@@ -72,7 +79,7 @@ def runs_table(runs: Sequence[dict]) -> str:
     headers = [
         "strategy", "home", "budget GiB", "peak dev GiB", "peak RSS GiB", "RSS steps GiB",
         "s/step", "x resident", "x res. fastest",
-        "res/str", "GB/step", "GB/s", "stall s", "OOM",
+        "res/str", "GB/step", "GB/s", "stall s", "OOM", "LoRA", "x no LoRA", "GB x no LoRA",
     ]  # fmt: skip
     rows = []
     for r in runs:
@@ -91,6 +98,9 @@ def runs_table(runs: Sequence[dict]) -> str:
             _fmt(r.get("achieved_gbps"), ".1f"),
             _fmt(r.get("stall_seconds"), ".3f"),
             _fmt(r.get("oom_recoveries"), "d"),
+            "-" if r.get("lora_rank") is None else f"r{r['lora_rank']}",
+            _fmt(r.get("lora_time_ratio"), ".3f"),
+            _fmt(r.get("lora_bytes_per_step_ratio"), ".3f"),
         ])  # fmt: skip
     return _table(headers, rows)
 
@@ -196,8 +206,8 @@ def markdown_runs(document: dict) -> str:
     lines = [
         "| strategy | home | budget | budget MiB | peak device MiB | peak RSS MiB | RSS in steps MiB "
         "| s/step (median) | x resident (median) | x resident (fastest) | predicted x "
-        "| MB moved/step | GB/s | stall s | OOM |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| MB moved/step | GB/s | stall s | OOM | LoRA | LoRA MiB | x no LoRA | MB x no LoRA |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in document["runs"]:
         moved = r.get("bytes_per_step")
@@ -210,7 +220,10 @@ def markdown_runs(document: dict) -> str:
             f"| {_fmt(r.get('predicted_slowdown'), '.3f')} "
             f"| {'-' if moved is None else format(moved / 1e6, '.1f')} "
             f"| {_fmt(r.get('achieved_gbps'), '.1f')} | {_fmt(r.get('stall_seconds'), '.3f')} "
-            f"| {_fmt(r.get('oom_recoveries'), 'd')} |"
+            f"| {_fmt(r.get('oom_recoveries'), 'd')} "
+            f"| {'-' if r.get('lora_rank') is None else 'rank ' + str(r['lora_rank'])} "
+            f"| {_mib(r.get('lora_bytes'))} | {_fmt(r.get('lora_time_ratio'), '.3f')} "
+            f"| {_fmt(r.get('lora_bytes_per_step_ratio'), '.3f')} |"
         )
     skipped = document.get("skipped", [])
     if skipped:

@@ -45,6 +45,7 @@ class SweepSpec:
     # measured host-to-device bytes/s per home tier, for the predicted slowdown
     bandwidths: dict[str, float] = field(default_factory=dict)
     strategy_options: dict[str, dict] = field(default_factory=dict)
+    lora_rank: int | None = None  # repeat every run with a random LoRA of this rank
 
 
 def resolve_budget(label: str, model_bytes: int, device: str) -> int:
@@ -78,6 +79,7 @@ class Sweep:
         self.resident_min: list[float] = []  # and their fastest steps
         self.reference = None  # all-resident twin for paired timing
         self._plans: dict[tuple, str] = {}  # plan -> first budget label it was measured at
+        self.lora: dict | None = None  # the random LoRA of --lora-rank
 
     # ---------------------------------------------------------------- building
     def _build(self):
@@ -119,15 +121,53 @@ class Sweep:
         self.log(f"resident: {record['seconds_per_step']:.3f} s/step")
         return record
 
-    def _resident_run(self, model, inputs: BenchInputs) -> None:
-        """All-resident baseline; a model that does not fit on the device leaves ratios empty."""
+    def _resident_run(self, model, inputs: BenchInputs, *, lora: bool = False) -> None:
+        """All-resident baseline; a model that does not fit on the device leaves ratios empty.
+        ``lora``: also all-resident with the LoRA, right after (not a baseline itself)."""
         try:
             self.runs.append(self.measure_resident(model, inputs))
+            if lora and self.lora is not None:
+                self.runs.append(self._resident_lora_run(model, inputs))
         except torch.OutOfMemoryError as exc:
             model.to("cpu")
             torch.cuda.empty_cache()
             self.skip("resident", "-", None, f"all weights do not fit on {self.spec.device} ({exc})"
                        "; ratios to all-resident are left empty")  # fmt: skip
+
+    def _resident_lora_run(self, model, inputs: BenchInputs) -> dict:
+        """All-resident with the LoRA attached; with paired timing each step alternates with
+        the plain resident copy, so the ratio is the LoRA's own cost, free of drift."""
+        from turbowan.bench.lora import lora_attached
+
+        s = self.spec
+        with lora_attached(model, self.lora) as nbytes:
+            if self.reference is None:
+                record = self.measure_resident(model, inputs)
+                self.resident.pop()
+                self.resident_min.pop()
+            else:
+                moved = s.device != "cpu"
+                if moved:
+                    model.to(s.device)
+                paired: list[float] = []
+                try:
+                    seconds = time_steps(model, inputs, steps=s.steps, warmup=s.warmup,
+                                         device=s.device, reference=self.reference,
+                                         reference_seconds=paired)  # fmt: skip
+                finally:
+                    if moved:
+                        model.to("cpu")
+                record = empty_run(
+                    strategy="resident", budget="-", seconds_per_step=statistics.median(seconds),
+                    step_seconds=seconds, min_seconds_per_step=min(seconds),
+                    bytes_transferred=0, bytes_per_step=0, stall_seconds=0.0, oom_recoveries=0,
+                    resident_blocks=self.num_blocks, streamed_blocks=0,
+                    paired_resident_step_seconds=paired)  # fmt: skip
+        record.update(kind="lora", lora_rank=s.lora_rank, lora_bytes=nbytes,
+                      peak_device_bytes=self.model_bytes + nbytes,
+                      resident_index=len(self.resident) - 1)
+        self.log(f"resident + LoRA rank {s.lora_rank}: {record['seconds_per_step']:.3f} s/step")
+        return record
 
     def _check_host_memory(self) -> None:
         """Refuse before building a model the host cannot hold; drop the paired copy if only
@@ -207,6 +247,7 @@ class Sweep:
             seconds_per_step=statistics.median(seconds), step_seconds=seconds,
             min_seconds_per_step=min(seconds),
             bytes_transferred=moved, bytes_per_step=moved // max(1, s.steps),
+            transfers=stats.transfers - first.transfers,
             transfer_seconds=transfer_s,
             achieved_gbps=(moved / transfer_s / 1e9) if transfer_s > 0 else None,
             stall_seconds=stats.stall_seconds - first.stall_seconds,
@@ -248,7 +289,11 @@ class Sweep:
         if s.paired:
             self.reference = self._build().to(s.device)
             self.log("paired timing: every step alternates with an all-resident copy")
-        self._resident_run(model, inputs)
+        if s.lora_rank is not None:
+            from turbowan.bench.lora import random_lora
+
+            self.lora = random_lora(model, s.lora_rank, s.seed)
+        self._resident_run(model, inputs, lora=True)
         self._progress()
         for strategy, budget in s.runs:
             self._offloadkit_runs(model, inputs, profile, strategy, budget)
@@ -262,12 +307,16 @@ class Sweep:
 
             self.runs.extend(run_peers(self, s.peers, inputs))
         self._ratios()
+        if self.lora is not None:
+            from turbowan.bench.lora import pair_lora_runs
+
+            pair_lora_runs(self.runs)
         return {
             "preset": s.preset, "quant": s.quant, "attention": s.attention,
             "dtype": str(s.dtype).removeprefix("torch."), "device": s.device,
             "workload": s.workload.as_dict(), "steps": s.steps, "warmup": s.warmup,
             "model_bytes": self.model_bytes, "num_blocks": self.num_blocks,
-            "block_bytes": list(self.block_bytes),
+            "block_bytes": list(self.block_bytes), "lora_rank": s.lora_rank,
             "non_block_bytes": profile.non_block_bytes,
             "resident_seconds_per_step": list(self.resident),
             "runs": self.runs, "skipped": self.skipped,
@@ -318,8 +367,28 @@ class Sweep:
         self.runs.append(record)
         self.log(f"{label}: {record['seconds_per_step']:.3f} s/step, peak "
                  f"{record['peak_device_bytes'] / 2**20:.1f} MiB of {budget_bytes / 2**20:.1f} MiB")  # fmt: skip
+        if self.lora is not None:
+            self._lora_run(model, inputs, strategy, budget, budget_bytes, home)
         if self._between and self.resident:
             self._resident_run(model, inputs)
+
+    def _lora_run(self, model, inputs, strategy: str, budget: str, budget_bytes: int,
+                  home: str) -> None:  # fmt: skip
+        """The same run again with the LoRA attached (offloadkit re-stages the expert)."""
+        from turbowan.bench.lora import lora_attached
+
+        try:
+            with lora_attached(model, self.lora) as nbytes:
+                record = self.measure_offloadkit(model, inputs, strategy, budget, budget_bytes,
+                                                 home)  # fmt: skip
+        except Exception as exc:
+            self.skip(f"{strategy}+lora", budget, home, exc)
+            return
+        record.update(kind="lora", lora_rank=self.spec.lora_rank, lora_bytes=nbytes,
+                      resident_index=len(self.resident) - 1)
+        self.runs.append(record)
+        self.log(f"{strategy} @ {budget} ({home}) + LoRA rank {self.spec.lora_rank}: "
+                 f"{record['seconds_per_step']:.3f} s/step")
 
     def skip(self, strategy: str, budget: str | None, home: str | None, reason) -> None:
         """Record (and log) a run that could not be measured; ``reason`` may be an exception.

@@ -57,6 +57,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     models.add_argument("--tokenizer", help="umT5 tokenizer: spiece.model, tokenizer.json or their "
                         "folder (default: found next to the text encoder)")
 
+    lora = p.add_argument_group("LoRA (repeatable; FILE or FILE:STRENGTH, strength default 1)")
+    lora.add_argument("--lora", action="append", default=[], metavar="FILE[:S]",
+                      help="a LoRA for both experts (.safetensors; ComfyUI/PEFT, kohya/musubi "
+                      "or diffusers naming)")
+    lora.add_argument("--lora-high", dest="lora_high", action="append", default=[],
+                      metavar="FILE[:S]", help="a LoRA for the high-noise expert only")
+    lora.add_argument("--lora-low", dest="lora_low", action="append", default=[],
+                      metavar="FILE[:S]", help="a LoRA for the low-noise expert only")
+
     video = p.add_argument_group("video")
     video.add_argument("--frames", type=int, help="4n+1 frames (default 81; demo 17)")
     video.add_argument("--resolution", help="480, 480p, 512, 720 or 720p (default 720p; demo 128x128)")
@@ -160,6 +169,10 @@ def settings_from_args(args: argparse.Namespace):
         height=args.height, resize=args.resize, steps=args.steps, sigma_max=args.sigma_max,
         boundary=args.boundary, seed=args.seed, ode=args.ode, output=args.output, fps=args.fps,
         quality=args.quality, save_latents=args.save_latents,
+        # (FILE[:S], expert): parsed by pre-flight, which reports a bad one with the rest
+        loras=tuple((text, expert) for expert, texts in (
+            ("both", args.lora), ("high", args.lora_high), ("low", args.lora_low))
+            for text in texts),
     )
 
 

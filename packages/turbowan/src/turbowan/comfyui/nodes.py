@@ -16,6 +16,7 @@ import torch
 from turbowan.comfyui import comfy_env
 from turbowan.comfyui.conditioning import conditioning_to_context
 from turbowan.comfyui.images import comfy_frames_to_uint8, comfy_image_to_pil, video_to_comfy_frames
+from turbowan.comfyui.lora_node import TurboWanLoraLoader, expert_loras
 from turbowan.comfyui.models import TurboWanModel, TurboWanVAE, check_dit, check_vae
 from turbowan.pipeline import preflight
 from turbowan.pipeline.conditioning import DEFAULT_RESIZE, RESIZE_MODES
@@ -269,7 +270,7 @@ def _run(plan: dict[str, Any]) -> torch.Tensor:
         vae_strategy=vae.strategy, vae_budget=vae.budget, vae_strategy_options=vae.options(),
         frames=run.frames, width=run.width, height=run.height, resize=run.resize,
         steps=run.steps, sigma_max=run.sigma_max, boundary=run.boundary, seed=run.seed,
-        ode=run.ode,
+        ode=run.ode, loras=tuple(expert_loras(high, low)),
     ), roles=("high", "low", "vae"))
     pipe.interrupt_check = comfy_env.raise_if_interrupted  # Cancel: within one block or stage
     if "comfy_native" not in (high.strategy, vae.strategy):  # comfy_native asks for itself
@@ -338,12 +339,14 @@ class TurboDiffusionSaveVideo:
 
 NODE_CLASS_MAPPINGS = {
     "TurboWanModelLoader": TurboWanModelLoader,
+    "TurboWanLoraLoader": TurboWanLoraLoader,
     "TurboWanVAELoader": TurboWanVAELoader,
     "TurboDiffusionI2VSampler": TurboDiffusionI2VSampler,
     "TurboDiffusionSaveVideo": TurboDiffusionSaveVideo,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "TurboWanModelLoader": "TurboWan Model Loader",
+    "TurboWanLoraLoader": "TurboWan LoRA Loader",
     "TurboWanVAELoader": "TurboWan VAE Loader",
     "TurboDiffusionI2VSampler": "TurboDiffusion I2V Sampler",
     "TurboDiffusionSaveVideo": "TurboDiffusion Save Video",

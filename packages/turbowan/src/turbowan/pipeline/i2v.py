@@ -97,6 +97,7 @@ class I2VPipeline:
         assert facts is not None
         self.settings = settings
         self.facts: PipelineFacts = facts
+        self.loras = list(facts.loras)  # LoraSpec list, attached whenever an expert loads
         # a run checked complete is not checked again by generate() without changes
         self._run: CheckedRun | None = run if whole_run or settings.is_demo else None
         self._vae: Any = None
@@ -288,11 +289,30 @@ class I2VPipeline:
         self._ensure_demo_files()
         model = load_dit(path, attention=self.attention, sla_topk=self.sla_topk, device="cpu",
                          dtype=self.dtype)
+        if self.loras:  # before offloadkit stages it: the LoRA tensors stream with their blocks
+            from turbowan.lora.check import attach_for_expert
+
+            attach_for_expert(model, self.loras, "high" if path == self.files.high else "low")
         if self.parallel is not None:
             from turbowan.distributed import enable_sequence_parallel
 
             enable_sequence_parallel(model, self.parallel.sp)
         return model
+
+    def set_lora_strength(self, name: str, strength: float, *, expert: str | None = None) -> None:
+        """Change the strength of a LoRA (by file stem, or path) for the next run; ``expert``
+        ("high"/"low") limits it to the LoRAs given for that expert."""
+        from turbowan.lora import LoraError, LoraSpec
+
+        hits = [i for i, s in enumerate(self.loras) if name in (s.name, str(s.path))
+                and (expert is None or s.expert == expert)]
+        if not hits:
+            have = ", ".join(f"{s.name} ({s.expert})" for s in self.loras) or "none"
+            raise LoraError(f"no LoRA named {name!r} in this pipeline (LoRAs: {have})")
+        for i in hits:
+            s = self.loras[i]
+            self.loras[i] = LoraSpec(s.path, strength, s.expert, s.name)
+        self.settings = self.settings.replace(loras=tuple(self.loras))
 
     def _load_expert_checked(self, path: Path, check: Callable[[], None] | None):
         """:meth:`_load_expert` with a cancel point before and after the read."""

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from turbowan.dit.config import ATTENTION_CHOICES  # noqa: F401  (re-exported for the nodes)
+from turbowan.lora import check as lora_check
 from turbowan.pipeline import checks
 from turbowan.pipeline.budget_fit import (
     check_budget_fits,
@@ -66,6 +67,7 @@ class PipelineFacts:
     dtype: torch.dtype
     sla_topk: float
     descriptions: dict[str, str]
+    loras: tuple = ()  # the run's LoRAs as turbowan.lora.LoraSpec, each checked
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ def check_pipeline(settings: RunSettings, *, roles: tuple[str, ...] = PIPELINE_R
             paths = {role: getattr(s, role) for role in ROLES}
             descriptions, specs = inspect_model_files(paths, c, tokenizer=s.tokenizer)
             check_tokenizer(s.tokenizer, c)
+        loras, checked_loras = lora_check.check_settings_loras(s.loras, specs, s.is_demo, c)
         before = len(c.problems)  # the files' problems do not stop the budget check
         device = "cpu" if s.device is None and s.is_demo else s.device
         dev = check_placement(s.strategy, s.budget, device, c)
@@ -111,14 +114,15 @@ def check_pipeline(settings: RunSettings, *, roles: tuple[str, ...] = PIPELINE_R
                 def build() -> dict[str, Any]:
                     return placed_models_from_specs(specs, dtype=dtype, attention=s.attention,
                                                     sla_topk=topk, home=s.home)
-            models = c.check(build)
+            models = c.check(lambda: lora_check.with_meta_loras(build(), checked_loras))
             if models is not None:
                 check_budget_fits(models, strategy=s.strategy, budget=s.budget, device=dev,
                                   strategy_options=dict(s.strategy_options), collector=c)
         failed = len(c.problems) > before
     if failed or dev is None or dtype is None:
         return None
-    return PipelineFacts(device=dev, dtype=dtype, sla_topk=float(topk), descriptions=descriptions)
+    return PipelineFacts(device=dev, dtype=dtype, sla_topk=float(topk), descriptions=descriptions,
+                         loras=tuple(loras))
 
 
 def _default_topk(settings: RunSettings) -> float:

@@ -68,6 +68,7 @@ def run_record(settings: Any, facts: Any, run: Any, *, vae: Path | None) -> dict
         "strategy": settings.strategy, "attention": settings.attention,
         "sla_topk": facts.sla_topk, "home": settings.home, "vae_tiling": settings.vae_tiling,
         "vae_tile": settings.vae_tile, "vae_overlap": settings.vae_overlap,
+        "loras": [f"{s.path}:{s.strength:g} ({s.expert})" for s in facts.loras],
         "output": str(settings.output) if settings.output is not None else None,
     }
 

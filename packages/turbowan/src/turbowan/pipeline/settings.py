@@ -88,8 +88,11 @@ class RunSettings:
     vae_strategy: str | None = _pipeline()
     vae_budget: int | str | None = _pipeline()
     vae_strategy_options: Mapping[str, Any] | None = _pipeline()
-    # reserved for LoRA (branch i13-lora) and sequence parallelism (branch i14-distributed):
-    # add them as pipeline fields here, with a check in turbowan.pipeline.checks
+    # LoRAs of the experts: each a path, "FILE:STRENGTH", (path, strength[, expert]),
+    # ("FILE:S", expert) or a turbowan.lora.LoraSpec; checked by turbowan.lora.check
+    loras: tuple = _pipeline(())
+    # reserved for sequence parallelism (branch i14-distributed): add it as a pipeline field
+    # here, with a check in turbowan.pipeline.checks
     # the clip
     image: Any = _run()  # path, PIL image, array or tensor; demo: a built-in drawing
     prompt: str | None = _run()
