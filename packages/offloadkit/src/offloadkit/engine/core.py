@@ -639,7 +639,7 @@ class Engine(Placement):
     def replan(self) -> Plan | None:
         """Ask the strategy for a better plan from measurements; put it in force if any."""
         profile = with_device_memory(self.profile, self.device)
-        proposal = checked_replan(self.strategy, self.plan, self.stats(), profile,
+        proposal = checked_replan(self.strategy, self.plan, self.stats(settle=False), profile,
                                   self.budget_bytes)
         if proposal is None or _same_placement(proposal, self.plan):
             return None
@@ -662,8 +662,17 @@ class Engine(Placement):
         self.budget_bytes = budget_bytes
         self._configure(plan)
 
-    def stats(self) -> OffloadStats:
+    def stats(self, *, settle: bool = True) -> OffloadStats:
+        """Counters so far. ``settle`` first waits for copies already issued (the prefetch of
+        the next forward's first block runs on after a forward returns), so figures read
+        between forwards do not depend on how far that copy got; the re-planner reads them
+        without waiting."""
         if self.transport is not None:
+            if settle:
+                try:
+                    self.transport.drain()
+                except Exception:  # a failed copy is raised where its block waits for it
+                    pass
             self.transport.resolve()
         counters = self.ledger.snapshot()
         counters["block_compute_seconds"] = self.ledger.mean_block_seconds()
