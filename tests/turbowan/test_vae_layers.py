@@ -76,7 +76,9 @@ def test_up3d_first_chunk_quirk():
 
 def test_down3d_first_frame_alone_then_pairs():
     down = _seeded(Resample(4, "down3d"))
-    x = torch.randn(1, 4, 5, 8, 8)
+    # a fixed input: the two paths sum in different orders, so a 1e-6 bound holds for a given
+    # input, not for every draw of the global RNG (other tests' draws used to shift it)
+    x = torch.randn(1, 4, 5, 8, 8, generator=torch.Generator().manual_seed(0))
     cache = CausalCache()
     cache.start_chunk()
     first = down(x[:, :, :1], cache)
