@@ -65,30 +65,19 @@ def placed_models_from_specs(specs: dict[str, dict[str, Any]], *, dtype: torch.d
                              attention: str, sla_topk: float, home: str) -> dict[str, PlacedModel]:
     """role -> meta model, configured from the headers pre-flight read (no second read of
     any file). Roles missing from ``specs`` (not given, or already reported as bad) are left out."""
-    from turbowan.pipeline.model_files import MODEL_ROLES
+    from turbowan.pipeline.model_files import MODEL_ROLES, header_config
 
     out: dict[str, PlacedModel] = {}
     for role, role_specs in specs.items():
         family = MODEL_ROLES[role][0]
+        config = header_config(family, role_specs, role).config
         if family == "dit":
-            from turbowan.dit.config import config_from_state_dict
-            from turbowan.dit.keys import normalize_dit_keys
-
-            layout = config_from_state_dict(normalize_dit_keys(role_specs)[0])
-            out[role] = placed_dit(layout.config, quant=layout.quant, attention=attention,
+            out[role] = placed_dit(config.config, quant=config.quant, attention=attention,
                                    sla_topk=sla_topk, dtype=dtype, home=home)
         elif family == "vae":
-            from turbowan.vae.config import config_from_state_dict as vae_config
-            from turbowan.vae.config import strip_prefix
-
-            out[role] = placed_vae(vae_config(strip_prefix(role_specs)), dtype=dtype)
+            out[role] = placed_vae(config, dtype=dtype)
         else:
-            from turbowan.text_encoder.config import config_from_state_dict as te_config
-            from turbowan.text_encoder.naming import to_wan_names
-
-            shapes = {k: v.shape for k, v in role_specs.items()}
-            renamed, _ = to_wan_names(shapes, shapes, source=role)
-            out[role] = placed_text_encoder(te_config(renamed, source=role), dtype=dtype)
+            out[role] = placed_text_encoder(config, dtype=dtype)
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,16 +105,46 @@ def _compare_with_preset(family_module: str, preset: str, specs: dict[str, Any],
     return compare_specs(expected, specs, source=source, expected_label=f"preset {preset}")
 
 
+@dataclass(frozen=True)
+class HeaderConfig:
+    """The model a checkpoint header describes, read the way its loader reads it."""
+
+    config: Any            # DiT: its layout (config + quant); VAE / umT5: the config
+    specs: dict[str, Any]  # the header as the loader sees it (a VAE wrapper prefix stripped)
+    naming: str | None = None  # umT5: "wan" or "comfy"
+
+
+def header_config(family: str, specs: dict[str, Any], source: str) -> HeaderConfig:
+    """One reading of a header per family, for the file check and the budget check alike
+    (two copies of it drifted once: the VAE prefix was stripped in one and not the other)."""
+    if family == "dit":
+        from turbowan.dit.config import config_from_state_dict
+        from turbowan.dit.keys import normalize_dit_keys
+
+        return HeaderConfig(config_from_state_dict(normalize_dit_keys(specs)[0]), specs)
+    if family == "vae":
+        from turbowan.vae.config import config_from_state_dict as vae_config
+        from turbowan.vae.config import strip_prefix
+
+        stripped = strip_prefix(specs)  # a ComfyUI-style wrapper prefix, as load_vae drops it
+        return HeaderConfig(vae_config(stripped), stripped)
+    from turbowan.text_encoder.config import config_from_state_dict as te_config
+    from turbowan.text_encoder.naming import to_wan_names
+
+    all_shapes = {k: v.shape for k, v in specs.items()}
+    renamed, naming = to_wan_names(all_shapes, all_shapes, source=source)
+    return HeaderConfig(te_config(renamed, source=source), specs, naming)
+
+
 def _family_summary(family: str, specs: dict[str, Any], p: Path, flag: str) -> tuple[str, Any]:
     """The file is of the family its role needs (a DiT, the Wan2.1 VAE, a umT5 encoder), and
     every key/shape/dtype matches the model of that family it describes."""
     try:
+        read = header_config(family, specs, str(p))
         if family == "dit":
             from turbowan.checkpoint.report import check_specs
-            from turbowan.dit.config import config_from_state_dict
-            from turbowan.dit.keys import normalize_dit_keys
 
-            layout = config_from_state_dict(normalize_dit_keys(specs)[0])
+            layout = read.config
             if layout.config.in_dim != 36:
                 raise ValueError(
                     f"this DiT takes {layout.config.in_dim} input channels; the I2V experts take 36 "
@@ -122,23 +153,16 @@ def _family_summary(family: str, specs: dict[str, Any], p: Path, flag: str) -> t
             return layout.describe(), check_specs(specs, source=str(p))
         if family == "vae":
             from turbowan.vae.config import PRESETS as VAE_PRESETS
-            from turbowan.vae.config import config_from_state_dict as vae_config
-            from turbowan.vae.config import strip_prefix
 
-            stripped = strip_prefix(specs)  # a ComfyUI-style wrapper prefix, as load_vae drops it
-            cfg = vae_config(stripped)
+            cfg = read.config
             preset = next((n for n, c in VAE_PRESETS.items() if c == cfg), None)
             report = None
             if preset is not None:  # another width is checked key by key when it loads
-                report = _compare_with_preset("turbowan.vae.meta", preset, stripped, str(p))
+                report = _compare_with_preset("turbowan.vae.meta", preset, read.specs, str(p))
             return f"Wan2.1 VAE (dim {cfg.dim})", report
         from turbowan.text_encoder.config import PRESETS as TE_PRESETS
-        from turbowan.text_encoder.config import config_from_state_dict as te_config
-        from turbowan.text_encoder.naming import to_wan_names
 
-        all_shapes = {k: v.shape for k, v in specs.items()}
-        renamed, naming = to_wan_names(all_shapes, all_shapes, source=str(p))
-        cfg = te_config(renamed, source=str(p))
+        cfg, naming = read.config, read.naming
         preset = next((n for n, c in TE_PRESETS.items() if c == cfg), None)
         report = None
         if preset is not None:
