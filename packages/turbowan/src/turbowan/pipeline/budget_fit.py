@@ -106,10 +106,21 @@ def check_budget_fits(models: dict[str, PlacedModel], *, strategy: str, budget: 
     import offloadkit
 
     options = dict(strategy_options or {})
+    # one profile per meta model and device, whatever asks for it: the short-budget path asks
+    # layerwise too, and the demo's two experts are one model (a real 14B expert is thousands
+    # of tensors to walk). The blocks and home of a PlacedModel are fixed by its model.
+    profiles: dict[tuple[int, str, str], offloadkit.ModelProfile] = {}
 
     def fits(placed: PlacedModel, role: str, chosen: str = strategy) -> Any:
-        return offloadkit.check_fits(placed.model, chosen, budget, device, blocks=placed.blocks,
-                                     home=placed.home, name=MODEL_LABELS.get(role, role),
+        # the device check_fits would profile a model for: none for a strategy without one
+        target = (offloadkit.resolve_device(device) if offloadkit.get_strategy(chosen).uses_device
+                  else torch.device("cpu"))
+        key = (id(placed.model), placed.home, str(target))
+        if key not in profiles:
+            profiles[key] = offloadkit.profile_model(placed.model, placed.blocks, device=target,
+                                                     home=placed.home)
+        return offloadkit.check_fits(profiles[key], chosen, budget, target,
+                                     name=MODEL_LABELS.get(role, role),
                                      **(options if chosen == strategy else {}))
 
     with collecting(collector) as c:
