@@ -254,3 +254,13 @@ def test_processes_of_a_node_hold_one_copy(tmp_path: Path, key: str) -> None:
     node = sum(r["pss"] for r in results)
     assert total * 0.98 <= node <= total * 1.05, (node, total)  # one copy, not three
     assert not [n for n in os.listdir("/dev/shm") if key in n]
+
+
+def test_room_is_checked_against_the_real_free_space(tmp_path: Path) -> None:
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    offloadkit.check_shared_room(1 << 20, tmp_path)
+    with pytest.raises(OffloadError, match=rf"{tmp_path} has .* free, the shared copy needs "
+                                           rf"{free + 2**30} bytes"):
+        offloadkit.check_shared_room(free + 2**30, tmp_path)
+    with pytest.raises(OffloadError, match="not a directory"):
+        offloadkit.check_shared_room(1, tmp_path / "missing")

@@ -106,6 +106,29 @@ def free_bytes(directory: str | Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def default_dir() -> Path:
+    return Path(DEFAULT_DIR if os.path.isdir(DEFAULT_DIR) else "/tmp")
+
+
+def room_message(directory: Path, free: int, need: int, why: str = "") -> str:
+    return (f"home='shared': {directory} has {describe_bytes(free)} free, the shared copy "
+            f"needs {describe_bytes(need)}{f' ({why})' if why else ''}. Enlarge it (docker: "
+            "--shm-size), pass shared_dir= on a larger RAM file system, or use home='host'.")
+
+
+def check_shared_room(nbytes: int, directory: str | Path | None = None) -> None:
+    """Raise :class:`OffloadError` (naming the fix) when ``directory`` (default
+    ``/dev/shm``) has no room for ``nbytes`` of shared copies: a pipeline asks this before
+    it loads anything, rather than failing when its second model is packed."""
+    where = Path(directory) if directory is not None else default_dir()
+    if not where.is_dir():
+        raise OffloadError(f"shared_dir {str(where)!r} is not a directory; pass an existing "
+                           "directory on a RAM file system (/dev/shm)")
+    free = free_bytes(where)
+    if free < nbytes:
+        raise OffloadError(room_message(where, free, nbytes))
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -175,8 +198,7 @@ class SharedStore:
         self.ledger = ledger
         self.layouts = {b.index: b for b in layouts}
         self.interrupt_check = interrupt_check
-        self.directory = Path(directory if directory is not None else
-                              (DEFAULT_DIR if os.path.isdir(DEFAULT_DIR) else "/tmp"))
+        self.directory = Path(directory) if directory is not None else default_dir()
         if not self.directory.is_dir():
             raise OffloadError(f"shared_dir {str(self.directory)!r} is not a directory; "
                                "pass an existing directory on a RAM file system (/dev/shm)")
@@ -263,13 +285,9 @@ class SharedStore:
         try:  # every page reserved now: a full /dev/shm fails here, not with SIGBUS later
             os.posix_fallocate(self._fd, 0, self.data_start + self.total)
         except OSError as exc:
-            free = free_bytes(self.directory)
-            raise OffloadError(
-                f"home='shared': {self.directory} has {describe_bytes(free)} free, the shared "
-                f"copy needs {describe_bytes(self.data_start + self.total)} ({exc.strerror}). "
-                "Enlarge it (docker: --shm-size), pass shared_dir= on a larger RAM file "
-                "system, or use home='host'."
-            ) from exc
+            raise OffloadError(room_message(self.directory, free_bytes(self.directory),
+                                            self.data_start + self.total, exc.strerror)
+                               ) from exc
         self._map()
 
     def _map_existing(self) -> None:
