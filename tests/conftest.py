@@ -1,6 +1,7 @@
-"""Test-wide setup: Triton kernels run in the interpreter when there is no GPU; the ComfyUI
-stand-in (tests/comfy_standin.py) is importable from both packages' tests; a fixture that
-installs throwaway offloadkit plugins the way pip does."""
+"""Test-wide setup: one torch CPU thread (here and in the processes tests start); Triton
+kernels run in the interpreter when there is no GPU; the ComfyUI stand-in
+(tests/comfy_standin.py) is importable from both packages' tests; a fixture that installs
+throwaway offloadkit plugins the way pip does."""
 
 import os
 import sys
@@ -13,6 +14,13 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# The tests' tensors are tiny, so a second intra-op thread gains them little, and on
+# a busy one (a shared CI runner) OpenMP's workers wait for cores other processes hold: the
+# offloadkit tests took 170 s with two threads on a loaded 2-core machine, 40 s with one.
+# OMP_NUM_THREADS reaches the processes tests start; set it to choose another count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 if not torch.cuda.is_available():
     # Must be set before any module decorates a kernel with @triton.jit.
