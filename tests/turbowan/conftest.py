@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from process_server import start_server
 
 
 @pytest.fixture(scope="module")
@@ -17,3 +18,10 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One process that imported torch, turbowan and turbowan-bench; each
+    ``process_server.run_cli(server, ...)`` is a fork of it (a real process of its own)."""
+    yield from start_server(tmp_path_factory.mktemp("server"))

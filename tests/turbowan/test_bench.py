@@ -193,6 +193,8 @@ def test_tiny_sweep_json_schema(tmp_path):
     for key in ("machine", "versions", "git", "rates", "workload", "model_bytes", "runs"):
         assert key in doc
     assert doc["versions"]["torch"] == torch.__version__
+    # on the CPU nothing is page-locked: one memcpy rate, measured once for both
+    assert doc["rates"]["pinned_bandwidth_bytes_per_s"] == doc["rates"]["pageable_bandwidth_bytes_per_s"] > 0
     runs = doc["runs"]
     kinds = [r["kind"] for r in runs]
     assert kinds.count("baseline") == 2 and kinds.count("offloadkit") == 4

@@ -1,14 +1,12 @@
 """turbowan-bench fails before measuring on bad outputs or strategy options, and Ctrl-C keeps
-the partial JSON without a traceback."""
+the partial JSON without a traceback (a real process, forked from the tests' server)."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
+
+from process_server import run_cli
 
 from turbowan.bench import cli
 
@@ -33,22 +31,15 @@ def test_named_strategy_without_its_options_is_refused(capsys):
     assert "--option manual.resident=0,3" in err
 
 
-def test_ctrl_c_keeps_the_partial_json_without_a_traceback(tmp_path):
+def test_ctrl_c_keeps_the_partial_json_without_a_traceback(server, tmp_path):
+    """Ctrl-C while the first strategy's run has the model offloaded (the gate holds it
+    there): the partial JSON (the resident run) is kept and named, no traceback."""
     out = tmp_path / "sweep.json"
-    argv = [*TINY, "--steps", "2", "--strategies", "layerwise,chunkwise,adaptive",
-            "--budgets", "40%,55%,70%,85%,100%", "--home", "host,disk", "--json", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "turbowan.bench.cli", *argv],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "TMPDIR": str(tmp_path)})
-    deadline = time.monotonic() + 240
-    while not out.exists():  # written after the first measured run
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=240)
-    assert proc.returncode == 130, err
+    argv = [*TINY, "--strategies", "layerwise,adaptive", "--paired", "off", "--json", str(out)]
+    rc, err, _ = run_cli(server, tmp_path, argv, program="turbowan-bench",
+                         gate="bench-offloaded", send=signal.SIGINT)
+    assert rc == 130, err
     assert "Traceback" not in err
     assert f"interrupted; the runs measured so far are in {out}" in err
     doc = json.loads(out.read_text())
-    assert doc["complete"] is False and len(doc["runs"]) >= 1
+    assert doc["complete"] is False and [r["strategy"] for r in doc["runs"]] == ["resident"]
