@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import pickle
 import subprocess
 import sys
@@ -313,20 +314,31 @@ def test_threads_calling_forward_together_get_correct_outputs(tmp_path, name):
 
 # ---------------------------------------------------------------------------- disk file
 def test_disk_tier_file_is_gone_when_the_process_ends_without_remove(tmp_path):
+    """Each ending is its own process, forked from one that imported torch once: it applies
+    the disk tier and exits normally or dies (os._exit) without remove(); the parent then
+    lists the folder the tier was written to."""
     script = (
-        "import os, sys, torch, offloadkit\n"
+        "import json, os, sys, torch, offloadkit\n"
         "sys.path.insert(0, sys.argv[1])\n"
         "from models import make_model\n"
-        "m = make_model(dim=32, hidden=64, num_blocks=4)\n"
-        "h = offloadkit.apply(m, 'layerwise', device='cpu', budget=10**8, home='disk',"
+        "for how in ('exit', 'crash'):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        m = make_model(dim=32, hidden=64, num_blocks=4)\n"
+        "        h = offloadkit.apply(m, 'layerwise', device='cpu', budget=10**8, home='disk',"
         " disk_path=sys.argv[2])\n"
-        "assert h.stats().disk_bytes > 0\n"
-        "print('applied', flush=True)\n"
-        "os._exit(0) if sys.argv[3] == 'crash' else None\n"
+        "        assert h.stats().disk_bytes > 0\n"
+        "        print('applied', how, flush=True)\n"
+        "        os._exit(0) if how == 'crash' else sys.exit(0)\n"
+        "    _, status = os.waitpid(pid, 0)\n"
+        "    print(json.dumps([how, os.waitstatus_to_exitcode(status), os.listdir(sys.argv[2])]),"
+        " flush=True)\n"
     )
     here = str(Path(__file__).parent)
-    for how in ("exit", "crash"):
-        out = subprocess.run([sys.executable, "-c", script, here, str(tmp_path), how],
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0 and "applied" in out.stdout, out.stderr
-        assert list(tmp_path.iterdir()) == [], how
+    out = subprocess.run([sys.executable, "-c", script, here, str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0::2] == ["applied exit", "applied crash"], out.stderr
+    assert [json.loads(line) for line in lines[1::2]] == [["exit", 0, []], ["crash", 0, []]]
+    assert list(tmp_path.iterdir()) == []
