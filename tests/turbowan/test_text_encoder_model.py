@@ -192,3 +192,24 @@ def test_incomplete_block_numbering_is_refused():
     shapes = {k.replace("blocks.1.", "blocks.2."): v for k, v in shapes.items()}
     with pytest.raises(TextEncoderMismatchError, match="not numbered 0..N-1"):
         config_from_state_dict(shapes)
+
+
+def test_nothing_is_drawn_on_meta_and_a_real_build_is_initialised(monkeypatch):
+    """A meta build draws no random table: torch's ``normal_`` on meta imports torch._dynamo,
+    about 2 s of every `turbowan` command (its budget check builds the encoder on meta)."""
+    from turbowan.text_encoder.meta import build_meta
+
+    drawn: list[str] = []
+    normal_ = torch.Tensor.normal_
+
+    def recording(self, *args, **kwargs):
+        drawn.append(self.device.type)
+        return normal_(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "normal_", recording)
+    config = PRESETS["umt5-tiny"]
+    meta = build_meta(config, dtype=torch.float32)
+    assert drawn == [] and meta.token_embedding.weight.is_meta
+    real = UMT5Encoder(config)  # the token table and every layer's position table are drawn
+    assert drawn == ["cpu"] * (1 + config.num_layers)
+    assert 0.9 < real.token_embedding.weight.std().item() < 1.1

@@ -58,12 +58,22 @@ class RMSNorm(nn.Module):
         return self.weight * x
 
 
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` that leaves a table on ``meta`` uninitialised: there is nothing to draw
+    there, and torch's ``normal_`` on ``meta`` imports ``torch._dynamo`` (about 2 s, once per
+    process; every ``turbowan`` run builds the encoder on meta for its budget check)."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class RelativePositionBias(nn.Module):
     """One layer's (buckets, heads) table; looked up into a (1, heads, Lq, Lk) additive bias."""
 
     def __init__(self, num_buckets: int, num_heads: int, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.embedding = nn.Embedding(num_buckets, num_heads, dtype=dtype)
+        self.embedding = Embedding(num_buckets, num_heads, dtype=dtype)
 
     def forward(self, buckets: torch.Tensor) -> torch.Tensor:
         return self.embedding(buckets).permute(2, 0, 1).unsqueeze(0)
@@ -139,7 +149,7 @@ class UMT5Encoder(nn.Module):
     def __init__(self, config: UMT5Config, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.config = config
-        self.token_embedding = nn.Embedding(config.vocab_size, config.dim, dtype=dtype)
+        self.token_embedding = Embedding(config.vocab_size, config.dim, dtype=dtype)
         self.blocks = nn.ModuleList(UMT5Block(config, dtype=dtype) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.dim, config.eps, dtype=dtype)
 
