@@ -44,11 +44,17 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     int8 weights: uniform in [-127, 127]; their block scales: about 0.02/73, so dequantised
     weights have std ~0.02 like a trained model; norm weights: 1; other floats: N(0, 0.02).
     """
+    tensors = model.state_dict(keep_vars=True)
+    # no pool longer than the largest tensor: drawing 16 MiB for the 9 MB tiny preset was
+    # most of its build time
+    largest = max((t.numel() for t in tensors.values()), default=1)
     generator = torch.Generator().manual_seed(seed)
-    int8_pool = torch.randint(-127, 128, (_POOL_BYTES,), dtype=torch.int8, generator=generator)
-    float_pools = {torch.float32: torch.randn(_POOL_BYTES // 4, generator=generator) * 0.02}
+    int8_pool = torch.randint(-127, 128, (min(_POOL_BYTES, largest),), dtype=torch.int8,
+                              generator=generator)
+    float_pools = {torch.float32: torch.randn(min(_POOL_BYTES // 4, largest),
+                                              generator=generator) * 0.02}
     with torch.no_grad():
-        for name, tensor in model.state_dict(keep_vars=True).items():
+        for name, tensor in tensors.items():
             data = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
             leaf = name.rsplit(".", 1)[-1]
             if data.dtype == torch.int8:
