@@ -94,7 +94,7 @@ def test_lora_matches_hand_merged_float64_resident_and_streamed(golden, tmp_path
     path = write(tmp_path / f"{naming}.safetensors", writer(lora))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     match = attach_lora(model, path, strength=0.8)
-    assert not match.unmatched and not match.skipped
+    assert not match.unmatched
     expected_targets = 3 * 10 + 2 + (0 if is_diffusers else 2)  # + norm_q, norm3 deltas
     assert len(match.deltas) == expected_targets
     # the checkpoint stays exact: same keys, same int8/bf16 tensors
