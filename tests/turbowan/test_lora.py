@@ -3,16 +3,23 @@ streamed by every offloadkit strategy, against the delta applied by hand in floa
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from lora_files import diffusers_keys, kohya_keys, make_lora, merged_state, peft_keys, write
-from safetensors.torch import load_file
+from lora_files import (
+    build,
+    dense_base,
+    diffusers_keys,
+    golden_state,
+    kohya_keys,
+    make_lora,
+    merged_state,
+    peft_keys,
+    reference,
+    shapes_of,
+    write,
+)
 
 import offloadkit
-from turbowan.dit.config import PRESETS
-from turbowan.dit.model import WanDiT
 from turbowan.lora import (
     LoraError,
     attach_lora,
@@ -21,57 +28,13 @@ from turbowan.lora import (
     lora_nbytes,
     set_lora_strength,
 )
-from turbowan.quant.int8_linear import dequantize_blockwise
-from turbowan.quant.quantize import quantize_state_dict
 
-GOLDEN = Path(__file__).parents[1] / "data" / "golden" / "dit_tiny_i2v.safetensors"
 ALIGN = 256  # offloadkit's per-tensor alignment inside a block buffer
 
 
 @pytest.fixture(scope="module")
 def golden():
-    g = load_file(str(GOLDEN))
-    state = {k[8:]: v.float() for k, v in g.items() if k.startswith("weights.") and "proj_l" not in k}
-    args = (g["inputs.x_B_C_T_H_W"], g["inputs.timesteps_B_T"], g["inputs.crossattn_emb"],
-            g["inputs.y_B_C_T_H_W"])
-    return state, args
-
-
-def build(state: dict[str, torch.Tensor], quant: str, dtype=torch.float32) -> WanDiT:
-    sd = quantize_state_dict(state) if quant == "int8" else dict(state)
-    with torch.device("meta"):
-        model = WanDiT(PRESETS["tiny"], quant=quant, attention="original", dtype=dtype)
-    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() and "norm" not in k else v
-                           for k, v in sd.items()}, assign=True)
-    return model.requires_grad_(False).eval()
-
-
-def dense_base(state: dict[str, torch.Tensor], quant: str) -> dict[str, torch.Tensor]:
-    """The weights the model really computes with: dequantised int8 for the int8 expert."""
-    if quant != "int8":
-        return dict(state)
-    q = quantize_state_dict(state)
-    out = {}
-    for k, v in state.items():
-        stem = k[: -len(".weight")]
-        if k.endswith(".weight") and f"{stem}.int8_weight" in q:
-            out[k] = dequantize_blockwise(q[f"{stem}.int8_weight"], q[f"{stem}.scale"], torch.float64)
-        else:
-            out[k] = v
-    return out
-
-
-def reference(state64: dict[str, torch.Tensor], args) -> torch.Tensor:
-    with torch.device("meta"):
-        model = WanDiT(PRESETS["tiny"], quant="none", attention="original", dtype=torch.float64)
-    model.load_state_dict({k: v.double() for k, v in state64.items()}, assign=True)
-    x, t, ctx, y = args
-    with torch.no_grad():
-        return model(x.double(), t, ctx.double(), y.double())
-
-
-def shapes_of(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return golden_state()
 
 
 WRITERS = {"peft": (peft_keys, False), "kohya": (kohya_keys, False),

@@ -146,7 +146,7 @@ def _merge(model: nn.Module, match: LoraMatch, modules: dict[str, nn.Module],
     (the first time a merge touches it), so detaching restores the model bit for bit."""
     from turbowan.quant.int8_linear import Int8Linear
 
-    int8 = [t for t in match.deltas if isinstance(modules[t], Int8Linear)]
+    int8 = [t for t, d in match.deltas.items() if isinstance(_owner(modules, d)[0], Int8Linear)]
     if int8:
         raise LoraError(f"merge=True needs a bf16 (non-quantised) expert, but {int8[0]} is int8: "
                         "merging would re-quantise the weights. Leave merge off: int8 experts "
