@@ -178,9 +178,13 @@ def test_merge_on_unquantised_expert_equals_the_unmerged_branch(golden, tmp_path
 def test_bf16_compute_int8_expert_with_lora_is_close_to_float64(golden, tmp_path):
     state, args = golden
     model = build(state, "int8", dtype=torch.bfloat16)
-    lora = make_lora(shapes_of(build(state, "none")), blocks=3, rank=4, seed=7, extras=False)
+    lora = make_lora(shapes_of(build(state, "none")), blocks=3, rank=4, seed=7, extras=False,
+                     top=True)
     attach_lora(model, write(tmp_path / "b.safetensors", peft_keys(lora)))
     assert model.blocks[0].self_attn.q.lora["b"].down.dtype == torch.bfloat16
+    # the time embedding and the head run in fp32 whatever the weights: so do their branches
+    assert model.time_embedding[0].lora["b"].down.dtype == torch.float32
+    assert model.head.head.lora["b"].down.dtype == torch.float32
     ref = reference(merged_state(dense_base(state, "int8"), lora, 1.0), args)
     with torch.no_grad():
         out = model(*args)
