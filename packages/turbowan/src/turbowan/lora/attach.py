@@ -156,13 +156,13 @@ def _merge(model: nn.Module, match: LoraMatch, modules: dict[str, nn.Module],
         for target, delta in match.deltas.items():
             module, param = _owner(modules, delta)
             tensors = _branch_tensors(delta, module, param)
-            changes = {param: torch.zeros(delta.target.weight_shape, dtype=torch.float64)
-                       if "down" in tensors or "diff" in tensors else None}
-            if "down" in tensors:
-                changes[param] += (strength * _alpha_scale(delta)) * (
+            changes: dict[str, torch.Tensor | None] = {param: None, "bias": None}
+            if "down" in tensors:  # float64 on the weight's device, rounded once at the end
+                changes[param] = (strength * _alpha_scale(delta)) * (
                     tensors["up"].double() @ tensors["down"].double())
             if "diff" in tensors:
-                changes[param] += strength * tensors["diff"].double()
+                diff = strength * tensors["diff"].double()
+                changes[param] = diff if changes[param] is None else changes[param] + diff
             if "diff_b" in tensors:
                 changes["bias"] = strength * tensors["diff_b"].double()
             for pname, change in changes.items():
@@ -171,7 +171,7 @@ def _merge(model: nn.Module, match: LoraMatch, modules: dict[str, nn.Module],
                 tensor = getattr(module, pname)
                 originals.setdefault(f"{target}:{pname}", (module, pname, tensor.data))
                 # a new tensor: a memory-mapped file is not written, and the original is kept
-                tensor.data = (tensor.double() + change.to(tensor.device)).to(tensor.dtype)
+                tensor.data = (tensor.double() + change).to(tensor.dtype)
 
 
 def _unmerge(model: nn.Module, name: str) -> None:

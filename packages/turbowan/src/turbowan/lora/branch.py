@@ -70,14 +70,13 @@ class LoraBranch(nn.Module):
             out = bias if out is None else out + bias
         return out
 
-    def extra_repr(self) -> str:
-        rank = "" if self.down is None else f"rank={self.down.shape[0]}, "
-        return f"{rank}scale={self.scale:g}, strength={self.strength:g}"
-
-
     def table_delta(self) -> torch.Tensor:
         """s * diff, in fp32: a LoRA's additive change to a modulation table."""
         return self.diff * self.strength
+
+    def extra_repr(self) -> str:
+        rank = "" if self.down is None else f"rank={self.down.shape[0]}, "
+        return f"{rank}scale={self.scale:g}, strength={self.strength:g}"
 
 
 class LoraStack(nn.ModuleDict):
