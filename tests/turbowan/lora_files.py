@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+import offloadkit
 from turbowan.dit.config import PRESETS, DiTConfig
 from turbowan.dit.model import WanDiT
 from turbowan.quant.int8_linear import dequantize_blockwise
@@ -206,3 +207,9 @@ def reference(state64: dict[str, torch.Tensor], args) -> torch.Tensor:
 
 def shapes_of(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def min_budget(model: torch.nn.Module, strategy: str, options: dict) -> int:
+    """The smallest device budget ``strategy`` accepts for ``model``'s blocks."""
+    profile = offloadkit.profile_model(model, "blocks")
+    return offloadkit.get_strategy(strategy)(**options).min_device_bytes(profile)

@@ -13,6 +13,7 @@ from lora_files import (
     kohya_keys,
     make_lora,
     merged_state,
+    min_budget,
     peft_keys,
     reference,
     shapes_of,
@@ -42,10 +43,6 @@ WRITERS = {"peft": (peft_keys, False), "kohya": (kohya_keys, False),
 STRATEGIES = [("layerwise", {}), ("adaptive", {}), ("chunkwise", {"chunk_size": 2})]
 
 
-def _min_budget(model, strategy, options):
-    profile = offloadkit.profile_model(model, "blocks")
-    return offloadkit.get_strategy(strategy)(**options).min_device_bytes(profile)
-
 
 @pytest.mark.parametrize("quant", ["int8", "none"])
 @pytest.mark.parametrize("naming", list(WRITERS))
@@ -74,7 +71,7 @@ def test_lora_matches_hand_merged_float64_resident_and_streamed(golden, tmp_path
     assert (base_ref - ref).abs().max() > 100 * (resident - ref).abs().max()
 
     for strategy, options in STRATEGIES:
-        budget = _min_budget(model, strategy, options)
+        budget = min_budget(model, strategy, options)
         with torch.no_grad(), offloadkit.offloaded(model, strategy, device="cpu", budget=budget,
                                                     **options) as handle:
             streamed = model(*args)
@@ -121,7 +118,7 @@ def test_strength_changes_under_offload_without_repacking(golden, tmp_path):
         zero = model(*args)
     assert torch.equal(zero, base)  # strength 0 is the model without the LoRA, bit for bit
     set_lora_strength(model, "style", 1.0)
-    budget = _min_budget(model, "layerwise", {})
+    budget = min_budget(model, "layerwise", {})
     with torch.no_grad(), offloadkit.offloaded(model, "layerwise", device="cpu", budget=budget) as h:
         assert torch.equal(model(*args), full)
         staged = h.stats().stage_seconds
@@ -222,14 +219,14 @@ def test_changing_one_experts_loras_leaves_the_other_offloaded(golden, tmp_path)
     high, low = build(state, "int8"), build(state, "int8")
     lora = make_lora(shapes_of(build(state, "none")), blocks=3, rank=4, seed=8)
     path = write(tmp_path / "h.safetensors", peft_keys(lora))
-    budget = _min_budget(high, "layerwise", {})
+    budget = min_budget(high, "layerwise", {})
     h_high = offloadkit.apply(high, "layerwise", device="cpu", budget=budget)
     h_low = offloadkit.apply(low, "layerwise", device="cpu", budget=budget)
     with torch.no_grad():
         low_before = low(*args)
     h_high.remove()
     attach_lora(high, path)
-    h_high = offloadkit.apply(high, "layerwise", device="cpu", budget=_min_budget(high, "layerwise", {}))
+    h_high = offloadkit.apply(high, "layerwise", device="cpu", budget=min_budget(high, "layerwise", {}))
     assert not h_low.removed and offloadkit.is_offloaded(low)
     with torch.no_grad():
         assert torch.equal(low(*args), low_before)

@@ -17,6 +17,7 @@ from lora_files import (
     kohya_keys,
     make_lora,
     merged_state,
+    min_budget,
     peft_keys,
     reference,
     shapes_of,
@@ -53,10 +54,6 @@ def only(lora: LoraParts, name: str) -> LoraParts:
                     {k: v for k, v in lora.diff.items() if k == name},
                     {k: v for k, v in lora.diff_b.items() if k == name})
 
-
-def _min_budget(model, strategy, options):
-    profile = offloadkit.profile_model(model, "blocks")
-    return offloadkit.get_strategy(strategy)(**options).min_device_bytes(profile)
 
 
 def _close(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -127,7 +124,7 @@ def test_full_lora_applies_every_key_streamed_equals_resident(golden, tmp_path, 
         resident = model(*args)
     assert _close(resident, ref) < 2e-4
     for strategy, options in STRATEGIES:
-        budget = _min_budget(model, strategy, options)
+        budget = min_budget(model, strategy, options)
         with torch.no_grad(), offloadkit.offloaded(model, strategy, device="cpu", budget=budget,
                                                     **options):
             assert torch.equal(model(*args), resident), strategy
