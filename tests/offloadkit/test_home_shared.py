@@ -264,3 +264,16 @@ def test_room_is_checked_against_the_real_free_space(tmp_path: Path) -> None:
         offloadkit.check_shared_room(free + 2**30, tmp_path)
     with pytest.raises(OffloadError, match="not a directory"):
         offloadkit.check_shared_room(1, tmp_path / "missing")
+
+
+def test_the_default_pin_cap_counts_the_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Private homes: each of a node's processes pins its own copy, so each gets its share of
+    the node's cap; a shared copy is one for the node and is checked against all of it."""
+    from offloadkit.engine.packing import default_pin_limit
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    node, each = default_pin_limit(per_process=False), default_pin_limit()
+    assert abs(4 * each - node) <= node * 0.05  # free RAM moves a little between the reads
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    alone = default_pin_limit()
+    assert abs(alone - node) <= node * 0.05
