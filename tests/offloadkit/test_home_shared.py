@@ -277,3 +277,24 @@ def test_the_default_pin_cap_counts_the_node(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     alone = default_pin_limit()
     assert abs(alone - node) <= node * 0.05
+
+
+def test_an_interrupt_while_packing_leaves_nothing_behind(tmp_path: Path, key: str) -> None:
+    """Ctrl-C (or SIGTERM turned into it) halfway through packing: the partial copy and the
+    lock go (a waiting process would pack instead), and the model is as it was."""
+    model = make_model()
+    before = snapshot(model)
+    calls = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        shared(model, key, tmp_path, interrupt_check=check)
+    assert names(tmp_path) == []
+    assert all(torch.equal(model.state_dict()[n], v) for n, (v, *_) in before.items())
+    handle = shared(model, key, tmp_path)  # and the next run packs normally
+    assert store_of(handle).packer
+    handle.remove()
