@@ -29,7 +29,6 @@ every rank's weights.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import mmap
@@ -40,6 +39,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, no /dev/shm
+    fcntl = None  # type: ignore[assignment]
 
 from offloadkit.engine.disk import _bytes_of, block_file_header
 from offloadkit.engine.layout import BlockLayout, TensorEntry, require_data, view_in
@@ -104,6 +108,29 @@ def free_bytes(directory: str | Path) -> int:
     """Bytes a new file in ``directory`` may still take."""
     st = os.statvfs(directory)
     return st.f_bavail * st.f_frsize
+
+
+def default_dir() -> Path:
+    return Path(DEFAULT_DIR if os.path.isdir(DEFAULT_DIR) else "/tmp")
+
+
+def room_message(directory: Path, free: int, need: int, why: str = "") -> str:
+    return (f"home='shared': {directory} has {describe_bytes(free)} free, the shared copy "
+            f"needs {describe_bytes(need)}{f' ({why})' if why else ''}. Enlarge it (docker: "
+            "--shm-size), pass shared_dir= on a larger RAM file system, or use home='host'.")
+
+
+def check_shared_room(nbytes: int, directory: str | Path | None = None) -> None:
+    """Raise :class:`OffloadError` (naming the fix) when ``directory`` (default
+    ``/dev/shm``) has no room for ``nbytes`` of shared copies: a pipeline asks this before
+    it loads anything, rather than failing when its second model is packed."""
+    where = Path(directory) if directory is not None else default_dir()
+    if not where.is_dir():
+        raise OffloadError(f"shared_dir {str(where)!r} is not a directory; pass an existing "
+                           "directory on a RAM file system (/dev/shm)")
+    free = free_bytes(where)
+    if free < nbytes:
+        raise OffloadError(room_message(where, free, nbytes))
 
 
 def _alive(pid: int) -> bool:
@@ -172,11 +199,13 @@ class SharedStore:
                  timeout_s: float | None = None, device: torch.device,
                  pin_limit_bytes: int | None = None,
                  interrupt_check: Callable[[], None] | None = None) -> None:
+        if fcntl is None:
+            raise OffloadError("home='shared' needs a POSIX system (file locks, /dev/shm); "
+                               "use home='host' here")
         self.ledger = ledger
         self.layouts = {b.index: b for b in layouts}
         self.interrupt_check = interrupt_check
-        self.directory = Path(directory if directory is not None else
-                              (DEFAULT_DIR if os.path.isdir(DEFAULT_DIR) else "/tmp"))
+        self.directory = Path(directory) if directory is not None else default_dir()
         if not self.directory.is_dir():
             raise OffloadError(f"shared_dir {str(self.directory)!r} is not a directory; "
                                "pass an existing directory on a RAM file system (/dev/shm)")
@@ -263,13 +292,9 @@ class SharedStore:
         try:  # every page reserved now: a full /dev/shm fails here, not with SIGBUS later
             os.posix_fallocate(self._fd, 0, self.data_start + self.total)
         except OSError as exc:
-            free = free_bytes(self.directory)
-            raise OffloadError(
-                f"home='shared': {self.directory} has {describe_bytes(free)} free, the shared "
-                f"copy needs {describe_bytes(self.data_start + self.total)} ({exc.strerror}). "
-                "Enlarge it (docker: --shm-size), pass shared_dir= on a larger RAM file "
-                "system, or use home='host'."
-            ) from exc
+            raise OffloadError(room_message(self.directory, free_bytes(self.directory),
+                                            self.data_start + self.total, exc.strerror)
+                               ) from exc
         self._map()
 
     def _map_existing(self) -> None:
