@@ -264,3 +264,37 @@ def test_room_is_checked_against_the_real_free_space(tmp_path: Path) -> None:
         offloadkit.check_shared_room(free + 2**30, tmp_path)
     with pytest.raises(OffloadError, match="not a directory"):
         offloadkit.check_shared_room(1, tmp_path / "missing")
+
+
+def test_the_default_pin_cap_counts_the_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Private homes: each of a node's processes pins its own copy, so each gets its share of
+    the node's cap; a shared copy is one for the node and is checked against all of it."""
+    from offloadkit.engine.packing import default_pin_limit
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    node, each = default_pin_limit(per_process=False), default_pin_limit()
+    assert abs(4 * each - node) <= node * 0.05  # free RAM moves a little between the reads
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    alone = default_pin_limit()
+    assert abs(alone - node) <= node * 0.05
+
+
+def test_an_interrupt_while_packing_leaves_nothing_behind(tmp_path: Path, key: str) -> None:
+    """Ctrl-C (or SIGTERM turned into it) halfway through packing: the partial copy and the
+    lock go (a waiting process would pack instead), and the model is as it was."""
+    model = make_model()
+    before = snapshot(model)
+    calls = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        shared(model, key, tmp_path, interrupt_check=check)
+    assert names(tmp_path) == []
+    assert all(torch.equal(model.state_dict()[n], v) for n, (v, *_) in before.items())
+    handle = shared(model, key, tmp_path)  # and the next run packs normally
+    assert store_of(handle).packer
+    handle.remove()

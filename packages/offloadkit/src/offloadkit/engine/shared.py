@@ -29,7 +29,6 @@ every rank's weights.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import mmap
@@ -40,6 +39,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, no /dev/shm
+    fcntl = None  # type: ignore[assignment]
 
 from offloadkit.engine.disk import _bytes_of, block_file_header
 from offloadkit.engine.layout import BlockLayout, TensorEntry, require_data, view_in
@@ -195,6 +199,9 @@ class SharedStore:
                  timeout_s: float | None = None, device: torch.device,
                  pin_limit_bytes: int | None = None,
                  interrupt_check: Callable[[], None] | None = None) -> None:
+        if fcntl is None:
+            raise OffloadError("home='shared' needs a POSIX system (file locks, /dev/shm); "
+                               "use home='host' here")
         self.ledger = ledger
         self.layouts = {b.index: b for b in layouts}
         self.interrupt_check = interrupt_check
