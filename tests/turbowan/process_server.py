@@ -24,7 +24,11 @@ from pathlib import Path
 import pytest
 
 DRIVER = r'''
-import os, sys, threading, time
+import os, signal, sys, threading, time
+
+# Ctrl-C as a terminal delivers it: a test runner started in the background (`pytest &` in a
+# script) ignores SIGINT, and every process it starts would inherit that
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def wait_here(tag):
     print(f"GATE {tag}", file=sys.stderr, flush=True)
