@@ -51,15 +51,20 @@ elif gate == "staging":  # the low expert's disk tier is half written by the sta
         if threading.current_thread().name == "turbowan-stage-low":
             wait_here("staging")
     disk.DiskStore.add = add
-elif gate == "bench-offloaded":  # a bench run's model is offloaded, the partial JSON written
-    import offloadkit
+elif gate == "bench-offloaded":  # inside a block of a bench run's offloaded forward (the
+    import offloadkit                # partial JSON of the runs before it is written)
     from turbowan.bench import sweep
-    original_time_steps = sweep.time_steps
+    from turbowan.dit.model import WanBlock
+    offloaded = [False]
+    original_time_steps, original_block = sweep.time_steps, WanBlock.forward
     def time_steps(model, *args, **kwargs):
-        if offloadkit.is_offloaded(model):
-            wait_here("bench-offloaded")
+        offloaded[0] = offloadkit.is_offloaded(model)
         return original_time_steps(model, *args, **kwargs)
-    sweep.time_steps = time_steps
+    def block_forward(self, *args, **kwargs):
+        if offloaded[0]:
+            wait_here("bench-offloaded")
+        return original_block(self, *args, **kwargs)
+    sweep.time_steps, WanBlock.forward = time_steps, block_forward
 if os.environ.get("FSIZE"):  # a full disk: writes past this size fail with EFBIG
     import resource, signal
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

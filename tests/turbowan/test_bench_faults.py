@@ -32,7 +32,7 @@ def test_named_strategy_without_its_options_is_refused(capsys):
 
 
 def test_ctrl_c_keeps_the_partial_json_without_a_traceback(server, tmp_path):
-    """Ctrl-C while the first strategy's run has the model offloaded (the gate holds it
+    """Ctrl-C inside a block of the first strategy's offloaded forward (the gate holds it
     there): the partial JSON (the resident run) is kept and named, no traceback."""
     out = tmp_path / "sweep.json"
     argv = [*TINY, "--strategies", "layerwise,adaptive", "--paired", "off", "--json", str(out)]
