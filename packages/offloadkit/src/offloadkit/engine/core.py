@@ -37,7 +37,7 @@ from offloadkit.engine.layout import (
     view_in,
 )
 from offloadkit.engine.modes import engine_mode
-from offloadkit.engine.oom import is_oom, shrink_plan
+from offloadkit.engine.oom import is_oom, lockstep_oom_error, shrink_plan
 from offloadkit.engine.packing import HostStore, release_memory
 from offloadkit.engine.profile import ModelLayout, layout_model, with_device_memory
 from offloadkit.engine.transfer import CpuTransport, CudaTransport, Ticket
@@ -613,6 +613,8 @@ class Engine(Placement):
 
     def _recover(self, index: int, failure: BaseException) -> None:
         """Evict part of the resident set so activations fit, then let the block rerun."""
+        if self.process_group is not None:  # the rerun would repeat the block's collectives
+            raise lockstep_oom_error(index, self.process_group) from failure
         shrunk = shrink_plan(self.plan, self.profile, self.budget_bytes)
         if shrunk is None:
             raise OffloadError(
@@ -627,26 +629,34 @@ class Engine(Placement):
         self.ledger.forwards += 1
         n = self.ledger.forwards
         if self.replan_every and n >= 2 and (n - 2) % self.replan_every == 0:
-            if self.process_group is None:
-                self.replan()
-            else:  # the group's first rank decides, so all ranks run one plan
-                from offloadkit.distributed import coordinated_replan
-
-                coordinated_replan(self, self.process_group)
+            self.replan()  # with a process group, collective: every rank ends this forward
 
     # ------------------------------------------------------------------ public (via handle)
     @engine_mode()
     def replan(self) -> Plan | None:
-        """Ask the strategy for a better plan from measurements; put it in force if any."""
+        """Ask the strategy for a better plan from measurements; put it in force if any.
+        With a ``process_group`` it is collective: the group's first rank decides for all
+        (:func:`offloadkit.distributed.coordinated_replan`)."""
+        if self.process_group is not None:
+            from offloadkit.distributed import coordinated_replan
+
+            return coordinated_replan(self, self.process_group)
+        return self._adopt(self._propose_replan(self.budget_bytes))
+
+    def _propose_replan(self, budget_bytes: int) -> Plan | None:
+        """The strategy's re-plan from this process's measurements, within ``budget_bytes``."""
         profile = with_device_memory(self.profile, self.device)
-        proposal = checked_replan(self.strategy, self.plan, self.stats(settle=False), profile,
-                                  self.budget_bytes)
-        if proposal is None or _same_placement(proposal, self.plan):
+        stats = dataclasses.replace(self.stats(settle=False), budget_bytes=budget_bytes)
+        return checked_replan(self.strategy, self.plan, stats, profile, budget_bytes)
+
+    def _adopt(self, plan: Plan | None) -> Plan | None:
+        """Put ``plan`` in force (on this engine's home tier); None if it places as now."""
+        if plan is None or _same_placement(plan, self.plan):
             return None
-        proposal = dataclasses.replace(proposal, home=self.plan.home)
-        self._configure(proposal)
+        plan = dataclasses.replace(plan, home=self.plan.home)
+        self._configure(plan)
         self.ledger.replans += 1
-        return proposal
+        return plan
 
     def reconfigure(self, plan: Plan, budget_bytes: int) -> None:
         """Put ``plan`` in force under a new budget: for a host that owns device memory and

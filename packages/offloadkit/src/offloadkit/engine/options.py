@@ -10,5 +10,6 @@ ENGINE_OPTIONS: dict[str, str] = {
     "trace": "record per-block timeline events (default True)",
     "interrupt_check": "callable run between blocks while packing and placing; raise to cancel",
     "process_group": "torch.distributed group running this model in lockstep: its first "
-    "rank decides the re-plans for all (see offloadkit.distributed)",
+    "rank decides the re-plans for all (handle.replan() is then collective) and an OOM in a "
+    "block is an error, not retried (see offloadkit.distributed)",
 }
