@@ -58,8 +58,7 @@ def _entry(rank: int, fn: Callable[..., Any], world: int, where: str, args: tupl
 
 
 def _context() -> Any:
-    ctx = multiprocessing.get_context(os.environ.get("I14W_START", "forkserver"))
-    if os.environ.get("I14W_START") == "spawn": return ctx
+    ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)  # takes effect when the server starts (first world)
     return ctx
 
