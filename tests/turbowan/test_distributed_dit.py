@@ -87,7 +87,8 @@ def _round_trips(sp: SequenceParallel) -> dict[str, bool]:
 FOUR_RANK_CASES = ("sla", "original", "int8-fast", "sla-chunkwise", "int8-adaptive")
 
 
-def _oom(module, args):
+def _oom_once(module, args):
+    module.injected.remove()
     raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
 
 
@@ -105,7 +106,8 @@ def _stopped_peer(sp: SequenceParallel, args) -> str:
     model = build("none", "sla", None)
     enable_sequence_parallel(model, SequenceParallel(group, sp.rank, 2))
     if sp.rank == 1:
-        model.blocks[0].self_attn.register_forward_pre_hook(_oom)
+        attn = model.blocks[0].self_attn
+        attn.injected = attn.register_forward_pre_hook(_oom_once)
     try:
         with offloadkit.offloaded(model, strategy="adaptive", device="cpu", budget="42MB",
                                   process_group=group):
