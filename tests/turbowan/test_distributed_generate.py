@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from worlds import RankExit, run_world
 
 from turbowan.cli.main import main
 from turbowan.distributed.context import LaunchEnv
@@ -31,7 +32,15 @@ def _torchrun(args: list[str], cwd, timeout: float = 150) -> subprocess.Complete
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_torchrun_two_processes_write_the_one_process_demo(tmp_path, one_torch_thread):
+@pytest.fixture(scope="module")
+def demo_reference(one_torch_thread):
+    """The one-process demo the multi-process runs are compared with (default seed and
+    prompt; tiled decode, as --vae-parallel runs it), and its pipeline."""
+    pipe = I2VPipeline.demo(vae_tiling=True, vae_tile=32, vae_overlap=16)
+    return pipe, pipe.generate(frames=5, width=64, height=64)
+
+
+def test_torchrun_two_processes_write_the_one_process_demo(tmp_path, demo_reference):
     run = _torchrun(["--nproc-per-node", "2", "-m", "turbowan", "generate", "-o", "sp.mp4",
                      "--save-latents", "--sp", "2", "--vae-parallel", *TILES, *SMALL], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -40,8 +49,7 @@ def test_torchrun_two_processes_write_the_one_process_demo(tmp_path, one_torch_t
     assert run.stderr.count("per-rank seconds over the 2 ranks") == 1
     assert "sampling (low expert)" in run.stderr.split("per-rank seconds")[1]
 
-    pipe = I2VPipeline.demo(vae_tiling=True, vae_tile=32, vae_overlap=16)
-    ref = pipe.generate(frames=5, width=64, height=64)
+    pipe, ref = demo_reference
     latents, settings = load_latents(tmp_path / "sp.latents.safetensors")
     assert (settings["vae_tiling"], settings["vae_tile"]) == (True, 32)  # what --vae-parallel ran
     # 4 dual-expert steps with 1 head per rank: the fp32 sums run in another order
@@ -118,24 +126,6 @@ def test_gpus_hands_over_to_torchrun(monkeypatch):
     assert torch.distributed.is_initialized() is False
 
 
-MISBEHAVING = os.path.join(os.path.dirname(__file__), "misbehaving_rank.py")
-
-
-def test_a_killed_rank_ends_the_run_with_an_error(tmp_path):
-    """Rank 1 is SIGKILLed where it should sample: torchrun ends rank 0 (blocked in its
-    first all-to-all) and names the killed rank, instead of a silent hang. A rank that hangs
-    instead is ended by the collective timeout (test_distributed_dit)."""
-    import time
-
-    start = time.monotonic()
-    run = _torchrun(["--nproc-per-node", "2", MISBEHAVING, "die", "-o", "x.mp4", *SMALL],
-                    tmp_path, timeout=120)
-    assert run.returncode != 0
-    assert time.monotonic() - start < 110
-    assert not (tmp_path / "x.mp4").exists()
-    assert "exitcode  : -9" in run.stderr  # torchrun names the killed rank
-
-
 def _free_port() -> int:
     import socket
 
@@ -144,13 +134,59 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_launchers_two_groups_two_videos(tmp_path, one_torch_thread):
+def _cli_rank(rank: int, world: int, argv: list[str], port: int, where: str) -> int:
+    """One rank of `turbowan generate` as a launcher starts it (torchrun's variables, a TCP
+    rendezvous on loopback), its output to files; rank 1 SIGKILLs itself where it would
+    sample, as a crashed GPU process (or the kernel's OOM killer) would end it."""
+    import signal
+
+    from turbowan.cli.main import main
+    from turbowan.pipeline import i2v
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    for fd, name in ((1, "out"), (2, "err")):
+        os.dup2(os.open(os.path.join(where, f"rank{rank}.{name}"),
+                        os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    os.chdir(where)
+    if rank == 1:
+        def sample(self, *args, **kwargs):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        i2v.I2VPipeline.sample = sample
+    code = main(["generate", *argv])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return code
+
+
+def test_a_killed_rank_ends_the_run_with_an_error(tmp_path):
+    """Rank 1 is SIGKILLed where it should sample. No launcher tears the run down here (as
+    none does for the ranks on another machine): rank 0, in its first all-to-all, loses its
+    peer and stops with turbowan's error, well within the collective timeout, instead of a
+    silent hang; no video is written. A rank that hangs instead is ended by the collective
+    timeout (test_distributed_dit)."""
+    import time
+
+    start = time.monotonic()
+    codes = run_world(_cli_rank, 2, tmp_path, ["--sp", "2", "--dist-timeout", "60",
+                                               "-o", "x.mp4", *SMALL],
+                      _free_port(), str(tmp_path), init=False, exits_ok=True, timeout=120)
+    assert codes == [1, RankExit(-9)]  # rank 0: EXIT_FAILED; rank 1: killed by SIGKILL
+    assert time.monotonic() - start < 60  # the peer's loss, not the timeout, ended rank 0
+    err = (tmp_path / "rank0.err").read_text()
+    assert "turbowan generate: error on rank 0: lost contact with another process of the run" \
+        in err, err
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_two_launchers_two_groups_two_videos(tmp_path, demo_reference):
     """`--nnodes 2` on loopback: two torchrun launchers meet at a c10d rendezvous on
     127.0.0.1; the world of 2 with --sp 1 is 2 groups, each making its --batch line."""
     import json
 
     (tmp_path / "jobs.jsonl").write_text(
-        json.dumps({"seed": 3, "output": "a.mp4"}) + "\n\n"
+        json.dumps({"output": "a.mp4"}) + "\n\n"
         + json.dumps({"seed": 7, "output": "b.mp4", "prompt": "a boat"}) + "\n")
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -169,12 +205,11 @@ def test_two_launchers_two_groups_two_videos(tmp_path, one_torch_thread):
     assert [p.returncode for p in launchers] == [0, 0], [o[1][-2000:] for o in outs]
     written = "".join(o[0] for o in outs)
     assert written.count("wrote a.mp4") == 1 and written.count("wrote b.mp4") == 1
-    pipe = I2VPipeline.demo()
-    for name, seed, prompt in (("a", 3, None), ("b", 7, "a boat")):
+    pipe, demo = demo_reference
+    b = pipe.generate(prompt="a boat", seed=7, frames=5, width=64, height=64, decode=False)
+    for name, seed, ref in (("a", demo.settings["seed"], demo), ("b", 7, b)):
         latents, settings = load_latents(tmp_path / f"{name}.latents.safetensors")
         assert (settings["seed"], read_video(tmp_path / f"{name}.mp4").num_frames) == (seed, 5)
-        ref = pipe.generate(prompt=prompt, seed=seed, frames=5, width=64, height=64,
-                            decode=False)
         assert torch.equal(latents, ref.latents)  # a group of one samples as one process does
 
 
