@@ -2,6 +2,7 @@
 
     python benchmarks/bench_sp.py --preset small --tokens 4096 --sp 1,2 --json out.json   # CPU, gloo
     python benchmarks/bench_sp.py --preset wan2.2-i2v-a14b --device cuda --resolution 480p --sp 1,2,4,8
+    python benchmarks/bench_sp.py --preset small --tokens 1024 --sp 2 --offload layerwise --home host,shared
 
 sp = 1 runs in this process; each larger sp is a spawned world (gloo on the CPU, NCCL on
 CUDA, rank r on cuda:r) running the same forward on the same inputs, so the ratios come from
@@ -9,6 +10,11 @@ one run. Per sp: fastest forward (s), speed-up against sp = 1, all-to-all time p
 (the four trades of one self-attention, timed alone), peak device memory per rank (CUDA).
 Weights are random (speed does not depend on their values); the DiT is int8 by default.
 On the CPU the figure is the gloo overhead (the ranks share the machine's cores).
+
+With ``--offload STRATEGY`` each rank places its DiT with offloadkit (``--budget``), once per
+``--home`` tier; every rank then reports its stall time and its host memory (USS, PSS), and
+the node's host memory for the weights is the PSS summed over the ranks: with ``--home
+shared`` the ranks map one copy, with ``host`` each holds its own.
 """
 
 from __future__ import annotations
@@ -74,10 +80,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(args: argparse.Namespace, device: torch.device, sp=None) -> dict:
+def _host_memory() -> dict:
+    import psutil
+
+    info = psutil.Process().memory_full_info()
+    return {"uss_gib": info.uss / 2**30, "pss_gib": getattr(info, "pss", 0) / 2**30}
+
+
+def measure(args: argparse.Namespace, device: torch.device, sp=None, home: str = "host",
+            key: str = "") -> dict:
     from turbowan.distributed import enable_sequence_parallel, head_to_seq, seq_to_head
 
-    model = _model(args, device)
+    handle = None
+    if args.offload:
+        import offloadkit
+
+        model = _model(args, torch.device("cpu"))
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        shared = {"shared_key": key, "shared_users": world} if home == "shared" else {}
+        handle = offloadkit.apply(model, args.offload, device=device, budget=args.budget,
+                                  home=home, **shared)
+    else:
+        model = _model(args, device)
     inputs = _inputs(args, model, device)
     shard = enable_sequence_parallel(model, sp) if sp is not None else None
 
@@ -92,6 +116,10 @@ def measure(args: argparse.Namespace, device: torch.device, sp=None) -> dict:
     out = {"forward_s": seconds, "tokens": _grid(args)[0] * _grid(args)[1] * _grid(args)[2]}
     if device.type == "cuda":
         out["peak_device_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if handle is not None:
+        stats = handle.stats()
+        out.update(home=home, stall_s=stats.stall_seconds / max(stats.forwards, 1),
+                   host_shared_gib=stats.host_shared_bytes / 2**30, **_host_memory())
     if shard is not None:
         sizes = shard.sizes
         cfg = model.config
@@ -104,10 +132,12 @@ def measure(args: argparse.Namespace, device: torch.device, sp=None) -> dict:
             _sync(device)
 
         out["a2a_ms_per_block"] = 1000 * min_time(trades, rounds=args.rounds, warmup=1)
+    if handle is not None:
+        handle.remove()
     return out
 
 
-def _rank(rank: int, world: int, args: argparse.Namespace, where: str) -> None:
+def _rank(rank: int, world: int, args: argparse.Namespace, where: str, home: str) -> None:
     from datetime import timedelta
 
     from turbowan.distributed import SequenceParallel
@@ -120,7 +150,7 @@ def _rank(rank: int, world: int, args: argparse.Namespace, where: str) -> None:
     dist.init_process_group(backend, init_method=f"file://{where}/store", rank=rank,
                             world_size=world, timeout=timedelta(seconds=600))
     try:
-        result = measure(args, device, SequenceParallel.of())
+        result = measure(args, device, SequenceParallel.of(), home, key=Path(where).name)
         everyone = [None] * world
         dist.all_gather_object(everyone, result)
         if rank == 0:
@@ -129,9 +159,9 @@ def _rank(rank: int, world: int, args: argparse.Namespace, where: str) -> None:
         dist.destroy_process_group()
 
 
-def run_world(args: argparse.Namespace, world: int) -> list[dict]:
+def run_world(args: argparse.Namespace, world: int, home: str = "host") -> list[dict]:
     with tempfile.TemporaryDirectory() as where:
-        mp.start_processes(_rank, args=(world, args, where), nprocs=world, join=True,
+        mp.start_processes(_rank, args=(world, args, where, home), nprocs=world, join=True,
                            start_method="spawn")
         return json.loads(Path(where, "result.json").read_text())
 
@@ -149,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=81)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="CPU threads per process")
+    p.add_argument("--offload", help="place each rank's DiT with this offloadkit strategy")
+    p.add_argument("--budget", default="auto", help="offloadkit budget with --offload")
+    p.add_argument("--home", default="host", help="comma list of home tiers with --offload")
     p.add_argument("--json", help="write the record here")
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sp.split(",")]
@@ -156,26 +189,35 @@ def main(argv: list[str] | None = None) -> int:
               "device": args.device, "threads_per_process": args.threads,
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "host": os.uname().nodename,
               "torch": torch.__version__, "runs": {}}
+    homes = args.home.split(",") if args.offload else ["host"]
+    record.update(offload=args.offload, budget=args.budget if args.offload else None)
     base = None
     for n in sizes:
-        if n == 1:
-            torch.set_num_threads(args.threads)
-            device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
-            per_rank = [measure(args, device)]
-        else:
-            per_rank = run_world(args, n)
-        slowest = max(r["forward_s"] for r in per_rank)
-        base = slowest if n == 1 else base
-        row = {"forward_s": slowest, "per_rank": per_rank}
-        if base is not None:
-            row["speedup_vs_sp1"] = base / slowest
-        if n in WAN22_PUBLISHED:
-            row["wan22_published_speedup"] = WAN22_PUBLISHED[n]
-        record["runs"][str(n)] = row
-        a2a = max((r.get("a2a_ms_per_block", 0.0) for r in per_rank), default=0.0)
-        print(f"sp={n}: {slowest:.3f} s/forward, x{row.get('speedup_vs_sp1', float('nan')):.2f} "
-              f"vs sp=1, all-to-all {a2a:.1f} ms/block, tokens {per_rank[0]['tokens']}",
-              flush=True)
+        for home in homes:
+            if n == 1:
+                torch.set_num_threads(args.threads)
+                device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+                per_rank = [measure(args, device, home=home, key=f"bench-sp-{os.getpid()}")]
+            else:
+                per_rank = run_world(args, n, home)
+            slowest = max(r["forward_s"] for r in per_rank)
+            base = slowest if n == 1 and base is None else base
+            row = {"forward_s": slowest, "per_rank": per_rank}
+            if base is not None:
+                row["speedup_vs_sp1"] = base / slowest
+            if n in WAN22_PUBLISHED:
+                row["wan22_published_speedup"] = WAN22_PUBLISHED[n]
+            label = str(n) if not args.offload else f"{n}/{home}"
+            record["runs"][label] = row
+            a2a = max((r.get("a2a_ms_per_block", 0.0) for r in per_rank), default=0.0)
+            memory = ""
+            if args.offload:
+                row["node_pss_gib"] = sum(r["pss_gib"] for r in per_rank)
+                memory = (f", home {home}: node host memory {row['node_pss_gib']:.2f} GiB (PSS "
+                          f"summed), stall {max(r['stall_s'] for r in per_rank):.3f} s/forward")
+            print(f"sp={n}: {slowest:.3f} s/forward, x{row.get('speedup_vs_sp1', float('nan')):.2f} "
+                  f"vs sp=1, all-to-all {a2a:.1f} ms/block, tokens {per_rank[0]['tokens']}{memory}",
+                  flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=2))
     return 0

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from comfy_standin import ComfyUI, load_other_model
-from models import make_inputs, make_model
+from models import make_inputs, make_model, run_on_thread
 
 import offloadkit
 from offloadkit.errors import OffloadError
@@ -76,6 +76,40 @@ def test_comfyui_makes_room_and_its_grant_is_the_budget(comfy_for):
     handle.remove()
     assert entries(comfy) == [] and comfy.mm.get_free_memory() == vram
     assert torch.equal(model(tokens, mask=mask), expected)
+
+
+def test_stage_packs_on_the_staging_thread_and_comfyui_places_it_later(comfy_for):
+    """What turbowan's switch to the low expert relies on: stage() on a background thread
+    does the packing (before ComfyUI is asked for anything), place() only takes the grant."""
+    model = make_model()
+    tokens, mask = make_inputs()
+    expected = model(tokens, mask=mask)
+    total, _, block = sizes(model)
+    reserve = block // 4
+    comfy = comfy_for(mode="normal", vram_bytes=total + 2 * reserve, reserve_bytes=reserve)
+    block_bytes = offloadkit.profile_model(model).block_bytes
+    staged = run_on_thread(offloadkit.stage, model, "comfy_native", device="cpu",
+                           budget="1GiB", activation_reserve=reserve)
+    stats = staged.stats()
+    assert staged.staged_by == "test-stager"
+    assert stats.host_pageable_bytes == block_bytes  # packed
+    assert entries(comfy) == [] and stats.current_device_bytes == 0  # ComfyUI not asked yet
+    handle = staged.place()
+    assert len(entries(comfy)) == 1 and handle.stats().current_device_bytes > 0
+    assert handle.stats().stage_seconds == stats.stage_seconds  # no second packing
+    assert torch.equal(model(tokens, mask=mask), expected)
+    handle.remove()
+    assert entries(comfy) == []
+
+
+def test_outside_comfyui_stage_refuses_before_packing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "comfy", None)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", None)
+    model = make_model()
+    ptr = model.blocks[0].qkv.weight.data_ptr()
+    with pytest.raises(OffloadError, match="needs ComfyUI"):
+        offloadkit.stage(model, "comfy_native", device="cpu", budget="1GiB")
+    assert model.blocks[0].qkv.weight.data_ptr() == ptr  # never packed, never touched
 
 
 def placed_with_room_for_all(comfy_for):

@@ -4,6 +4,8 @@ The CPU tests cover the same bookkeeping through the CPU transport."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from models import make_inputs, make_model
@@ -29,7 +31,7 @@ def cuda_reference():
     return model, tokens, mask, expected
 
 
-@pytest.mark.parametrize("home", ["host", "disk"])
+@pytest.mark.parametrize("home", ["host", "disk", "shared"])
 @pytest.mark.parametrize(("name", "options"), CASES)
 def test_cuda_streaming_is_exact_within_budget_and_never_syncs(cuda_reference, name, options,
                                                                home):
@@ -39,8 +41,9 @@ def test_cuda_streaming_is_exact_within_budget_and_never_syncs(cuda_reference, n
                  profile.total_bytes // 2)
     torch.cuda.synchronize()
     base_allocated = torch.cuda.memory_allocated()
+    shared = {"shared_key": f"cuda-test-{os.getpid()}"} if home == "shared" else {}
     handle = offloadkit.apply(model, name, device="cuda", budget=budget, home=home,
-                              replan_every=0, **options)
+                              replan_every=0, **shared, **options)
     try:
         placed = torch.cuda.memory_allocated() - base_allocated
         stats = handle.stats()
@@ -49,8 +52,9 @@ def test_cuda_streaming_is_exact_within_budget_and_never_syncs(cuda_reference, n
         with torch.no_grad():
             model(tokens, mask=mask)  # warm-up: the first forward may initialise kernels
             torch.cuda.synchronize()
-            if home == "host":
-                # hot path: no host-device synchronisation at all (pinned copies, events)
+            if home in ("host", "shared"):
+                # hot path: no host-device synchronisation at all (pinned or registered
+                # copies, events)
                 torch.cuda.set_sync_debug_mode("error")
             try:
                 outs = [model(tokens, mask=mask) for _ in range(3)]
@@ -65,6 +69,10 @@ def test_cuda_streaming_is_exact_within_budget_and_never_syncs(cuda_reference, n
             assert stats.transfers > 0 and stats.transfer_seconds > 0
             if home == "host":
                 assert stats.host_pinned_bytes > 0
+            if home == "shared":  # the mapping is page-locked with cudaHostRegister
+                store = handle._placement.store
+                assert store.registered and store.sources[0].buffer.is_pinned()
+                assert stats.host_shared_bytes == profile.block_bytes
     finally:
         handle.remove()
     torch.cuda.synchronize()

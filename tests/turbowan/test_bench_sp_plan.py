@@ -23,6 +23,12 @@ def test_sp_plan_bytes_memory_and_speedup(tmp_path, capsys):
     assert [rows[n]["all_to_all_bytes_per_block"] / 2**20 for n in (2, 4, 8)] == [320, 240, 140]
     host = rows[1]["host_bytes_per_node"]
     assert [rows[n]["host_bytes_per_node"] for n in (2, 4, 8)] == [2 * host, 4 * host, 8 * host]
+    # --home shared: one copy of the blocks per node, each process only its non-block tensors
+    shared = [rows[n]["host_bytes_per_node_shared"] for n in (1, 2, 4, 8)]
+    per_process = shared[1] - shared[0]
+    assert shared[0] == host and 0 < per_process < host / 20
+    assert shared[3] == shared[0] + 7 * per_process
+    assert 26 * 2**30 < host < 28 * 2**30 and shared[3] < 34 * 2**30  # 8 GPUs: 33 GiB, not 217
     peaks = [rows[n]["predicted_peak_bytes"] for n in (1, 2, 4, 8)]
     assert peaks == sorted(peaks, reverse=True)  # fewer tokens per rank, less activation
     assert all(r["predicted_peak_bytes"] <= 24 * 2**30 for r in rows.values() if "note" not in r)

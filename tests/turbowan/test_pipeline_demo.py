@@ -213,6 +213,28 @@ def test_interrupt_during_decode_saves_latents(pipe, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["v.latents.safetensors"]
 
 
+def test_interrupt_right_after_sampling_keeps_the_latents(pipe, tmp_path, monkeypatch):
+    """Ctrl-C while the expert runner closes (the staging thread joined), before decode
+    starts: the latents exist, so they are kept; this stretch once lost them."""
+    from turbowan.pipeline.experts import ExpertRunner
+
+    expected = pipe.generate(decode=False, **TINY).latents
+    real_close = ExpertRunner.close
+
+    def close(self, wait=True):
+        real_close(self, wait=wait)
+        if wait:  # the close after a finished sampling (an interrupted one passes False)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ExpertRunner, "close", close)
+    target = tmp_path / "v.mp4"
+    with pytest.raises(DecodeInterrupted, match="interrupted after sampling"):
+        pipe.generate(output=target, **TINY)
+    latents, _ = load_latents(latents_path_for(target))
+    assert torch.equal(latents, expected)
+    assert [p.name for p in tmp_path.iterdir()] == ["v.latents.safetensors"]
+
+
 def test_interrupt_while_writing_leaves_no_video(pipe, tmp_path, monkeypatch):
     from turbowan.pipeline import video_io
 

@@ -1,6 +1,7 @@
 """offloadkit: run models whose weights do not fit on the device by streaming blocks.
 
-Weights live in a home tier (pinned host RAM, pageable host RAM or a safetensors file) and
+Weights live in a home tier (pinned host RAM, pageable host RAM, one shared-memory copy
+per node, or a safetensors file) and
 move to the device one whole block at a time, overlapped with compute. *Where* blocks go is a
 strategy; strategies are pluggy plugins found through the ``offloadkit`` entry-point group.
 
@@ -13,6 +14,7 @@ from offloadkit.api import apply, is_offloaded, offloaded, stage
 from offloadkit.budget import Budget, parse_budget
 from offloadkit.distributed import agreed_budget
 from offloadkit.engine.profile import profile_model
+from offloadkit.engine.shared import check_shared_room
 from offloadkit.errors import (
     AlreadyOffloadedError,
     BlockCoverageWarning,
@@ -60,6 +62,7 @@ __all__ = [
     "agreed_budget",
     "apply",
     "check_fits",
+    "check_shared_room",
     "describe_bytes",
     "format_bytes",
     "get_strategy",

@@ -40,6 +40,9 @@ class OffloadStats:
     host_pageable_bytes: int
     disk_bytes: int
     mispredicted_loads: int = 0
+    #: bytes of a home="shared" copy this process maps: one copy per node, shared by every
+    #: process of the node that maps it (not counted in host_pinned/pageable_bytes)
+    host_shared_bytes: int = 0
     stage_seconds: float = 0.0  # packing into the home tier (stage(); may run on another thread)
     place_seconds: float = 0.0  # place(): non-block weights, resident blocks, slots
     block_compute_seconds: dict[int, float] = field(default_factory=dict)  # mean per block
@@ -81,6 +84,7 @@ class Ledger:
         self.peak_device_bytes = 0
         self.host_pinned_bytes = 0
         self.host_pageable_bytes = 0
+        self.host_shared_bytes = 0
         self.disk_bytes = 0
         self.bytes_transferred = 0
         self.transfers = 0
@@ -119,6 +123,10 @@ class Ledger:
 
     def host_remove(self, nbytes: int, *, pinned: bool) -> None:
         self.host_add(-nbytes, pinned=pinned)
+
+    def host_shared_add(self, nbytes: int) -> None:
+        with self._lock:
+            self.host_shared_bytes += nbytes
 
     def disk_add(self, nbytes: int) -> None:
         with self._lock:
@@ -185,6 +193,7 @@ class Ledger:
                 "replans": self.replans,
                 "host_pinned_bytes": self.host_pinned_bytes,
                 "host_pageable_bytes": self.host_pageable_bytes,
+                "host_shared_bytes": self.host_shared_bytes,
                 "disk_bytes": self.disk_bytes,
                 "mispredicted_loads": self.mispredicted_loads,
                 "stage_seconds": self.stage_seconds,

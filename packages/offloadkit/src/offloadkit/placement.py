@@ -29,8 +29,18 @@ class Placement(ABC):
 
     #: engine options (``offloadkit.apply(**options)``) this mechanism accepts
     accepts_options: ClassVar[frozenset[str]] = frozenset()
+    #: the mechanism builds on offloadkit's engine: ``stage()`` packs the model into its home
+    #: tier then (a background thread may do it), and ``place()`` passes the packed engine as
+    #: ``engine=`` (its profile and block layout with it)
+    packs_at_stage: ClassVar[bool] = False
     #: the placement in force (it may change after a re-plan or OOM recovery)
     plan: Plan
+
+    @classmethod
+    def check_host(cls) -> None:
+        """Raise, naming the fix, when this mechanism cannot run here (called by ``stage()``
+        before anything is packed); nothing to check by default."""
+        return None
 
     @abstractmethod
     def stats(self) -> OffloadStats:

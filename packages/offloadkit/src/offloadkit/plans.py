@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 #: where a model's weights live between uses: pinned host RAM, pageable host RAM, a file
-HOME_TIERS = ("pinned", "host", "disk")
+HOME_TIERS = ("pinned", "host", "disk", "shared")
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class ModelProfile:
     device_free_bytes: int | None = None
     shared_tensors: tuple[str, ...] = ()  # tied/shared tensors, kept with the non-block bytes
     dtype_bytes: Mapping[str, int] = field(default_factory=dict)  # bytes per dtype, whole model
-    home: str = "host"  # home tier the user asked for ("pinned", "host" or "disk")
+    home: str = "host"  # home tier the user asked for (one of HOME_TIERS)
 
     @property
     def num_blocks(self) -> int:

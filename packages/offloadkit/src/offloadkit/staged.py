@@ -75,7 +75,10 @@ class StagedModel:
         self.plan: Plan = make_plan(strategy, profile,
                                     budget if budget.bytes == budget_bytes else budget_bytes)
         self._ledger: Ledger | None = None
-        if strategy.placement is None:
+        placement_cls = strategy.placement
+        if placement_cls is not None:
+            placement_cls.check_host()
+        if placement_cls is None or placement_cls.packs_at_stage:
             self._engine = Engine(model, profile=profile, plan=self.plan, strategy=strategy,
                                   device=device, budget_bytes=budget_bytes, layout=layout,
                                   **engine_options)
@@ -126,22 +129,23 @@ class StagedModel:
                 raise OffloadError(f"cannot place(): this staged model is already {self._state}; "
                                    "call offloadkit.stage() again")
             budget_bytes, plan = self._plan_now()
-            if self._engine is None:
+            placement_cls = self.strategy.placement
+            if placement_cls is not None:
                 self._state = "placed"
-                placement_cls = self.strategy.placement
-                assert placement_cls is not None
-                # a mechanism that builds on the engine (comfy_native) needs the staged layout
-                staged = ({"profile": self.profile, "layout": self._layout}
-                          if getattr(placement_cls, "needs_layout", False) else {})
+                # a mechanism built on the engine gets the one packed at stage()
+                staged = {"engine": self._engine} if placement_cls.packs_at_stage else {}
                 try:
                     handle = OffloadHandle(placement_cls(
                         self.model, plan=plan or self.plan, strategy=self.strategy,
                         device=self.device, budget_bytes=budget_bytes, **staged,
                         **self._engine_options))
                 except BaseException:
+                    if self._engine is not None:
+                        self._engine.remove()  # restores the model (a no-op if done)
                     self._finish("discarded")
                     raise
             else:
+                assert self._engine is not None
                 try:
                     self._engine.place(plan, budget_bytes)
                 except BaseException:

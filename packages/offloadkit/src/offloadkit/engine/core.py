@@ -40,6 +40,7 @@ from offloadkit.engine.modes import engine_mode
 from offloadkit.engine.oom import is_oom, lockstep_oom_error, shrink_plan
 from offloadkit.engine.packing import HostStore, release_memory
 from offloadkit.engine.profile import ModelLayout, layout_model, with_device_memory
+from offloadkit.engine.shared import SharedStore
 from offloadkit.engine.transfer import CpuTransport, CudaTransport, Ticket
 from offloadkit.errors import OffloadError
 from offloadkit.ledger import Ledger, OffloadStats, TraceEvent
@@ -86,6 +87,10 @@ class Engine(Placement):
         trace: bool = True,
         interrupt_check: Callable[[], None] | None = None,
         process_group: Any = None,
+        shared_key: str | None = None,
+        shared_dir: str | None = None,
+        shared_users: int | None = None,
+        shared_timeout_s: float | None = None,
     ) -> None:
         self.model = model
         self.profile = profile
@@ -128,16 +133,26 @@ class Engine(Placement):
 
         self.placed = False
         self.transport: CpuTransport | CudaTransport | None = None
-        self.store: HostStore | DiskStore
-        if plan.home == "disk":
-            self.store = DiskStore(self.ledger, list(self.blocks), disk_path)
-        else:
-            # pinned memory makes host-to-device copies truly asynchronous; it only exists
-            # with CUDA. home="pinned" lifts the default cap; "host" pins up to the cap.
-            if pin_limit_bytes is None and plan.home == "pinned":
-                pin_limit_bytes = 1 << 62
-            self.store = HostStore(self.ledger, pin=self.device.type == "cuda",
-                                   pin_limit_bytes=pin_limit_bytes)
+        self.store: HostStore | DiskStore | SharedStore
+        try:
+            if plan.home == "disk":
+                self.store = DiskStore(self.ledger, list(self.blocks), disk_path)
+            elif plan.home == "shared":
+                self.store = SharedStore(self.ledger, list(self.blocks), key=shared_key,
+                                         directory=shared_dir, users=shared_users,
+                                         timeout_s=shared_timeout_s, device=self.device,
+                                         pin_limit_bytes=pin_limit_bytes,
+                                         interrupt_check=interrupt_check)
+            else:
+                # pinned memory makes host-to-device copies truly asynchronous; it only
+                # exists with CUDA. home="pinned" lifts the default cap; "host" pins up to it.
+                if pin_limit_bytes is None and plan.home == "pinned":
+                    pin_limit_bytes = 1 << 62
+                self.store = HostStore(self.ledger, pin=self.device.type == "cuda",
+                                       pin_limit_bytes=pin_limit_bytes)
+        except BaseException:
+            self._removed = True
+            raise
         try:
             self._pack_blocks()
             self._undo.append(guards.install(self._named_modules))
@@ -228,7 +243,7 @@ class Engine(Placement):
                 stand_ins = self._placeholders_for(block, torch.device("cpu"))
                 for entry, placeholder in zip(block.entries, stand_ins, strict=True):
                     entry.ref.set(placeholder)
-        if isinstance(self.store, DiskStore):
+        if isinstance(self.store, (DiskStore, SharedStore)):
             self.store.finish()
             release_memory()
         self.ledger.record_stage(f"pack {len(self.blocks)} blocks ({self.plan.home})",

@@ -68,25 +68,10 @@ class DiskStore:
                     f"disk_path {str(self.path)!r} exists; offloadkit will not overwrite it. "
                     "Pass a new file name or a directory."
                 )
-        self.offsets: dict[int, tuple[int, int]] = {}
         self.live: set[int] = set()
-        header: dict[str, object] = {"__metadata__": {"format": "offloadkit-blocks"}}
-        start = 0
-        for layout in layouts:
-            end = start + layout.nbytes
-            header[f"block.{layout.index}"] = {
-                "dtype": "U8", "shape": [layout.nbytes], "data_offsets": [start, end],
-            }
-            self.offsets[layout.index] = (start, layout.nbytes)
-            start = end
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        padded = -(-(8 + len(raw)) // HEADER_ALIGN) * HEADER_ALIGN - 8
-        raw = raw + b" " * (padded - len(raw))
-        self.data_start = 8 + len(raw)
-        self.total = start
+        header, self.offsets, self.data_start, self.total = block_file_header(layouts)
         self._fh = open(self.path, "wb+")  # noqa: SIM115 - lives as long as the store
-        self._fh.write(len(raw).to_bytes(8, "little"))
-        self._fh.write(raw)
+        self._fh.write(header)
         self._fh.flush()
         self.fd = self._fh.fileno()
         if self.owned:
@@ -151,6 +136,28 @@ class DiskStore:
         self._fh.close()
         if self.owned:
             self.path.unlink(missing_ok=True)
+
+
+def block_file_header(layouts: list[BlockLayout], metadata: dict[str, str] | None = None
+                      ) -> tuple[bytes, dict[int, tuple[int, int]], int, int]:
+    """The safetensors header of a file holding one ``uint8`` tensor per block, padded so
+    the data starts on a page boundary. Returns the header bytes (length prefix included),
+    each block's (offset in the data section, size), where the data starts, and its size."""
+    header: dict[str, object] = {"__metadata__": {"format": "offloadkit-blocks",
+                                                  **(metadata or {})}}
+    offsets: dict[int, tuple[int, int]] = {}
+    start = 0
+    for layout in layouts:
+        end = start + layout.nbytes
+        header[f"block.{layout.index}"] = {
+            "dtype": "U8", "shape": [layout.nbytes], "data_offsets": [start, end],
+        }
+        offsets[layout.index] = (start, layout.nbytes)
+        start = end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    padded = -(-(8 + len(raw)) // HEADER_ALIGN) * HEADER_ALIGN - 8
+    raw = raw + b" " * (padded - len(raw))
+    return len(raw).to_bytes(8, "little") + raw, offsets, 8 + len(raw), start
 
 
 def _remove_file(fh: Any, path: Path) -> None:

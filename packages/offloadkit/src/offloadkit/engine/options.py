@@ -9,6 +9,13 @@ ENGINE_OPTIONS: dict[str, str] = {
     "replan_every": "ask the strategy to re-plan after this many forwards (0 = never)",
     "trace": "record per-block timeline events (default True)",
     "interrupt_check": "callable run between blocks while packing and placing; raise to cancel",
+    "shared_key": "home='shared': a name every process sharing the copy agrees on "
+    "(default: the torchrun job)",
+    "shared_dir": "home='shared': directory of the shared file (default /dev/shm)",
+    "shared_users": "home='shared': processes that will map the copy (default torchrun's "
+    "LOCAL_WORLD_SIZE); its name is removed once all have",
+    "shared_timeout_s": "home='shared': how long to wait for another process to pack the "
+    "copy (default 600)",
     "process_group": "torch.distributed group running this model in lockstep: its first "
     "rank decides the re-plans for all (handle.replan() is then collective) and an OOM in a "
     "block is an error, not retried (see offloadkit.distributed)",

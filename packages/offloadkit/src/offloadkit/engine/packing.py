@@ -10,6 +10,7 @@ pinning fails, they fall back to pageable memory.
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 import torch
@@ -21,13 +22,26 @@ from offloadkit.ledger import Ledger
 DEFAULT_PIN_FRACTION = 0.5  # of the host's available RAM, when no pin_limit_bytes is given
 
 
-def default_pin_limit() -> int:
+def default_pin_limit(*, per_process: bool = True) -> int:
+    """Half the host's available RAM: the node's cap on page-locked memory. Each of a
+    node's processes pins its own private copy, so with ``per_process`` the cap is split
+    among them (torchrun's ``LOCAL_WORLD_SIZE``); a home="shared" copy is one for the node
+    and is checked against the whole cap."""
     try:
         import psutil
 
-        return int(psutil.virtual_memory().available * DEFAULT_PIN_FRACTION)
+        available = int(psutil.virtual_memory().available * DEFAULT_PIN_FRACTION)
     except ImportError:  # pragma: no cover - psutil is a dependency
         return 0
+    return available // local_processes() if per_process else available
+
+
+def local_processes() -> int:
+    """Processes of this job on this node (torchrun sets LOCAL_WORLD_SIZE), at least 1."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 def pinned_footprint(nbytes: int) -> int:

@@ -139,21 +139,21 @@ class ComfyPlacement(Placement):
     """offloadkit's engine plus its registration with ComfyUI (see the module docstring)."""
 
     accepts_options = frozenset(ENGINE_OPTIONS)
-    needs_layout = True  # StagedModel passes the staged profile and block layout
+    packs_at_stage = True  # packed by stage(), on a background thread if the caller likes
+
+    @classmethod
+    def check_host(cls) -> None:
+        comfy_model_management()  # outside ComfyUI: the error, before anything is packed
 
     def __init__(self, model: torch.nn.Module, *, plan: Plan, strategy: Strategy,
-                 device: torch.device, budget_bytes: int, profile: ModelProfile,
-                 layout: Any, **engine_options: Any) -> None:
-        from offloadkit.engine.core import Engine
-
-        self._mm = comfy_model_management()  # before anything is packed
-        self._least = strategy.min_device_bytes(profile)
+                 device: torch.device, budget_bytes: int, engine: Any,
+                 **engine_options: Any) -> None:
+        self._mm = comfy_model_management()
+        self._least = strategy.min_device_bytes(engine.profile)
         self._cap = budget_bytes
         self._reserve = int(strategy.options["activation_reserve"])
         self._registered = False
-        self.engine = Engine(model, profile=profile, plan=make_plan(strategy, profile, self._least),
-                             strategy=strategy, device=device, budget_bytes=self._least,
-                             layout=layout, **engine_options)
+        self.engine = engine  # packed at stage(); placed when ComfyUI grants room
         offload = torch.device(getattr(self._mm, "unet_offload_device", lambda: "cpu")())
         self.patcher = ComfyPatcher(self, model, self.engine.device, offload)
         self._hook = model.register_forward_pre_hook(self._before_forward)

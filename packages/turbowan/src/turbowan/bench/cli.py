@@ -304,7 +304,7 @@ def _sp_plan(args, profile, config, workload, cards, strategies, bandwidth, bloc
                    strategy=strategies[0], bandwidth=bandwidth,
                    link_bandwidth=args.link_bandwidth * 1e9, block_seconds=block_seconds)
     print(f"\nUlysses sequence parallel ({strategies[0]}, all-to-all at "
-          f"{args.link_bandwidth:g} GB/s; host RAM: every process holds both experts):")
+          f"{args.link_bandwidth:g} GB/s; host RAM per node for both experts, private homes or --home shared):")
     print(sp_table(rows))
     return rows
 

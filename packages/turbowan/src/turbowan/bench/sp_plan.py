@@ -5,8 +5,9 @@ Per rank: a 1/N share of the tokens (cut on 128-token tiles), so the activation 
 shrinks and the weight budget grows; the block compute is taken as 1/N of one GPU's (the
 linears are token by token, and attention covers the whole sequence for 1/N of the heads);
 each self-attention trades q, k, v and its output, 4 x tokens x dim x 2 bytes / N per rank of
-which (N-1)/N crosses the link. Host RAM per node counts every process's own copy of both
-experts (no weight is shared between processes).
+which (N-1)/N crosses the link. Host RAM per node is given twice: with a private home every
+process keeps its own copy of both experts; with ``--home shared`` (the default under torchrun)
+the node keeps one copy of their blocks, and each process only its non-block tensors.
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ if TYPE_CHECKING:
     from offloadkit import ModelProfile
     from turbowan.dit.config import DiTConfig
 
-EXPERTS = 2  # high- and low-noise, both kept by every process
+EXPERTS = 2  # high- and low-noise, both kept on every node
+
+
+def host_bytes_per_node(profile: ModelProfile, processes: int, *, shared: bool) -> int:
+    """Host RAM for both experts' weights on a node running ``processes`` ranks."""
+    blocks = sum(b.nbytes for b in profile.blocks)
+    if not shared:
+        return processes * EXPERTS * profile.total_bytes
+    return EXPERTS * blocks + processes * EXPERTS * (profile.total_bytes - blocks)
 
 
 def all_to_all_bytes(config: DiTConfig, tokens: int, sp: int, *, dtype_bytes: int = 2) -> int:
@@ -56,7 +65,8 @@ def sp_rows(profile: ModelProfile, config: DiTConfig, *, tokens: int, cards: Seq
                                        block_seconds=block_seconds / n + a2a / link_bandwidth)
             rows.append(row)
             row.update(sp=n, tokens_per_rank=chunk, reserve_bytes=reserve,
-                       host_bytes_per_node=n * EXPERTS * profile.total_bytes,
+                       host_bytes_per_node=host_bytes_per_node(profile, n, shared=False),
+                       host_bytes_per_node_shared=host_bytes_per_node(profile, n, shared=True),
                        all_to_all_bytes_per_block=a2a,
                        all_to_all_seconds_per_block=a2a / link_bandwidth)
             if "predicted_seconds_per_step" not in row:
@@ -73,11 +83,12 @@ def sp_table(rows: Sequence[dict]) -> str:
     from turbowan.bench.report import _fmt, _table, gib
 
     headers = ["card", "sp", "tokens/rank", "budget GiB", "resident", "streamed",
-               "peak/rank GiB", "host GiB/node", "a2a MiB/block", "s/step", "speed-up", "note"]
+               "peak/rank GiB", "host GiB/node private", "shared", "a2a MiB/block", "s/step", "speed-up", "note"]
     lines = [[
         r["card"], str(r["sp"]), _fmt(r.get("tokens_per_rank"), "d"), gib(r.get("budget_bytes")),
         _fmt(r.get("resident_count"), "d"), _fmt(r.get("streamed_count"), "d"),
         gib(r.get("predicted_peak_bytes")), gib(r.get("host_bytes_per_node")),
+        gib(r.get("host_bytes_per_node_shared")),
         _fmt(None if "all_to_all_bytes_per_block" not in r
              else r["all_to_all_bytes_per_block"] / 2**20, ".0f"),
         _fmt(r.get("predicted_seconds_per_step"), ".2f"), _fmt(r.get("predicted_speedup"), ".2f"),

@@ -92,10 +92,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="offload strategy (see `offloadkit list`)")
     place.add_argument("--budget", default="auto",
                        help="device memory for weights: auto, 12GiB, 500MB, 80%% or bytes")
-    place.add_argument("--home", choices=HOME_TIERS, default="host",
+    place.add_argument("--home", choices=HOME_TIERS, default=None,
                        help="where the DiT experts' streamed weights live: host RAM (pinned up "
                        "to half the free RAM on CUDA), pinned (all page-locked: fastest uploads), "
-                       "or disk (a temporary file in $TMPDIR: least host RAM)")
+                       "disk (a temporary file in $TMPDIR: least host RAM), or shared (one copy "
+                       "per node in /dev/shm that every rank maps). Default: shared when "
+                       "torchrun starts several processes on this node, else host")
     place.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if present; demo: cpu)")
     place.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
                        help="compute dtype (default bf16 on CUDA, fp32 on CPU)")
@@ -155,6 +157,14 @@ def cpu_threads(requested: int | None, demo: bool) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def default_home() -> str:
+    """One copy of the experts per node when torchrun runs several processes here (eight
+    private copies of two 14B experts would not fit most hosts), else host RAM."""
+    from turbowan.distributed.context import LaunchEnv
+
+    return "shared" if LaunchEnv.read().local_world > 1 else "host"
+
+
 def settings_from_args(args: argparse.Namespace):
     """The command line as one :class:`RunSettings` (the whole run: pre-flight checks it all)."""
     from turbowan.pipeline.settings import RunSettings
@@ -162,7 +172,7 @@ def settings_from_args(args: argparse.Namespace):
     return RunSettings(
         high=args.high, low=args.low, vae=args.vae, text_encoder=args.text_encoder,
         tokenizer=args.tokenizer, strategy=args.offload, budget=args.budget, device=args.device,
-        dtype=args.dtype, home=args.home, threads=args.threads, attention=args.attention,
+        dtype=args.dtype, home=args.home or default_home(), threads=args.threads, attention=args.attention,
         sla_topk=args.sla_topk, vae_tiling=args.vae_tiling, vae_tile=args.vae_tile,
         vae_overlap=args.vae_overlap, image=args.image, prompt=args.prompt, frames=args.frames,
         resolution=args.resolution, aspect_ratio=args.aspect_ratio, width=args.width,

@@ -11,6 +11,7 @@ the VAE, and writes the files.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -58,6 +59,9 @@ class ParallelContext:
     leader: int  # global rank of this group's first rank
     device: torch.device
     vae_parallel: bool = False  # decode tiles on every rank of the group (--vae-parallel)
+    #: one name for the whole job (every group, every node): processes of a node holding
+    #: the same expert map one home="shared" copy of it
+    shared_key: str = ""
 
     @property
     def is_leader(self) -> bool:
@@ -93,9 +97,11 @@ def init_parallel(sp: int, device: torch.device, *, env: LaunchEnv | None = None
     else:
         group, _ = dist.new_subgroups_by_enumeration(
             [list(range(g, g + sp)) for g in range(0, world, sp)], timeout=timeout)
+    token = [uuid.uuid4().hex if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
     return ParallelContext(env=env, sp=SequenceParallel.of(group), group_index=rank // sp,
                            groups=world // sp, leader=rank - rank % sp, device=device,
-                           vae_parallel=vae_parallel)
+                           vae_parallel=vae_parallel, shared_key=f"turbowan-{token[0]}")
 
 
 def shutdown() -> None:

@@ -4,6 +4,7 @@ gathered to the leader."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +54,15 @@ def lockstep_placement(parallel: ParallelContext, budget: Any) -> dict[str, Any]
 
     group = parallel.sp.group if parallel.sp.group is not None else dist.group.WORLD
     return {"budget": agreed_budget(budget, parallel.device, group), "process_group": group}
+
+
+def shared_home_options(parallel: ParallelContext | None) -> dict[str, Any]:
+    """offloadkit arguments for home="shared": the job's one key, and how many processes of
+    this node will map each expert (its name is removed once they all have). One process
+    alone still gets a key of its own."""
+    if parallel is None:
+        return {"shared_key": f"turbowan-{os.getpid()}", "shared_users": 1}
+    return {"shared_key": parallel.shared_key, "shared_users": parallel.env.local_world}
 
 
 def stage_spread(parallel: ParallelContext, timings: Timings) -> dict[str, tuple[float, float]]:

@@ -105,7 +105,22 @@ def check_home(home: str, collector: Problems | None = None) -> None:
         if home not in HOME_TIERS:
             c.add(f"unknown home tier {home!r} for the experts; choose one of {', '.join(HOME_TIERS)} "
                   "(host: RAM; pinned: page-locked RAM, fastest uploads; disk: a temporary file, "
-                  "least RAM)")
+                  "least RAM; shared: one copy per node in /dev/shm for several processes)")
+
+
+def check_shared_room(models: dict[str, Any], collector: Problems | None = None) -> None:
+    """home="shared": /dev/shm holds one copy of each expert on this node (the low expert is
+    packed while the high one still runs, so both at once); asked before any weight loads,
+    rather than failing at the switch with half the sampling done."""
+    import offloadkit
+
+    need = sum(sum(b.nbytes for b in offloadkit.profile_model(placed.model, placed.blocks).blocks)
+               for role, placed in models.items() if role in ("high", "low"))
+    with collecting(collector) as c:
+        try:
+            offloadkit.check_shared_room(need)
+        except offloadkit.OffloadError as exc:
+            c.add(str(exc))
 
 
 def check_vae_tiling(tiled: bool, tile: int, overlap: int, collector: Problems | None = None) -> None:

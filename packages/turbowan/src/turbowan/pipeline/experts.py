@@ -44,6 +44,10 @@ class ExpertRunner:
             from turbowan.distributed.pipeline import lockstep_placement
 
             self._lockstep = lockstep_placement(pipe.parallel, pipe.budget)
+        if pipe.home == "shared":
+            from turbowan.distributed.pipeline import shared_home_options
+
+            self._lockstep.update(shared_home_options(getattr(pipe, "parallel", None)))
         if stage_low:
             self._thread = threading.Thread(target=self._stage_low, name="turbowan-stage-low", daemon=True)
 

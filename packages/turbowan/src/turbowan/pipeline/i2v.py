@@ -335,6 +335,7 @@ class I2VPipeline:
         ode: bool,
         callback: Callable[[StepInfo], None] | None = None,
         timings: Timings | None = None,
+        finished: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Dual-expert rCM sampling with one expert on the device at a time."""
         timings = timings or Timings()
@@ -351,6 +352,8 @@ class I2VPipeline:
                 sigma_max=sigma_max, boundary=boundary, ode=ode, generator=generator,
                 net_dtype=self.dtype, timestep_dtype=torch.bfloat16, callback=callback,
             ).cpu()
+            if finished is not None:  # at once: a Ctrl-C from here on finds them kept
+                finished["latents"] = latents
         except BaseException:
             runner.close(wait=False)  # Ctrl-C must not wait for the staging read to finish
             raise
@@ -378,17 +381,22 @@ class I2VPipeline:
         context = from_leader(self.parallel, lambda: self.encode_prompt(checked.prompt, timings))
         y = from_leader(self.parallel, lambda: self.encode_image(
             checked.image, clip.frames, clip.width, clip.height, clip.resize, timings))
-        latents = self.sample(y, context, steps=clip.steps, sigma_max=clip.sigma_max,
-                              boundary=clip.boundary, seed=clip.seed, ode=clip.ode,
-                              callback=callback, timings=timings)
         record = run_record(settings, self.facts, checked, vae=self.files.vae)
-        result = GenerationResult(latents=latents, settings=record, timings=timings)
-        if self.parallel is not None and not self.parallel.is_leader:
-            if decode and self.parallel.vae_parallel:
-                self.decode(latents, timings)  # this rank's tiles, sent to the leader
-            return result  # the group's leader writes
         out_path = Path(settings.output) if settings.output is not None else None
+        rescue_here = out_path is not None and (self.parallel is None or self.parallel.is_leader)
+        finished: dict[str, torch.Tensor] = {}
+        result: GenerationResult | None = None
         try:
+            # one protected stretch from the moment the latents exist (closing the expert
+            # runner, the bookkeeping, decode, writing): an interrupt anywhere in it keeps them
+            latents = self.sample(y, context, steps=clip.steps, sigma_max=clip.sigma_max,
+                                  boundary=clip.boundary, seed=clip.seed, ode=clip.ode,
+                                  callback=callback, timings=timings, finished=finished)
+            result = GenerationResult(latents=latents, settings=record, timings=timings)
+            if self.parallel is not None and not self.parallel.is_leader:
+                if decode and self.parallel.vae_parallel:
+                    self.decode(latents, timings)  # this rank's tiles, sent to the leader
+                return result  # the group's leader writes
             if out_path is not None and settings.save_latents:
                 result.latents_path = save_latents_file(out_path, latents, record)
             ensure_finite(latents, "sampling")  # kept (below) for inspection
@@ -401,9 +409,11 @@ class I2VPipeline:
                     result.output = write_video(result.frames, out_path, fps=settings.fps,
                                                 quality=settings.quality)
         except BaseException as exc:
-            if out_path is None or isinstance(exc, GeneratorExit):
+            latents = finished.get("latents")
+            if latents is None or not rescue_here or isinstance(exc, GeneratorExit):
                 raise
-            rescued, how = rescue_latents(out_path, latents, record, result.latents_path)
+            saved = result.latents_path if result is not None else None
+            rescued, how = rescue_latents(out_path, latents, record, saved)
             if isinstance(exc, KeyboardInterrupt):
                 raise DecodeInterrupted(f"interrupted after sampling; {how}", rescued) from exc
             raise DecodeFailedError(f"sampling finished but {failure_text(exc, timings)}; {how}",

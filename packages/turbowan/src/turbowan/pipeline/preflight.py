@@ -115,6 +115,8 @@ def check_pipeline(settings: RunSettings, *, roles: tuple[str, ...] = PIPELINE_R
                     return placed_models_from_specs(specs, dtype=dtype, attention=s.attention,
                                                     sla_topk=topk, home=s.home)
             models = c.check(lambda: lora_check.with_meta_loras(build(), checked_loras))
+            if models is not None and s.home == "shared":
+                checks.check_shared_room(models, c)
             if models is not None:
                 check_budget_fits(models, strategy=s.strategy, budget=s.budget, device=dev,
                                   strategy_options=dict(s.strategy_options), collector=c)

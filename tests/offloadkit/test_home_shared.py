@@ -1,0 +1,300 @@
+"""home="shared": one packed copy per node, mapped by every process that holds the same
+model. In-process checks of the file protocol, and one spawned several-process run that
+measures the node's memory for the copy (Pss over the processes)."""
+
+from __future__ import annotations
+
+import fcntl
+import multiprocessing
+import os
+import resource
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from models import make_inputs, make_model, snapshot
+from safetensors import safe_open
+from shared_home_ranks import MODEL_SIZES, rank_main
+
+import offloadkit
+from offloadkit import OffloadError
+from offloadkit.engine.shared import PREFIX, SharedStore
+
+
+@pytest.fixture
+def key() -> str:
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+def shared(model: torch.nn.Module, key: str, where: Path, **options) -> offloadkit.OffloadHandle:
+    return offloadkit.apply(model, "layerwise", device="cpu", home="shared", shared_key=key,
+                            shared_dir=str(where), **options)
+
+
+def forward(model: torch.nn.Module) -> torch.Tensor:
+    tokens, mask = make_inputs()
+    with torch.inference_mode():
+        return model(tokens, mask=mask)
+
+
+def names(where: Path) -> list[str]:
+    return sorted(p.name for p in where.iterdir() if p.name.startswith(PREFIX))
+
+
+def store_of(handle: offloadkit.OffloadHandle) -> SharedStore:
+    return handle._placement.store
+
+
+def block_bytes(model: torch.nn.Module) -> int:
+    return sum(b.nbytes for b in offloadkit.engine.profile_model(model, "blocks").blocks)
+
+
+def test_two_equal_models_map_one_copy(tmp_path: Path, key: str) -> None:
+    expected = forward(make_model())
+    a, b = make_model(), make_model()
+    before = snapshot(b)
+    total = block_bytes(a)
+    ha = shared(a, key, tmp_path, shared_users=2)
+    assert len(names(tmp_path)) == 2  # the copy and its lock, until the second user maps it
+    hb = shared(b, key, tmp_path, shared_users=2)
+    assert (store_of(ha).packer, store_of(hb).packer) == (True, False)
+    assert names(tmp_path) == []  # both expected users have it: nobody needs the names
+    assert store_of(ha).sources[0].buffer.data_ptr() != store_of(hb).sources[0].buffer.data_ptr()
+    assert torch.equal(forward(a), expected) and torch.equal(forward(b), expected)
+    for h in (ha, hb):
+        stats = h.stats()
+        assert (stats.home, stats.host_shared_bytes, stats.host_pageable_bytes,
+                stats.host_pinned_bytes) == ("shared", total, 0, 0)
+    state = b.state_dict()
+    assert all(torch.equal(state[name], value) for name, (value, *_) in before.items())
+    ha.remove()
+    assert torch.equal(forward(b), expected)  # b's mapping outlives a's
+    hb.remove()
+    after = snapshot(b)
+    assert all(torch.equal(after[n][0], before[n][0]) and after[n][1:] == before[n][1:]
+               for n in before)
+    assert torch.equal(forward(b), expected)
+
+
+def test_two_experts_of_one_layout_get_their_own_copies(tmp_path: Path, key: str) -> None:
+    """Same tensors, other weights (the high and the low expert): never mixed up."""
+    high, low = make_model(seed=0), make_model(seed=1)
+    want = forward(make_model(seed=0)), forward(make_model(seed=1))
+    handles = shared(high, key, tmp_path), shared(low, key, tmp_path)
+    assert [store_of(h).packer for h in handles] == [True, True]
+    assert store_of(handles[0]).path != store_of(handles[1]).path
+    assert torch.equal(forward(high), want[0]) and torch.equal(forward(low), want[1])
+    for h in handles:
+        h.remove()
+    assert names(tmp_path) == []  # last user of each removed its names
+
+
+def test_the_copy_is_a_safetensors_file_of_the_packed_blocks(tmp_path: Path, key: str) -> None:
+    model = make_model()
+    handle = shared(model, key, tmp_path)
+    path = store_of(handle).path
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["format"] == "offloadkit-blocks"
+        for index, source in store_of(handle).sources.items():
+            assert torch.equal(f.get_tensor(f"block.{index}"), source.buffer)
+    handle.remove()
+    assert not path.exists()
+
+
+def test_a_foreign_copy_under_the_name_is_refused(tmp_path: Path, key: str) -> None:
+    first = shared(make_model(), key, tmp_path)
+    path = store_of(first).path
+    raw = bytearray(path.read_bytes()[:store_of(first).data_start])
+    at = raw.index(b'"digests":"') + len(b'"digests":"')
+    raw[at:at + 4] = b"ffff" if raw[at:at + 4] != b"ffff" else b"0000"
+    with open(path, "r+b") as f:
+        f.write(raw)
+    model = make_model()
+    before = snapshot(model)
+    with pytest.raises(OffloadError, match="holds other weights.*own shared_key"):
+        shared(model, key, tmp_path)
+    assert all(torch.equal(model.state_dict()[n], v) for n, (v, *_) in before.items())
+    first.remove()
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_dead_packers_lock_is_taken_over(tmp_path: Path, key: str) -> None:
+    model = make_model()
+    expected = forward(make_model())
+    probe = shared(make_model(), key, tmp_path)  # learn the name, then leave a dead run's files
+    path = store_of(probe).path
+    probe.remove()
+    pid = dead_pid()
+    Path(f"{path}.lock").write_text(f"{pid}\n")
+    Path(f"{path}.{pid}.partial").write_bytes(b"half a copy")
+    handle = shared(model, key, tmp_path)
+    assert store_of(handle).packer
+    assert not Path(f"{path}.{pid}.partial").exists()
+    assert torch.equal(forward(model), expected)
+    handle.remove()
+    assert names(tmp_path) == []
+
+
+def test_waiting_for_a_live_packer_times_out_naming_it(tmp_path: Path, key: str) -> None:
+    probe = shared(make_model(), key, tmp_path)
+    path = store_of(probe).path
+    probe.remove()
+    Path(f"{path}.lock").write_text(f"{os.getpid()}\n")  # alive, never finishes
+    model = make_model()
+    before = snapshot(model)
+    with pytest.raises(OffloadError, match=rf"waited 0 s for process {os.getpid()}.*shared_timeout_s"):
+        shared(model, key, tmp_path, shared_timeout_s=0.2)
+    assert all(torch.equal(model.state_dict()[n], v) for n, (v, *_) in before.items())
+
+
+def test_packing_sweeps_copies_of_dead_runs(tmp_path: Path, key: str) -> None:
+    orphan = tmp_path / f"{PREFIX}old-run-x"
+    orphan.write_bytes(b"x" * 4096)
+    Path(f"{orphan}.lock").write_text(f"{dead_pid()}\n")
+    in_use = tmp_path / f"{PREFIX}live-run-y"
+    in_use.write_bytes(b"y" * 4096)
+    fd = os.open(in_use, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # as a process mapping it holds it
+    try:
+        handle = shared(make_model(), key, tmp_path)
+        assert not orphan.exists() and not Path(f"{orphan}.lock").exists()
+        assert in_use.exists()
+        handle.remove()
+    finally:
+        os.close(fd)
+
+
+def test_a_full_shared_directory_fails_before_packing(tmp_path: Path, key: str) -> None:
+    """posix_fallocate reserves every page first: a short /dev/shm is an error naming the
+    fix, never a SIGBUS halfway through packing."""
+    model = make_model()
+    before = snapshot(model)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(OffloadError, match=r"shared copy needs .*shm-size.*home='host'"):
+            shared(model, key, tmp_path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    assert names(tmp_path) == []  # no partial copy, no lock left for others to wait on
+    assert all(torch.equal(model.state_dict()[n], v) for n, (v, *_) in before.items())
+
+
+def test_a_forward_that_writes_a_block_buffer_is_refused(tmp_path: Path, key: str) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(8, 8),
+                                                      torch.nn.BatchNorm1d(8))
+                                  for _ in range(3)]).train()
+    handle = offloadkit.apply(model, "layerwise", device="cpu", home="shared", blocks=list(model),
+                              shared_key=key, shared_dir=str(tmp_path))
+    with torch.no_grad(), pytest.raises(OffloadError, match=r"running_mean.*read-only.*home='host'"):
+        model(torch.randn(4, 8))
+    handle.remove()
+
+
+def test_a_key_is_needed_outside_torchrun(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    model = make_model()
+    with pytest.raises(OffloadError, match="run under torchrun.*shared_key"):
+        offloadkit.apply(model, "layerwise", device="cpu", home="shared",
+                         shared_dir=str(tmp_path))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job42")
+    monkeypatch.setenv("MASTER_PORT", "29511")
+    handle = offloadkit.apply(model, "layerwise", device="cpu", home="shared",
+                              shared_dir=str(tmp_path))
+    assert store_of(handle).path.name.startswith(f"{PREFIX}job42--29511-")
+    handle.remove()
+
+
+def test_processes_of_a_node_hold_one_copy(tmp_path: Path, key: str) -> None:
+    """Three processes (as torchrun starts them on one node) map one copy in /dev/shm: the
+    Pss of the mapping summed over them is one copy, each sees all of it, outputs equal a
+    private home's, and no name is left behind."""
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm on this system")
+    users = 3
+    ctx = multiprocessing.get_context("forkserver")  # torch imported once, by the server
+    ctx.set_forkserver_preload(["torch", "offloadkit", "shared_home_ranks"])
+    barrier = ctx.Barrier(users)
+    procs = [ctx.Process(target=rank_main, args=(r, users, key, barrier, str(tmp_path)))
+             for r in range(users)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0] * users
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(users)]
+    model = make_model(**MODEL_SIZES)
+    total = block_bytes(model)
+    private = offloadkit.apply(model, "layerwise", device="cpu", home="host")
+    tokens, mask = make_inputs()
+    with torch.inference_mode():
+        expected = model(tokens, mask=mask)
+    assert private.stats().host_pageable_bytes == total
+    private.remove()
+    assert sum(r["packer"] for r in results) == 1
+    for r in results:
+        assert torch.equal(r["out"], expected)
+        assert (r["shared"], r["pageable"], r["pinned"]) == (total, 0, 0)
+        assert total <= r["rss"] <= total + 64 * 1024  # all of the copy, mapped by each
+    node = sum(r["pss"] for r in results)
+    assert total * 0.98 <= node <= total * 1.05, (node, total)  # one copy, not three
+    assert not [n for n in os.listdir("/dev/shm") if key in n]
+
+
+def test_room_is_checked_against_the_real_free_space(tmp_path: Path) -> None:
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    offloadkit.check_shared_room(1 << 20, tmp_path)
+    with pytest.raises(OffloadError, match=rf"{tmp_path} has .* free, the shared copy needs "
+                                           rf"{free + 2**30} bytes"):
+        offloadkit.check_shared_room(free + 2**30, tmp_path)
+    with pytest.raises(OffloadError, match="not a directory"):
+        offloadkit.check_shared_room(1, tmp_path / "missing")
+
+
+def test_the_default_pin_cap_counts_the_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Private homes: each of a node's processes pins its own copy, so each gets its share of
+    the node's cap; a shared copy is one for the node and is checked against all of it."""
+    from offloadkit.engine.packing import default_pin_limit
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    node, each = default_pin_limit(per_process=False), default_pin_limit()
+    assert abs(4 * each - node) <= node * 0.05  # free RAM moves a little between the reads
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    alone = default_pin_limit()
+    assert abs(alone - node) <= node * 0.05
+
+
+def test_an_interrupt_while_packing_leaves_nothing_behind(tmp_path: Path, key: str) -> None:
+    """Ctrl-C (or SIGTERM turned into it) halfway through packing: the partial copy and the
+    lock go (a waiting process would pack instead), and the model is as it was."""
+    model = make_model()
+    before = snapshot(model)
+    calls = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        shared(model, key, tmp_path, interrupt_check=check)
+    assert names(tmp_path) == []
+    assert all(torch.equal(model.state_dict()[n], v) for n, (v, *_) in before.items())
+    handle = shared(model, key, tmp_path)  # and the next run packs normally
+    assert store_of(handle).packer
+    handle.remove()
