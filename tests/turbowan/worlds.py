@@ -1,9 +1,9 @@
 """Gloo worlds on this machine for the distributed tests.
 
-Every rank is its own process (own globals, signal handlers, exit status), forked from one
-forkserver that imported torch and turbowan once (PRELOAD): a spawned process pays about 3 s
-of imports, which a 4-rank world paid four times on the test machine's 2 cores. The server
-only imports (no thread of ours, no torch op runs in it), so forking it is safe.
+Every rank is its own process (own globals, signal handlers, exit status), forked from the
+tests' one forkserver (tests/forkserver_context.py), which imported torch and turbowan once: a
+spawned process pays about 3 s of imports, which a 4-rank world paid four times on the test
+machine's 2 cores.
 
 Every world has a deadline: a hang fails the test instead of stalling the suite, and the
 processes are killed. A rank that fails ends its world at once (the others are killed)
@@ -12,7 +12,6 @@ unless the test expects ranks to end early (``exits_ok``).
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import time
 from collections.abc import Callable
@@ -24,13 +23,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from forkserver_context import forkserver
 
 COLLECTIVE_TIMEOUT_S = 60
-
-#: imported once by the forkserver, before the first world forks from it
-PRELOAD = ["torch", "torch.distributed", "offloadkit", "turbowan.pipeline.i2v",
-           "turbowan.pipeline.demo", "turbowan.distributed", "turbowan.cli.main",
-           "turbowan.cli.generate"]
 
 
 @dataclass(frozen=True)
@@ -57,12 +52,6 @@ def _entry(rank: int, fn: Callable[..., Any], world: int, where: str, args: tupl
             dist.destroy_process_group()
 
 
-def _context() -> Any:
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)  # takes effect when the server starts (first world)
-    return ctx
-
-
 def run_world(fn: Callable[..., Any], world: int, where: Path, *args: Any,
               timeout: float = 180, init: bool = True, exits_ok: bool = False) -> list[Any]:
     """Run ``fn(rank, world, *args)`` in ``world`` processes; their return values (tensors,
@@ -72,7 +61,7 @@ def run_world(fn: Callable[..., Any], world: int, where: Path, *args: Any,
     ``init``: join a gloo group of the world first (a file store in ``where``); without it
     ``fn`` sets up its own (the CLI reading torchrun's variables)."""
     where.mkdir(parents=True, exist_ok=True)
-    ctx = _context()
+    ctx = forkserver()
     procs = [ctx.Process(target=_entry, args=(rank, fn, world, str(where), args, init),
                          name=f"rank{rank}", daemon=True) for rank in range(world)]
     for p in procs:
