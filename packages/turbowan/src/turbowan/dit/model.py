@@ -21,9 +21,27 @@ from turbowan.quant.int8_linear import Int8Linear
 TIME_THETA = 10000.0
 
 
-def _linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    bias = None if layer.bias is None else layer.bias.float()
-    return F.linear(x.float(), layer.weight.float(), bias)
+class Fp32Linear(nn.Linear):
+    """A linear the reference runs in fp32 whatever its weight dtype (time embedding, head).
+    The forward calls it as a module, so whatever hooks a linear (a LoRA branch) acts here too."""
+
+    compute_dtype = torch.float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.weight.float(), bias)
+
+
+#: child module a block or the head may carry that adds deltas to its modulation table (a
+#: LoRA's ``.diff``, attached by turbowan.lora): called on the table, which stays untouched
+TABLE_DELTAS = "modulation_deltas"
+
+
+def modulation_table(owner: nn.Module) -> torch.Tensor:
+    """``owner.modulation`` in fp32 as the forward uses it, with any deltas attached to it."""
+    table = owner.modulation.float()
+    deltas = owner._modules.get(TABLE_DELTAS)
+    return table if deltas is None else deltas(table)
 
 
 def sinusoid(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -152,7 +170,7 @@ class WanBlock(nn.Module):
         sin: torch.Tensor,
     ) -> torch.Tensor:
         dtype = x.dtype
-        m = (self.modulation.float() + e0).chunk(6, dim=1)  # each (B, 1, dim), fp32
+        m = (modulation_table(self) + e0).chunk(6, dim=1)  # each (B, 1, dim), fp32
         a = (_plain_layer_norm(x, self.eps).float() * (1 + m[1]) + m[0]).to(dtype)
         x = (x.float() + self.self_attn(a, cos, sin).float() * m[2]).to(dtype)
         x = x + self.cross_attn(self.norm3(x), context)
@@ -167,12 +185,12 @@ class WanHead(nn.Module):
         super().__init__()
         self.eps = config.eps
         self.modulation = nn.Parameter(torch.empty(1, 2, config.dim, dtype=dtype))
-        self.head = nn.Linear(config.dim, config.out_dim * config.patch_volume, dtype=dtype)
+        self.head = Fp32Linear(config.dim, config.out_dim * config.patch_volume, dtype=dtype)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        shift, scale = (self.modulation.float() + e[:, None, :].float()).chunk(2, dim=1)
+        shift, scale = (modulation_table(self) + e[:, None, :].float()).chunk(2, dim=1)
         normed = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return _linear_fp32(self.head, normed * (1 + scale) + shift)
+        return self.head(normed * (1 + scale) + shift)
 
 
 def patchify(xy: torch.Tensor) -> torch.Tensor:
@@ -222,11 +240,11 @@ class WanDiT(nn.Module):
             nn.Linear(dim, dim, dtype=dtype),
         )
         self.time_embedding = nn.Sequential(
-            nn.Linear(config.freq_dim, dim, dtype=dtype),
+            Fp32Linear(config.freq_dim, dim, dtype=dtype),
             nn.SiLU(),
-            nn.Linear(dim, dim, dtype=dtype),
+            Fp32Linear(dim, dim, dtype=dtype),
         )
-        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim, dtype=dtype))
+        self.time_projection = nn.Sequential(nn.SiLU(), Fp32Linear(dim, 6 * dim, dtype=dtype))
         self.blocks = nn.ModuleList(
             WanBlock(config, quant=quant, attention=attention, sla_topk=sla_topk, dtype=dtype)
             for _ in range(config.num_layers)
@@ -277,10 +295,8 @@ class WanDiT(nn.Module):
 
     def time_embed(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(e, e0): e (B, dim) for the head, e0 (B, 6, dim) for the blocks; fp32."""
-        feats = sinusoid(t.reshape(-1), self.config.freq_dim)
-        lin0, lin2 = self.time_embedding[0], self.time_embedding[2]
-        e = _linear_fp32(lin2, F.silu(_linear_fp32(lin0, feats)))
-        e0 = _linear_fp32(self.time_projection[1], F.silu(e))
+        e = self.time_embedding(sinusoid(t.reshape(-1), self.config.freq_dim))
+        e0 = self.time_projection(e)
         return e, e0.unflatten(1, (6, self.config.dim))
 
     def rope_tables(

@@ -11,6 +11,7 @@ from turbowan.lora.attach import (
     detach_lora,
     lora_nbytes,
     match_for_model,
+    merged_loras,
     set_lora_strength,
 )
 from turbowan.lora.branch import LoraBranch
@@ -28,6 +29,7 @@ __all__ = [
     "load_lora_tensors",
     "lora_nbytes",
     "match_for_model",
+    "merged_loras",
     "read_lora_specs",
     "set_lora_strength",
 ]

@@ -103,12 +103,6 @@ _OTHER_WAN = {
     "image_embedder": "the CLIP image embedder of Wan2.1 I2V (Wan2.2 A14B has none)",
     "vace": "VACE blocks (a Wan VACE model)",
 }
-# linears the DiT runs with F.linear in fp32 (time embedding, head), not through the module
-NOT_CALLED = {
-    "time_embedding.0", "time_embedding.2", "time_projection.1", "head.head",
-}
-NOT_CALLED_REASON = ("the time embedding and the output head run in fp32 outside their "
-                     "modules, so deltas there are not applied")
 # what a file whose keys match nothing looks like, from telltale key fragments
 _FAMILY_HINTS = (
     (("lora_te_", "lora_te1_", "lora_te2_", "text_encoder."), "a text-encoder LoRA (SD/SDXL/Flux CLIP or T5)"),
@@ -254,7 +248,6 @@ class LoraMatch:
     naming: str
     deltas: dict[str, TargetDelta]
     unmatched: list[str]  # keys that name no module of the model
-    skipped: dict[str, str]  # key -> why it is not applied (a module kind it cannot change)
 
     def describe(self) -> str:
         n = len(self.deltas)
@@ -263,7 +256,7 @@ class LoraMatch:
         return f"{self.naming} LoRA, {n} module{'s' if n != 1 else ''}{rank}"
 
     def problems_summary(self, limit: int = 5) -> str | None:
-        """'N keys not applied: ...' (count and the first few), or None when all applied."""
+        """'N keys match no module: ...' (count and the first few), or None when all apply."""
         lines = []
         if self.unmatched:
             first = ", ".join(self.unmatched[:limit])
@@ -272,10 +265,6 @@ class LoraMatch:
             why = f"; they target {'; '.join(sorted(reasons))}" if reasons else ""
             lines.append(f"{len(self.unmatched)} key(s) match no module of the expert: "
                          f"{first}{more}{why}")
-        if self.skipped:
-            first = ", ".join(list(self.skipped)[:limit])
-            reasons = "; ".join(sorted(set(self.skipped.values())))
-            lines.append(f"{len(self.skipped)} key(s) not applied ({reasons}): {first}")
         return "\n".join(lines) if lines else None
 
 
@@ -304,7 +293,6 @@ def match_lora(tensors: Mapping[str, Any], targets: Mapping[str, Target], *, sou
     keys = sorted(tensors)
     deltas: dict[str, TargetDelta] = {}
     unmatched: list[str] = []
-    skipped: dict[str, str] = {}
     prefixes: Counter[str] = Counter()
     namings: Counter[str] = Counter()
     for key in keys:
@@ -322,23 +310,13 @@ def match_lora(tensors: Mapping[str, Any], targets: Mapping[str, Target], *, sou
         name, naming, prefix = hit
         prefixes[prefix] += 1
         namings[naming] += 1
-        target = targets[name]
-        if target.kind == "param":
-            skipped[key] = "full deltas of modulation tables are not supported"
-            continue
-        if name in NOT_CALLED:
-            skipped[key] = NOT_CALLED_REASON
-            continue
-        delta = deltas.setdefault(name, TargetDelta(target))
+        delta = deltas.setdefault(name, TargetDelta(targets[name]))
         if getattr(delta, role) is not None:
             raise LoraError(f"{source}: two keys give the {role} tensor of {name} "
                             f"({delta.keys[-1]!r} and {key!r}); the file mixes namings")
         setattr(delta, role, tensors[key])
         delta.keys.append(key)
     if not deltas:
-        if skipped and not unmatched:
-            raise LoraError(f"{source}: nothing in it can be applied: "
-                            f"{'; '.join(sorted(set(skipped.values())))}")
         shown = ", ".join(repr(k) for k in keys[:3])
         raise LoraError(
             f"{source}: none of its {len(keys)} keys names a module of the Wan2.2 I2V expert; "
@@ -347,7 +325,7 @@ def match_lora(tensors: Mapping[str, Any], targets: Mapping[str, Target], *, sou
     for delta in deltas.values():
         _check_delta(delta, source)
     label = naming_label(prefixes, namings)
-    return LoraMatch(source, label, deltas, unmatched, skipped)
+    return LoraMatch(source, label, deltas, unmatched)
 
 
 def _check_delta(d: TargetDelta, source: str) -> None:
@@ -360,8 +338,9 @@ def _check_delta(d: TargetDelta, source: str) -> None:
         raise LoraError(f"{where} has an alpha but no lora_down/lora_up pair")
     if d.down is not None:
         if t.kind != "linear":
-            raise LoraError(f"{where} is a {t.kind}, not a linear layer; low-rank pairs apply "
-                            "only to linear layers")
+            what = "a modulation table" if t.kind == "param" else f"a {t.kind}"
+            raise LoraError(f"{where} is {what}, not a linear layer; low-rank pairs apply "
+                            "only to linear layers (a table or norm takes a full .diff delta)")
         down, up = _flat2d(_shape(d.down)), _flat2d(_shape(d.up))
         out_f, in_f = t.weight_shape
         if down[0] != up[1]:
@@ -378,7 +357,9 @@ def _check_delta(d: TargetDelta, source: str) -> None:
                 f"not this expert (width {width}). Use a LoRA made for this model")
         if d.alpha is not None and math.prod(_shape(d.alpha)) != 1:
             raise LoraError(f"{where}: alpha must be one number, got shape {_shape(d.alpha)}")
-    if d.diff is not None and _shape(d.diff) != t.weight_shape:
+    # a Conv3d-shaped patch_embedding delta (out, 36, 1, 2, 2) is the Linear's (out, 144)
+    flat_ok = t.kind == "linear" and d.diff is not None and _flat2d(_shape(d.diff)) == t.weight_shape
+    if d.diff is not None and _shape(d.diff) != t.weight_shape and not flat_ok:
         raise LoraError(f"{where}: the full weight delta (.diff) has shape {_shape(d.diff)} but "
                         f"the weight is {t.weight_shape}: a LoRA for another model size")
     if d.diff_b is not None:
