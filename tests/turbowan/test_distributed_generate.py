@@ -41,6 +41,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _shared_copies() -> set[str]:
+    from offloadkit.engine.shared import PREFIX, default_dir
+
+    return {n for n in os.listdir(default_dir()) if n.startswith(PREFIX + "turbowan-")}
+
+
 def test_torchrun_two_launchers_two_groups_write_the_one_process_videos(tmp_path,
                                                                         demo_reference):
     """End to end under torchrun, one run for every launcher check (each launch costs
@@ -55,6 +61,7 @@ def test_torchrun_two_launchers_two_groups_write_the_one_process_videos(tmp_path
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
+    shm_before = _shared_copies()
     launchers = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(n),
          "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-id", "turbowan-test",
@@ -75,6 +82,13 @@ def test_torchrun_two_launchers_two_groups_write_the_one_process_videos(tmp_path
     assert written.count("wrote a.mp4") == 1 and written.count("wrote b.mp4") == 1
     tables = "".join(o[1] for o in outs).split("per-rank seconds over the 2 ranks")
     assert len(tables) == 3 and all("sampling (low expert)" in t for t in tables[1:])
+    # two processes per launcher: the experts default to one mapped copy (--home shared),
+    # and no copy outlives the run
+    stages = "".join(o[1] for o in outs).splitlines()
+    lows = [line for line in stages if line.lstrip().startswith("sampling (low expert)")
+            and "packed (" in line]
+    assert len(lows) == 2 and all("packed (shared)" in line for line in lows), lows
+    assert _shared_copies() == shm_before
 
     pipe, ref = demo_reference
     b = pipe.generate(prompt="a boat", seed=7, frames=5, width=64, height=64, decode=False)
