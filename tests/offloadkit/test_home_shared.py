@@ -5,7 +5,6 @@ measures the node's memory for the copy (Pss over the processes)."""
 from __future__ import annotations
 
 import fcntl
-import multiprocessing
 import os
 import resource
 import signal
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forkserver_context import forkserver
 from models import make_inputs, make_model, snapshot
 from safetensors import safe_open
 from shared_home_ranks import MODEL_SIZES, rank_main
@@ -224,8 +224,7 @@ def test_processes_of_a_node_hold_one_copy(tmp_path: Path, key: str) -> None:
     if not Path("/dev/shm").is_dir():
         pytest.skip("no /dev/shm on this system")
     users = 3
-    ctx = multiprocessing.get_context("forkserver")  # torch imported once, by the server
-    ctx.set_forkserver_preload(["torch", "offloadkit", "shared_home_ranks"])
+    ctx = forkserver("shared_home_ranks")  # torch imported once, by the server
     barrier = ctx.Barrier(users)
     procs = [ctx.Process(target=rank_main, args=(r, users, key, barrier, str(tmp_path)))
              for r in range(users)]

@@ -1,5 +1,6 @@
-"""`turbowan generate` in several processes: torchrun end to end against one process, the
-refusals made before anything loads, and `--gpus` handing over to torchrun's launcher."""
+"""`turbowan generate` in several processes: torchrun end to end (two launchers, two groups)
+against one process, a killed rank (ranks forked from tests/turbowan/worlds.py, no launcher),
+the refusals made before anything loads, and `--gpus` handing over to torchrun's launcher."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from worlds import RankExit, run_world
 
 from turbowan.cli.main import main
 from turbowan.distributed.context import LaunchEnv
@@ -23,33 +25,83 @@ A14B_HEADS = 40
 TILES = ["--vae-tile", "32", "--vae-overlap", "16"]  # 3 x 3 tiles of the 64 x 64 demo
 
 
-def _torchrun(args: list[str], cwd, timeout: float = 150) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def demo_reference(one_torch_thread):
+    """The one-process demo the multi-process runs are compared with (default seed and
+    prompt; tiled decode, as --vae-parallel runs it), and its pipeline."""
+    pipe = I2VPipeline.demo(vae_tiling=True, vae_tile=32, vae_overlap=16)
+    return pipe, pipe.generate(frames=5, width=64, height=64)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _shared_copies() -> set[str]:
+    from offloadkit.engine.shared import PREFIX, default_dir
+
+    return {n for n in os.listdir(default_dir()) if n.startswith(PREFIX + "turbowan-")}
+
+
+def test_torchrun_two_launchers_two_groups_write_the_one_process_videos(tmp_path,
+                                                                        demo_reference):
+    """End to end under torchrun, one run for every launcher check (each launch costs
+    seconds): two launchers (`--nnodes 2` on loopback, a c10d rendezvous on 127.0.0.1) of
+    `--nproc-per-node 2` each make a world of 4, cut into 2 groups of `--sp 2`; each group
+    makes its --batch line with --vae-parallel, and its leader alone writes and reports."""
+    import json
+
+    (tmp_path / "jobs.jsonl").write_text(
+        json.dumps({"output": "a.mp4"}) + "\n\n"
+        + json.dumps({"seed": 7, "output": "b.mp4", "prompt": "a boat"}) + "\n")
+    port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    shm_before = _shared_copies()
+    launchers = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(n),
+         "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-id", "turbowan-test",
+         "--rdzv-endpoint", f"127.0.0.1:{port}", "--master-addr", "127.0.0.1",
+         "-m", "turbowan", "generate", "--sp", "2", "--vae-parallel", *TILES,
+         "--batch", "jobs.jsonl", "--save-latents", *SMALL],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for n in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=150) for p in launchers]
+    finally:
+        for p in launchers:
+            p.kill()
+    assert [p.returncode for p in launchers] == [0, 0], [o[1][-3000:] for o in outs]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.latents.safetensors", "a.mp4", "b.latents.safetensors", "b.mp4", "jobs.jsonl"]
+    written = "".join(o[0] for o in outs)
+    assert written.count("wrote a.mp4") == 1 and written.count("wrote b.mp4") == 1
+    tables = "".join(o[1] for o in outs).split("per-rank seconds over the 2 ranks")
+    assert len(tables) == 3 and all("sampling (low expert)" in t for t in tables[1:])
+    # two processes per launcher: the experts default to one mapped copy (--home shared),
+    # and no copy outlives the run
+    stages = "".join(o[1] for o in outs).splitlines()
+    lows = [line for line in stages if line.lstrip().startswith("sampling (low expert)")
+            and "packed (" in line]
+    assert len(lows) == 2 and all("packed (shared)" in line for line in lows), lows
+    assert _shared_copies() == shm_before
 
-
-def test_torchrun_two_processes_write_the_one_process_demo(tmp_path, one_torch_thread):
-    run = _torchrun(["--nproc-per-node", "2", "-m", "turbowan", "generate", "-o", "sp.mp4",
-                     "--save-latents", "--sp", "2", "--vae-parallel", *TILES, *SMALL], tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sp.latents.safetensors", "sp.mp4"]
-    assert run.stdout.count("wrote sp.mp4") == 1  # only the leader reports
-    assert run.stderr.count("per-rank seconds over the 2 ranks") == 1
-    assert "sampling (low expert)" in run.stderr.split("per-rank seconds")[1]
-
-    pipe = I2VPipeline.demo(vae_tiling=True, vae_tile=32, vae_overlap=16)
-    ref = pipe.generate(frames=5, width=64, height=64)
-    latents, settings = load_latents(tmp_path / "sp.latents.safetensors")
-    assert (settings["vae_tiling"], settings["vae_tile"]) == (True, 32)  # what --vae-parallel ran
-    # 4 dual-expert steps with 1 head per rank: the fp32 sums run in another order
-    assert (latents - ref.latents).abs().max() <= 1e-5
-    frames = to_uint8_frames(pipe.decode(latents)).astype(int)
-    assert np.abs(frames - ref.frames.astype(int)).max() <= 1  # within 1 LSB
-    video = read_video(tmp_path / "sp.mp4")
-    assert (video.num_frames, video.width, video.height) == (5, 64, 64)
+    pipe, ref = demo_reference
+    b = pipe.generate(prompt="a boat", seed=7, frames=5, width=64, height=64, decode=False)
+    for name, seed, expect in (("a", ref.settings["seed"], ref), ("b", 7, b)):
+        latents, settings = load_latents(tmp_path / f"{name}.latents.safetensors")
+        assert settings["seed"] == seed
+        assert (settings["vae_tiling"], settings["vae_tile"]) == (True, 32)  # --vae-parallel's
+        # 4 dual-expert steps with 1 head per rank: the fp32 sums run in another order
+        assert (latents - expect.latents).abs().max() <= 1e-5, name
+        video = read_video(tmp_path / f"{name}.mp4")
+        assert (video.num_frames, video.width, video.height) == (5, 64, 64)
+    frames = to_uint8_frames(pipe.decode(load_latents(tmp_path / "a.latents.safetensors")[0]))
+    assert np.abs(frames.astype(int) - ref.frames.astype(int)).max() <= 1  # within 1 LSB
 
 
 @pytest.mark.parametrize("kwargs,expect", [
@@ -118,64 +170,64 @@ def test_gpus_hands_over_to_torchrun(monkeypatch):
     assert torch.distributed.is_initialized() is False
 
 
-MISBEHAVING = os.path.join(os.path.dirname(__file__), "misbehaving_rank.py")
+def _cli_rank(rank: int, world: int, argv: list[str], port: int, where: str) -> int:
+    """One rank of `turbowan generate` as a launcher starts it (torchrun's variables, a TCP
+    rendezvous on loopback), its output to files; rank 1 samples its first video, then
+    SIGKILLs itself where it would sample the second, as a crashed GPU process (or the
+    kernel's OOM killer) would end it."""
+    import signal
+
+    from turbowan.cli.main import main
+    from turbowan.pipeline import i2v
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    for fd, name in ((1, "out"), (2, "err")):
+        os.dup2(os.open(os.path.join(where, f"rank{rank}.{name}"),
+                        os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    os.chdir(where)
+    if rank == 1:
+        real, calls = i2v.I2VPipeline.sample, []
+
+        def sample(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(self, *args, **kwargs)
+
+        i2v.I2VPipeline.sample = sample
+    code = main(["generate", *argv])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return code, "torch._dynamo" in sys.modules
 
 
-def test_a_killed_rank_ends_the_run_with_an_error(tmp_path):
-    """Rank 1 is SIGKILLed where it should sample: torchrun ends rank 0 (blocked in its
-    first all-to-all) and names the killed rank, instead of a silent hang. A rank that hangs
-    instead is ended by the collective timeout (test_distributed_dit)."""
+def test_a_killed_rank_ends_the_run_with_an_error(tmp_path, demo_reference):
+    """Two ranks of the real CLI with --sp 2 (one group of the whole world) and a batch of
+    two videos; rank 1 is SIGKILLed where it should sample the second. No launcher tears the
+    run down here (as none does for the ranks on another machine): rank 0, in its first
+    all-to-all, loses its peer and stops with turbowan's error, well within the collective
+    timeout, instead of a silent hang. The first video is written, the second is not. A rank
+    that hangs instead is ended by the collective timeout (test_distributed_dit)."""
+    import json
     import time
 
+    (tmp_path / "jobs.jsonl").write_text("{}\n" + json.dumps({"seed": 7}) + "\n")
     start = time.monotonic()
-    run = _torchrun(["--nproc-per-node", "2", MISBEHAVING, "die", "-o", "x.mp4", *SMALL],
-                    tmp_path, timeout=120)
-    assert run.returncode != 0
-    assert time.monotonic() - start < 110
-    assert not (tmp_path / "x.mp4").exists()
-    assert "exitcode  : -9" in run.stderr  # torchrun names the killed rank
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_launchers_two_groups_two_videos(tmp_path, one_torch_thread):
-    """`--nnodes 2` on loopback: two torchrun launchers meet at a c10d rendezvous on
-    127.0.0.1; the world of 2 with --sp 1 is 2 groups, each making its --batch line."""
-    import json
-
-    (tmp_path / "jobs.jsonl").write_text(
-        json.dumps({"seed": 3, "output": "a.mp4"}) + "\n\n"
-        + json.dumps({"seed": 7, "output": "b.mp4", "prompt": "a boat"}) + "\n")
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launchers = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(n),
-         "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-id", "turbowan-test",
-         "--rdzv-endpoint", f"127.0.0.1:{port}", "--master-addr", "127.0.0.1",
-         "-m", "turbowan", "generate", "--sp", "1", "--batch", "jobs.jsonl", "--save-latents",
-         *SMALL], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True) for n in (0, 1)]
-    try:
-        outs = [p.communicate(timeout=150) for p in launchers]
-    finally:
-        for p in launchers:
-            p.kill()
-    assert [p.returncode for p in launchers] == [0, 0], [o[1][-2000:] for o in outs]
-    written = "".join(o[0] for o in outs)
-    assert written.count("wrote a.mp4") == 1 and written.count("wrote b.mp4") == 1
-    pipe = I2VPipeline.demo()
-    for name, seed, prompt in (("a", 3, None), ("b", 7, "a boat")):
-        latents, settings = load_latents(tmp_path / f"{name}.latents.safetensors")
-        assert (settings["seed"], read_video(tmp_path / f"{name}.mp4").num_frames) == (seed, 5)
-        ref = pipe.generate(prompt=prompt, seed=seed, frames=5, width=64, height=64,
-                            decode=False)
-        assert torch.equal(latents, ref.latents)  # a group of one samples as one process does
+    codes = run_world(_cli_rank, 2, tmp_path,
+                      ["--sp", "2", "--dist-timeout", "60", "--batch", "jobs.jsonl", "-o",
+                       "v.mp4", "--save-latents", "--vae-parallel", *TILES, *SMALL],
+                      _free_port(), str(tmp_path), init=False, exits_ok=True, timeout=120)
+    assert codes == [(1, False), RankExit(-9)]  # rank 0: EXIT_FAILED; rank 1: SIGKILLed
+    # (False: a run never imported torch._dynamo, 3 s per process; pre-flight's meta umT5 did)
+    assert time.monotonic() - start < 60  # the peer's loss, not the timeout, ended rank 0
+    err = (tmp_path / "rank0.err").read_text()
+    assert "turbowan generate: error on rank 0: lost contact with another process of the run" \
+        in err, err
+    assert (tmp_path / "rank0.out").read_text().count("wrote v-001.mp4") == 1
+    assert not (tmp_path / "v-002.mp4").exists()
+    latents, _ = load_latents(tmp_path / "v-001.latents.safetensors")
+    assert (latents - demo_reference[1].latents).abs().max() <= 1e-5
 
 
 def test_batch_in_one_process(tmp_path, monkeypatch, capsys, one_torch_thread):

@@ -4,7 +4,10 @@ When every block ends in a collective (Ulysses' all-to-all), the slowest rank se
 of all: a rank that streams a block the others keep resident stalls them. So the ranks of
 a group should run one plan. :func:`agreed_budget` resolves a budget (``"auto"`` included)
 to the minimum over the ranks; with the engine option ``process_group=group`` the re-plans
-are decided by the group's first rank and put in force on every rank.
+(scheduled, or ``handle.replan()``, then collective) are decided by the group's first rank and
+put in force on every rank. Nothing else changes a plan on one rank alone: an out-of-memory
+error inside a block, which one process would answer by streaming more and retrying the
+block, stops such a model with an error instead (see ``offloadkit.engine.oom``).
 """
 
 from __future__ import annotations
@@ -35,22 +38,23 @@ def agreed_budget(budget: int | str | None, device: str | torch.device, group: A
     return int(mine.item())
 
 
-def coordinated_replan(engine: Any, group: Any) -> Any:
-    """The engine's scheduled re-plan, decided on the group's first rank: it re-plans from
-    its own measurements and the plan in force afterwards is broadcast to the others, which
-    put it in force too. Returns the new plan, or None when it did not change."""
-    first = dist.get_group_rank(group, dist.get_rank()) == 0 if group is not None \
-        else dist.get_rank() == 0
-    if first:
-        changed = engine.replan()
-        message = [changed]
-    else:
-        message = [None]
-    dist.broadcast_object_list(message, group_src=0, group=group)
-    plan = message[0]
-    if not first and plan is not None:
-        import dataclasses
+def _first_rank(group: Any) -> bool:
+    rank = dist.get_rank()
+    return (dist.get_group_rank(group, rank) if group is not None else rank) == 0
 
-        engine._configure(dataclasses.replace(plan, home=engine.plan.home))
-        engine.ledger.replans += 1
-    return plan
+
+def coordinated_replan(engine: Any, group: Any) -> Any:
+    """A re-plan of ``engine`` decided on the group's first rank and put in force on every
+    rank, scheduled (after every ``replan_every`` forwards) or asked for by hand
+    (``handle.replan()``). Collective: every rank of the group calls it, between the same
+    two forwards, from the thread that runs the model.
+
+    The first rank asks its strategy from its own measurements (the others' may differ: a
+    slower link, another tenant on the GPU) within the smallest of the ranks' budgets, so
+    the plan fits on each; the proposal is broadcast and every rank adopts it. Returns the
+    plan put in force on this rank, or None when nothing changed (the same on every rank)."""
+    budget = torch.tensor([engine.budget_bytes], dtype=torch.int64, device=_wire_device(group))
+    dist.all_reduce(budget, op=dist.ReduceOp.MIN, group=group)
+    message = [engine._propose_replan(int(budget.item())) if _first_rank(group) else None]
+    dist.broadcast_object_list(message, group_src=0, group=group)
+    return engine._adopt(message[0])

@@ -43,7 +43,14 @@ class OffloadHandle:
         return self._placement.state_dict()
 
     def replan(self) -> Plan | None:
-        """Ask the strategy for a better plan from the measured stats; apply it if any."""
+        """Ask the strategy for a better plan from the measured stats; apply it if any.
+
+        With the engine option ``process_group`` this is a collective: every rank of the
+        group must call it, between the same two forwards, from the thread that runs the
+        model (a rank that skips it leaves the others waiting, then failing at the group's
+        timeout). The group's first rank decides from its own measurements and every rank
+        puts that plan in force, so the ranks keep running one plan. Returns the new plan,
+        or None when it did not change."""
         self._check_live("replan")
         return self._placement.replan()
 

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from offloadkit.engine import guards, writeback
-from offloadkit.engine.disk import DiskStore
+from offloadkit.engine import guards, state_hooks, writeback
+from offloadkit.engine.homes import Store, open_home
 from offloadkit.engine.hooks import ForwardWrapper, excluded_runner, run_block
 from offloadkit.engine.layout import (
     BlockLayout,
@@ -37,10 +37,10 @@ from offloadkit.engine.layout import (
     view_in,
 )
 from offloadkit.engine.modes import engine_mode
-from offloadkit.engine.oom import is_oom, shrink_plan
-from offloadkit.engine.packing import HostStore, release_memory
+from offloadkit.engine.oom import is_oom, lockstep_oom_error, shrink_plan
+from offloadkit.engine.packing import release_memory
+from offloadkit.engine.placeholders import Placeholders
 from offloadkit.engine.profile import ModelLayout, layout_model, with_device_memory
-from offloadkit.engine.shared import SharedStore
 from offloadkit.engine.transfer import CpuTransport, CudaTransport, Ticket
 from offloadkit.errors import OffloadError
 from offloadkit.ledger import Ledger, OffloadStats, TraceEvent
@@ -114,8 +114,7 @@ class Engine(Placement):
         self._outside: list[tuple[TensorRef, torch.Tensor, torch.Tensor, int]] = []
         self._resident: dict[int, torch.Tensor] = {}
         self._resident_views: dict[int, list[torch.Tensor]] = {}
-        self._placeholders: dict[tuple[int, str], list[torch.Tensor]] = {}
-        self._placeholder_seed: dict[tuple[torch.dtype, str, bool], torch.Tensor] = {}
+        self._stand_ins = Placeholders(self.device)
         self._slots: list[Slot] = []
         self._groups: list[tuple[int, ...]] = []
         self._group_of: dict[int, int] = {}
@@ -133,30 +132,20 @@ class Engine(Placement):
 
         self.placed = False
         self.transport: CpuTransport | CudaTransport | None = None
-        self.store: HostStore | DiskStore | SharedStore
         try:
-            if plan.home == "disk":
-                self.store = DiskStore(self.ledger, list(self.blocks), disk_path)
-            elif plan.home == "shared":
-                self.store = SharedStore(self.ledger, list(self.blocks), key=shared_key,
-                                         directory=shared_dir, users=shared_users,
-                                         timeout_s=shared_timeout_s, device=self.device,
-                                         pin_limit_bytes=pin_limit_bytes,
-                                         interrupt_check=interrupt_check)
-            else:
-                # pinned memory makes host-to-device copies truly asynchronous; it only
-                # exists with CUDA. home="pinned" lifts the default cap; "host" pins up to it.
-                if pin_limit_bytes is None and plan.home == "pinned":
-                    pin_limit_bytes = 1 << 62
-                self.store = HostStore(self.ledger, pin=self.device.type == "cuda",
-                                       pin_limit_bytes=pin_limit_bytes)
+            self.store: Store = open_home(
+                plan.home, self.ledger, list(self.blocks), self.device,
+                pin_limit_bytes=pin_limit_bytes, disk_path=disk_path, shared_key=shared_key,
+                shared_dir=shared_dir, shared_users=shared_users,
+                shared_timeout_s=shared_timeout_s, interrupt_check=interrupt_check)
         except BaseException:
-            self._removed = True
+            self._removed = True  # nothing packed: remove() has nothing to undo
             raise
         try:
             self._pack_blocks()
             self._undo.append(guards.install(self._named_modules))
-            self._hook_state_dict()
+            self._undo.extend(state_hooks.install(self.blocks, self._named_modules,
+                                                  self.read_entry))
         except BaseException:
             self.remove()
             raise
@@ -186,7 +175,7 @@ class Engine(Placement):
                 self.transport = CpuTransport(self.ledger)
             self._place_outside()
             for block in self.blocks:  # device stand-ins until a block's bytes arrive
-                self._bind_block(block.index, self._placeholders_for(block))
+                self._bind_block(block.index, self._stand_ins.for_block(block))
             self._configure(self.plan)
             for block_layout, module in zip(self.blocks, self.layout.block_modules, strict=True):
                 self._wrappers.append(ForwardWrapper(module, block_layout.index, self._run_block))
@@ -240,38 +229,13 @@ class Engine(Placement):
                     self.interrupt_check()
                 self.store.add(block)
                 self._packed.add(block.index)
-                stand_ins = self._placeholders_for(block, torch.device("cpu"))
+                stand_ins = self._stand_ins.for_block(block, torch.device("cpu"))
                 for entry, placeholder in zip(block.entries, stand_ins, strict=True):
                     entry.ref.set(placeholder)
-        if isinstance(self.store, (DiskStore, SharedStore)):
-            self.store.finish()
-            release_memory()
+        self.store.finish()
+        release_memory()  # the originals' pages, freed block by block, go back to the OS
         self.ledger.record_stage(f"pack {len(self.blocks)} blocks ({self.plan.home})",
                                  start, time.perf_counter() - t)
-
-    def _placeholders_for(self, block: BlockLayout, device: torch.device | None = None
-                          ) -> list[torch.Tensor]:
-        """Stand-ins while a block is not on the device: NaN (or 0) broadcast views, so a
-        block run without its weights gives NaN rather than silently stale numbers."""
-        device = self.device if device is None else device
-        key = (block.index, str(device))
-        cached = self._placeholders.get(key)
-        if cached is None:
-            with engine_mode():
-                cached = [self._placeholder(e, device) for e in block.entries]
-            self._placeholders[key] = cached
-        return cached
-
-    def _placeholder(self, entry: TensorEntry, device: torch.device) -> torch.Tensor:
-        key = (entry.dtype, str(device), entry.inference)
-        with torch.inference_mode(entry.inference):  # the kind of tensor the model had
-            seed = self._placeholder_seed.get(key)
-            if seed is None:
-                fill = float("nan") if entry.dtype.is_floating_point or entry.dtype.is_complex \
-                    else 0
-                seed = torch.full((1,), fill, dtype=entry.dtype, device=device)
-                self._placeholder_seed[key] = seed
-            return seed.view([1] * len(entry.shape)).expand(entry.shape)
 
     # ------------------------------------------------------------------ plan in force
     @engine_mode()
@@ -287,7 +251,7 @@ class Engine(Placement):
         new_resident = set(plan.resident)
         for index in sorted(set(self._resident) - new_resident):
             self._flush(index)
-            self._bind_block(index, self._placeholders_for(self.blocks[index]))
+            self._bind_block(index, self._stand_ins.for_block(self.blocks[index]))
             self.ledger.device_free(self._resident.pop(index).numel())
             self._resident_views.pop(index, None)
         for index in sorted(new_resident - set(self._resident)):
@@ -362,7 +326,7 @@ class Engine(Placement):
 
     def _unbind_group(self, group: int) -> None:
         for index in self._groups[group]:
-            self._bind_block(index, self._placeholders_for(self.blocks[index]))
+            self._bind_block(index, self._stand_ins.for_block(self.blocks[index]))
         for slot in self._slots:
             if slot.group == group:
                 slot.bound = False
@@ -564,53 +528,6 @@ class Engine(Placement):
                                    self._resident_views[index][position])
 
     # ------------------------------------------------------------------ state_dict
-    def _hook_state_dict(self) -> None:
-        """``state_dict()`` of the model (or of any part of it) returns the real weights, read
-        from the home tier, in place of the stand-ins the modules hold."""
-        owned: dict[int, tuple[torch.nn.Module, list[tuple[int, TensorEntry]]]] = {}
-        for block in self.blocks:
-            for entry in block.entries:
-                module = entry.ref.module
-                owned.setdefault(id(module), (module, []))[1].append((block.index, entry))
-        for module, entries in owned.values():
-            def hook(_module: torch.nn.Module, state: dict, prefix: str, _meta: Any,
-                     entries: list[tuple[int, TensorEntry]] = entries) -> None:
-                for index, entry in entries:
-                    key = prefix + entry.ref.attr
-                    if key in state:
-                        state[key] = self.read_entry(index, entry)
-
-            self._undo.append(module.register_state_dict_post_hook(hook).remove)
-        self._refuse_load_state_dict()
-
-    def _refuse_load_state_dict(self) -> None:
-        """``load_state_dict`` would copy into the stand-ins (or into a slot the next group
-        overwrites): refused before anything loads, by the outermost module it reaches."""
-        modules = dict(self._named_modules)
-        below: dict[str, list[str]] = {}  # module name -> block tensors under it, relative
-        for block in self.blocks:
-            for entry in block.entries:
-                parts = entry.ref.qualname.split(".")
-                for depth in range(len(parts)):
-                    below.setdefault(".".join(parts[:depth]), []).append(
-                        ".".join(parts[depth:]))
-        for name, names in below.items():
-            module = modules.get(name)
-            if module is None:
-                continue
-
-            def pre(_module: torch.nn.Module, state: dict, prefix: str, *_: Any,
-                    names: list[str] = names) -> None:
-                hit = next((prefix + n for n in names if prefix + n in state), None)
-                if hit is not None:
-                    raise OffloadError(
-                        f"load_state_dict() while offloadkit offloads the model: {hit!r} is a "
-                        "streamed block tensor (a stand-in in the module). Nothing was loaded. "
-                        "Call handle.remove(), load, then offloadkit.apply() again."
-                    )
-
-            self._undo.append(module.register_load_state_dict_pre_hook(pre).remove)
-
     def read_entry(self, index: int, entry: TensorEntry) -> torch.Tensor:
         """One block tensor's real value, as a new CPU tensor read from the home tier."""
         with self._lock, engine_mode():
@@ -628,6 +545,8 @@ class Engine(Placement):
 
     def _recover(self, index: int, failure: BaseException) -> None:
         """Evict part of the resident set so activations fit, then let the block rerun."""
+        if self.process_group is not None:  # the rerun would repeat the block's collectives
+            raise lockstep_oom_error(index, self.process_group) from failure
         shrunk = shrink_plan(self.plan, self.profile, self.budget_bytes)
         if shrunk is None:
             raise OffloadError(
@@ -642,26 +561,34 @@ class Engine(Placement):
         self.ledger.forwards += 1
         n = self.ledger.forwards
         if self.replan_every and n >= 2 and (n - 2) % self.replan_every == 0:
-            if self.process_group is None:
-                self.replan()
-            else:  # the group's first rank decides, so all ranks run one plan
-                from offloadkit.distributed import coordinated_replan
-
-                coordinated_replan(self, self.process_group)
+            self.replan()  # with a process group, collective: every rank ends this forward
 
     # ------------------------------------------------------------------ public (via handle)
     @engine_mode()
     def replan(self) -> Plan | None:
-        """Ask the strategy for a better plan from measurements; put it in force if any."""
+        """Ask the strategy for a better plan from measurements; put it in force if any.
+        With a ``process_group`` it is collective: the group's first rank decides for all
+        (:func:`offloadkit.distributed.coordinated_replan`)."""
+        if self.process_group is not None:
+            from offloadkit.distributed import coordinated_replan
+
+            return coordinated_replan(self, self.process_group)
+        return self._adopt(self._propose_replan(self.budget_bytes))
+
+    def _propose_replan(self, budget_bytes: int) -> Plan | None:
+        """The strategy's re-plan from this process's measurements, within ``budget_bytes``."""
         profile = with_device_memory(self.profile, self.device)
-        proposal = checked_replan(self.strategy, self.plan, self.stats(settle=False), profile,
-                                  self.budget_bytes)
-        if proposal is None or _same_placement(proposal, self.plan):
+        stats = dataclasses.replace(self.stats(settle=False), budget_bytes=budget_bytes)
+        return checked_replan(self.strategy, self.plan, stats, profile, budget_bytes)
+
+    def _adopt(self, plan: Plan | None) -> Plan | None:
+        """Put ``plan`` in force (on this engine's home tier); None if it places as now."""
+        if plan is None or _same_placement(plan, self.plan):
             return None
-        proposal = dataclasses.replace(proposal, home=self.plan.home)
-        self._configure(proposal)
+        plan = dataclasses.replace(plan, home=self.plan.home)
+        self._configure(plan)
         self.ledger.replans += 1
-        return proposal
+        return plan
 
     def reconfigure(self, plan: Plan, budget_bytes: int) -> None:
         """Put ``plan`` in force under a new budget: for a host that owns device memory and
@@ -757,19 +684,20 @@ class Engine(Placement):
                     ref.set(original)
             self._outside = []
             self.store.close()
-            self._placeholders.clear()
+            self._stand_ins.clear()
             release_memory()
 
     def _drop_block(self, block: BlockLayout) -> None:
         """Free a block's home-tier copy; its tensors point at CPU stand-ins (no memory), so
         nothing keeps the device slots or resident buffers alive."""
-        self._bind_block(block.index, self._placeholders_for(block, torch.device("cpu")))
+        self._bind_block(block.index, self._stand_ins.for_block(block, torch.device("cpu")))
         self.store.drop(block.index)
         self._packed.discard(block.index)
 
     def _restore_block(self, block: BlockLayout) -> None:
         """Each tensor gets its own fresh memory again, filled from the home tier."""
-        raw = None if isinstance(self.store, DiskStore) else self.store.read_block(block.index)
+        # the disk tier reads tensor by tensor (no whole-block copy); RAM tiers view in place
+        raw = None if self.store.tier == "disk" else self.store.read_block(block.index)
         with engine_mode():
             for entry in block.entries:
                 if raw is None:

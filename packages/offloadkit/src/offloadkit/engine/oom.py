@@ -3,13 +3,16 @@
 When a block runs out of device memory (activations did not fit beside the resident
 weights), the engine evicts part of the resident set, so those bytes become free for
 activations, and runs the block again. On CPU the same path is exercised by raising
-``torch.OutOfMemoryError`` from inside a block (tests inject it).
+``torch.OutOfMemoryError`` from inside a block (tests inject it). A model run in lockstep
+with other processes (engine option ``process_group``) is not retried: see
+:func:`lockstep_oom_error`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from offloadkit.errors import OffloadError
 from offloadkit.plans import ModelProfile, Plan
 
 
@@ -43,3 +46,22 @@ def shrink_plan(plan: Plan, profile: ModelProfile, budget_bytes: int) -> Plan | 
             keep = keep[:-1]
         else:
             return candidate if candidate.predicted_peak_device_bytes <= budget_bytes else None
+
+
+def lockstep_oom_error(index: int, group: object) -> OffloadError:
+    """The error for an OOM inside a block of a model run in lockstep (``process_group``).
+
+    Recovery reruns the block, and a block of such a model holds collectives (Ulysses'
+    all-to-all): run twice on this rank alone, they would pair with the other ranks' next
+    ones and mix up their data. Nor can the ranks agree on a smaller plan first: the others
+    are not in this block's failure, they wait in its collective. So this rank stops with
+    this error, and the others with a lost-peer error at their collective timeout."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return OffloadError(
+        f"out of memory in block {index} on rank {rank}, whose model runs in lockstep with "
+        "other processes (engine option process_group): the block cannot be retried on one "
+        "rank alone, as it would repeat the block's collectives. Lower the budget on every "
+        "rank to leave more device memory for activations, or lower the activation size "
+        "(resolution, frames, batch).")

@@ -17,5 +17,6 @@ ENGINE_OPTIONS: dict[str, str] = {
     "shared_timeout_s": "home='shared': how long to wait for another process to pack the "
     "copy (default 600)",
     "process_group": "torch.distributed group running this model in lockstep: its first "
-    "rank decides the re-plans for all (see offloadkit.distributed)",
+    "rank decides the re-plans for all (handle.replan() is then collective) and an OOM in a "
+    "block is an error, not retried (see offloadkit.distributed)",
 }

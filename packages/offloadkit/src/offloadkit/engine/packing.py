@@ -111,6 +111,9 @@ class HostStore:
             self.pinned_bytes += pinned_footprint(layout.nbytes)
         self.ledger.host_add(layout.nbytes, pinned=pinned)
 
+    def finish(self) -> None:
+        """After the last block: nothing to flush in RAM."""
+
     def source(self, index: int) -> HostSource:
         return self.sources[index]
 

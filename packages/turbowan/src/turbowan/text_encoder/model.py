@@ -58,14 +58,13 @@ class RMSNorm(nn.Module):
         return self.weight * x
 
 
-class Embedding(nn.Embedding):
-    """``nn.Embedding`` that leaves a table on ``meta`` uninitialised: there is nothing to draw
-    there, and torch's ``normal_`` on ``meta`` imports ``torch._dynamo`` (about 2 s, once per
-    process; every ``turbowan`` run builds the encoder on meta for its budget check)."""
-
-    def reset_parameters(self) -> None:
-        if not self.weight.is_meta:
-            super().reset_parameters()
+def _embedding(num: int, dim: int, dtype: torch.dtype | None) -> nn.Embedding:
+    """An ``nn.Embedding`` without its random init on the meta device: there ``normal_`` runs
+    a Python decomposition that imports torch._dynamo (seconds per process, paid by every
+    pre-flight meta build and every spawned rank) to fill values that do not exist."""
+    if torch.get_default_device().type == "meta":
+        return nn.Embedding(num, dim, dtype=dtype, _weight=torch.empty(num, dim, dtype=dtype))
+    return nn.Embedding(num, dim, dtype=dtype)
 
 
 class RelativePositionBias(nn.Module):
@@ -73,7 +72,7 @@ class RelativePositionBias(nn.Module):
 
     def __init__(self, num_buckets: int, num_heads: int, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.embedding = Embedding(num_buckets, num_heads, dtype=dtype)
+        self.embedding = _embedding(num_buckets, num_heads, dtype)
 
     def forward(self, buckets: torch.Tensor) -> torch.Tensor:
         return self.embedding(buckets).permute(2, 0, 1).unsqueeze(0)
@@ -149,7 +148,7 @@ class UMT5Encoder(nn.Module):
     def __init__(self, config: UMT5Config, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.config = config
-        self.token_embedding = Embedding(config.vocab_size, config.dim, dtype=dtype)
+        self.token_embedding = _embedding(config.vocab_size, config.dim, dtype)
         self.blocks = nn.ModuleList(UMT5Block(config, dtype=dtype) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.dim, config.eps, dtype=dtype)
 
