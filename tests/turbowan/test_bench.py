@@ -184,7 +184,7 @@ def test_tiny_sweep_json_schema(tmp_path):
     rc = cli.main(["--preset", "tiny", "--attention", "original", "--tokens", "16",
                    "--strategies", "layerwise,cpu_only", "--budgets", "95%,100%",
                    "--plot", str(png), "--markdown", str(md),
-                   "--home", "host,disk", "--steps", "1", "--warmup", "0",
+                   "--home", "host,disk,shared", "--steps", "1", "--warmup", "0",
                    "--no-resident-between", "--peers", "accelerate_disk_offload",
                    "--json", str(out)])  # fmt: skip
     assert rc == 0
@@ -197,7 +197,7 @@ def test_tiny_sweep_json_schema(tmp_path):
     assert doc["rates"]["pinned_bandwidth_bytes_per_s"] == doc["rates"]["pageable_bandwidth_bytes_per_s"] > 0
     runs = doc["runs"]
     kinds = [r["kind"] for r in runs]
-    assert kinds.count("baseline") == 2 and kinds.count("offloadkit") == 4
+    assert kinds.count("baseline") == 2 and kinds.count("offloadkit") == 6
     for run in runs:
         assert set(RUN_KEYS) <= set(run)
         assert run["seconds_per_step"] > 0 and run["ratio_to_resident"] > 0
@@ -212,13 +212,16 @@ def test_tiny_sweep_json_schema(tmp_path):
     layerwise = [r for r in runs if r["strategy"] == "layerwise"]
     assert all(r["streamed_blocks"] == 3 and r["bytes_transferred"] > 0 for r in layerwise)
     assert all(r["predicted_slowdown"] >= 1.0 for r in layerwise)
-    assert {r["home"] for r in layerwise} == {"host", "disk"}
+    assert {r["home"] for r in layerwise} == {"host", "disk", "shared"}
+    homes = {r["home"]: r for r in layerwise}  # the tier each run really used
+    assert homes["shared"]["host_shared_bytes"] == homes["host"]["host_pageable_bytes"] > 0
+    assert homes["shared"]["host_pageable_bytes"] == homes["host"]["host_shared_bytes"] == 0
     # layerwise and cpu_only ignore the extra 5 %: the same plan is measured once
     same = [s for s in doc["skipped"] if s["budget"] == "100%"]
     assert {s["strategy"] for s in same} == {"layerwise", "cpu_only"}
     assert all("same plan as" in s["reason"] for s in same)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert md.read_text().count("\n| layerwise |") == 2
+    assert md.read_text().count("\n| layerwise |") == 3
     peer = [r for r in runs if r["kind"] == "peer"]
     if peer:  # accelerate installed (the `peers` extra)
         assert peer[0]["strategy"] == "accelerate_disk_offload" and peer[0]["peak_rss_bytes"] > 0

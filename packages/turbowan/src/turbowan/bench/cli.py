@@ -15,7 +15,7 @@ from pathlib import Path
 
 DEFAULT_TOKENS = {"tiny": 256, "small": 512}
 DEFAULT_VIDEO = ("480p", "16:9", 81)
-HOMES = ("pinned", "host", "disk")
+HOMES = ("pinned", "host", "disk", "shared")
 
 
 class UsageError(ValueError):
@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list: sizes (8GB, 512MiB), N%% of THIS MODEL's weight bytes, or "
                         "'auto' (device free memory less a reserve). Default: 25%%,50%%,100%%")
     p.add_argument("--home", default="host",
-                   help="comma list of home tiers for offloadkit runs: pinned, host, disk")
+                   help="comma list of home tiers for offloadkit runs: pinned, host, disk, "
+                   "shared (one copy in /dev/shm, as several processes of a machine use it)")
     p.add_argument("--option", action="append", default=[], metavar="STRATEGY.KEY=VALUE",
                    help="strategy option, e.g. chunkwise.chunk_size=2 or manual.resident=0,3 "
                         "(a comma makes a list: manual.resident=0, is [0])")
@@ -385,7 +386,8 @@ def run_sweep(args, argv: list[str]) -> int:
     log(f"host-to-{device} copy: pinned {rates['pinned_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
         f"pageable {rates['pageable_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")  # fmt: skip
     # the disk tier reads into pageable staging (from the page cache when warm)
-    tiers = {"pinned": "pinned", "host": "pageable", "disk": "pageable"}
+    # a shared copy is page-locked (cudaHostRegister) like pinned memory
+    tiers = {"pinned": "pinned", "host": "pageable", "disk": "pageable", "shared": "pinned"}
     spec.bandwidths = {h: rates[f"{t}_bandwidth_bytes_per_s"] for h, t in tiers.items()}
     document = _header(args, argv, device)
     document.update({"mode": "sweep", "complete": False, "rates": rates, "preset": args.preset,

@@ -15,13 +15,14 @@ SCHEMA = "turbowan-bench/1"
 RUN_KEYS = (
     "kind",  # "baseline" (all resident), "offloadkit" or "peer"
     "strategy",
-    "home",  # home tier of the weights: "pinned", "host", "disk" (None for baseline)
+    "home",  # home tier of the weights: "pinned", "host", "disk", "shared" (None for baseline)
     "budget",  # the budget as the user wrote it
     "budget_bytes",
     "peak_device_bytes",  # offloadkit ledger (or torch.cuda for peers)
     "cuda_max_memory_allocated_bytes",
     "host_pinned_bytes",
     "host_pageable_bytes",
+    "host_shared_bytes",
     "disk_bytes",
     "peak_rss_bytes",
     "setup_seconds",

@@ -8,6 +8,7 @@ meaningful against a baseline measured under the same conditions.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -210,6 +211,8 @@ class Sweep:
         reset_cuda_peak(s.device)
         start = time.perf_counter()
         options = dict(s.strategy_options.get(strategy, {}))
+        if home == "shared":  # this process alone maps the copy: its name goes at once
+            options.update(shared_key=f"turbowan-bench-{os.getpid()}", shared_users=1)
         handle = offloadkit.apply(model, strategy=strategy, device=s.device, budget=budget_bytes,
                                   home=home, **options)  # fmt: skip
         try:
@@ -241,6 +244,7 @@ class Sweep:
             cuda_max_memory_allocated_bytes=cuda_peak(s.device),
             host_pinned_bytes=stats.host_pinned_bytes,
             host_pageable_bytes=stats.host_pageable_bytes,
+            host_shared_bytes=stats.host_shared_bytes,
             disk_bytes=stats.disk_bytes,
             peak_rss_bytes=max(before["rss"] or 0, steady_rss or 0) or None,
             setup_seconds=setup,
