@@ -41,6 +41,7 @@ def rank_main(rank: int, users: int, key: str, barrier: Any, where: str) -> None
     with torch.inference_mode():
         out = model(tokens, mask=mask)
     barrier.wait()  # every process maps the copy and has read all of it
+    named = [n for n in os.listdir("/dev/shm") if key in n]  # all users counted: none left
     rss, pss = mapped_bytes(f"offloadkit-shared-{key}")
     stats = handle.stats()
     packer = handle._placement.store.packer
@@ -48,5 +49,5 @@ def rank_main(rank: int, users: int, key: str, barrier: Any, where: str) -> None
     handle.remove()
     torch.save({"out": out, "rss": rss, "pss": pss, "packer": packer,
                 "shared": stats.host_shared_bytes, "pageable": stats.host_pageable_bytes,
-                "pinned": stats.host_pinned_bytes, "pid": os.getpid()},
+                "pinned": stats.host_pinned_bytes, "pid": os.getpid(), "named": named},
                os.path.join(where, f"rank{rank}.pt"))

@@ -22,7 +22,7 @@ from shared_home_ranks import MODEL_SIZES, rank_main
 
 import offloadkit
 from offloadkit import OffloadError
-from offloadkit.engine.shared import PREFIX, SharedStore
+from offloadkit.engine.shared import PREFIX, SharedStore, sweep
 
 
 @pytest.fixture
@@ -62,7 +62,8 @@ def test_two_equal_models_map_one_copy(tmp_path: Path, key: str) -> None:
     assert len(names(tmp_path)) == 2  # the copy and its lock, until the second user maps it
     hb = shared(b, key, tmp_path, shared_users=2)
     assert (store_of(ha).packer, store_of(hb).packer) == (True, False)
-    assert names(tmp_path) == []  # both expected users have it: nobody needs the names
+    # one process mapping it twice is one user: the second process must still find the names
+    assert len(names(tmp_path)) == 2
     assert store_of(ha).sources[0].buffer.data_ptr() != store_of(hb).sources[0].buffer.data_ptr()
     assert torch.equal(forward(a), expected) and torch.equal(forward(b), expected)
     for h in (ha, hb):
@@ -74,6 +75,7 @@ def test_two_equal_models_map_one_copy(tmp_path: Path, key: str) -> None:
     ha.remove()
     assert torch.equal(forward(b), expected)  # b's mapping outlives a's
     hb.remove()
+    assert names(tmp_path) == []  # the last closer removed them
     after = snapshot(b)
     assert all(torch.equal(after[n][0], before[n][0]) and after[n][1:] == before[n][1:]
                for n in before)
@@ -246,6 +248,7 @@ def test_processes_of_a_node_hold_one_copy(tmp_path: Path, key: str) -> None:
     assert private.stats().host_pageable_bytes == total
     private.remove()
     assert sum(r["packer"] for r in results) == 1
+    assert [r["named"] for r in results] == [[]] * users  # names gone once all mapped it
     for r in results:
         assert torch.equal(r["out"], expected)
         assert (r["shared"], r["pageable"], r["pinned"]) == (total, 0, 0)
@@ -297,3 +300,53 @@ def test_an_interrupt_while_packing_leaves_nothing_behind(tmp_path: Path, key: s
     handle = shared(model, key, tmp_path)  # and the next run packs normally
     assert store_of(handle).packer
     handle.remove()
+
+
+def test_a_reader_whose_name_goes_before_its_lock_packs_the_current_copy(
+        tmp_path: Path, key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copy's last user removes the names between a newcomer's open and its lock: the
+    newcomer must not keep that nameless copy (later processes could not find it and would
+    pack another); it packs the copy under the name."""
+    first = shared(make_model(), key, tmp_path)
+    path = store_of(first).path
+    real = fcntl.flock
+    removed = []
+
+    def flock(fd: int, op: int) -> None:
+        if op == fcntl.LOCK_SH and not removed:  # the last closer, just before our lock
+            removed.append(True)
+            first.remove()
+        real(fd, op)
+
+    monkeypatch.setattr("offloadkit.engine.shared.fcntl.flock", flock)
+    model = make_model()
+    expected = forward(make_model())
+    handle = shared(model, key, tmp_path)
+    assert removed and store_of(handle).packer
+    assert os.stat(path).st_ino == os.fstat(store_of(handle)._fd).st_ino
+    assert torch.equal(forward(model), expected)
+    handle.remove()
+    assert names(tmp_path) == []
+
+
+def test_a_live_packers_partial_file_survives_a_sweep(tmp_path: Path) -> None:
+    """A packer locks its partial file a moment after creating it; another packer's sweep
+    in between must not remove it (the rename at the end would fail)."""
+    live = tmp_path / f"{PREFIX}other-model.{os.getpid()}.partial"
+    live.write_bytes(b"being packed")
+    dead = tmp_path / f"{PREFIX}other-model.{dead_pid()}.partial"
+    dead.write_bytes(b"left by a crash")
+    assert sweep(tmp_path) == [dead.name]
+    assert live.exists()
+
+
+def test_packing_without_posix_fallocate(tmp_path: Path, key: str,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """macOS has no os.posix_fallocate: the copy is sized with ftruncate instead."""
+    monkeypatch.delattr(os, "posix_fallocate")
+    model = make_model()
+    expected = forward(make_model())
+    handle = shared(model, key, tmp_path)
+    assert torch.equal(forward(model), expected)
+    handle.remove()
+    assert names(tmp_path) == []

@@ -147,8 +147,17 @@ def _read_pid(lock_path: Path) -> int | None:
     try:
         first = lock_path.read_bytes().split(b"\n", 1)[0]
         return int(first) if first else None
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):  # gone, or another user's (0600) in a shared /dev/shm
         return None
+
+
+def _partial_pid(path: Path) -> int | None:
+    """The packer's pid in ``<name>.<pid>.partial``."""
+    if path.suffix != ".partial":
+        return None
+    with contextlib.suppress(ValueError):
+        return int(path.stem.rsplit(".", 1)[-1])
+    return None
 
 
 def _unused(path: Path) -> bool:
@@ -178,12 +187,13 @@ def sweep(directory: Path) -> list[str]:
         if path.suffix == ".lock":
             pid = _read_pid(path)
             data = path.with_suffix("")
-            if pid is not None and not _alive(pid) and not data.exists():
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                    removed.append(path.name)
-        elif _unused(path):
-            with contextlib.suppress(FileNotFoundError):
+            stale = pid is not None and not _alive(pid) and not data.exists()
+        else:
+            # a live packer's partial file is unlocked for a moment after its creation
+            pid = _partial_pid(path)
+            stale = (pid is None or not _alive(pid)) and _unused(path)
+        if stale:
+            with contextlib.suppress(OSError):  # gone, or another user's
                 path.unlink()
                 removed.append(path.name)
     return removed
@@ -253,9 +263,17 @@ class SharedStore:
         while True:
             try:
                 self._fd = os.open(self.path, os.O_RDWR)
-                return False
             except FileNotFoundError:
                 pass
+            else:
+                fcntl.flock(self._fd, fcntl.LOCK_SH)
+                if self._is_our_file():
+                    return False
+                # its last user (or a sweep) removed the name between our open and our
+                # lock: that copy is on its way out, find or make the current one
+                os.close(self._fd)
+                self._fd = None
+                continue
             try:
                 self._lock_fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY,
                                         0o600)
@@ -289,8 +307,14 @@ class SharedStore:
         partial = self._partial(os.getpid())
         self._fd = os.open(partial, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         fcntl.flock(self._fd, fcntl.LOCK_SH)
-        try:  # every page reserved now: a full /dev/shm fails here, not with SIGBUS later
-            os.posix_fallocate(self._fd, 0, self.data_start + self.total)
+        # every page reserved now: a full /dev/shm fails here, not with SIGBUS later (macOS
+        # has no posix_fallocate: only the size is set there)
+        reserve = getattr(os, "posix_fallocate", None)
+        try:
+            if reserve is not None:
+                reserve(self._fd, 0, self.data_start + self.total)
+            else:
+                os.ftruncate(self._fd, self.data_start + self.total)
         except OSError as exc:
             raise OffloadError(room_message(self.directory, free_bytes(self.directory),
                                             self.data_start + self.total, exc.strerror)
@@ -299,7 +323,6 @@ class SharedStore:
 
     def _map_existing(self) -> None:
         assert self._fd is not None
-        fcntl.flock(self._fd, fcntl.LOCK_SH)
         header = self._read_header()
         if (header.get("fingerprint"), header.get("digests")) != (self.fingerprint,
                                                                    self.digests):
@@ -333,17 +356,19 @@ class SharedStore:
             self.sources[index] = HostSource(buffer, self.registered)
 
     def _count_user(self) -> None:
-        """One more process maps the copy: once all expected have, nobody needs its name."""
+        """One more process maps the copy: once all expected have, nobody needs its name.
+        The lock file holds the packer's pid, then one line per mapping; a process that maps
+        the copy twice (two pipelines of one model) counts once."""
         try:
-            fd = os.open(self.lock_path, os.O_WRONLY | os.O_APPEND)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_APPEND)
         except FileNotFoundError:
             return
         try:
-            os.write(fd, b"+")
-            opened = os.fstat(fd).st_size - len(f"{_read_pid(self.lock_path)}\n")
+            os.write(fd, f"{os.getpid()}\n".encode())
+            processes = set(os.pread(fd, os.fstat(fd).st_size, 0).split())
         finally:
             os.close(fd)
-        if self.users is not None and opened + 1 >= self.users:
+        if self.users is not None and len(processes) >= self.users:
             self._forget_names()
 
     def _forget_names(self) -> None:
