@@ -150,12 +150,36 @@ def test_waiting_for_a_live_packer_times_out_naming_it(tmp_path: Path, key: str)
     probe = shared(make_model(), key, tmp_path)
     path = store_of(probe).path
     probe.remove()
-    Path(f"{path}.lock").write_text(f"{os.getpid()}\n")  # alive, never finishes
+    lock = os.open(f"{path}.lock", os.O_CREAT | os.O_WRONLY, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # as a packer holds it: alive, never finishes
+    os.write(lock, f"{os.getpid()}\n".encode())
     model = make_model()
     before = snapshot(model)
-    with pytest.raises(OffloadError, match=rf"waited 0 s for process {os.getpid()}.*shared_timeout_s"):
-        shared(model, key, tmp_path, shared_timeout_s=0.2)
+    try:
+        with pytest.raises(OffloadError,
+                           match=rf"waited 0 s for process {os.getpid()}.*shared_timeout_s"):
+            shared(model, key, tmp_path, shared_timeout_s=0.2)
+    finally:
+        os.close(lock)
     assert all(torch.equal(model.state_dict()[n], v) for n, (v, *_) in before.items())
+
+
+def test_a_dead_packers_lock_is_taken_over_when_its_pid_is_reused(tmp_path: Path,
+                                                                  key: str) -> None:
+    """A restarted container numbers its processes alike: the dead packer's pid may be a
+    live process (here this one). Nobody holds the lock, so it is taken over at once
+    rather than waited on until the timeout."""
+    probe = shared(make_model(), key, tmp_path)
+    path = store_of(probe).path
+    probe.remove()
+    Path(f"{path}.lock").write_text(f"{os.getpid()}\n")
+    model = make_model()
+    expected = forward(make_model())
+    handle = shared(model, key, tmp_path, shared_timeout_s=5)
+    assert store_of(handle).packer
+    assert torch.equal(forward(model), expected)
+    handle.remove()
+    assert names(tmp_path) == []
 
 
 def test_packing_sweeps_copies_of_dead_runs(tmp_path: Path, key: str) -> None:
@@ -334,10 +358,16 @@ def test_a_live_packers_partial_file_survives_a_sweep(tmp_path: Path) -> None:
     in between must not remove it (the rename at the end would fail)."""
     live = tmp_path / f"{PREFIX}other-model.{os.getpid()}.partial"
     live.write_bytes(b"being packed")
-    dead = tmp_path / f"{PREFIX}other-model.{dead_pid()}.partial"
+    lock = os.open(tmp_path / f"{PREFIX}other-model.lock", os.O_CREAT | os.O_WRONLY, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # its packer lives
+    os.write(lock, f"{os.getpid()}\n".encode())
+    dead = tmp_path / f"{PREFIX}crashed-model.{dead_pid()}.partial"
     dead.write_bytes(b"left by a crash")
-    assert sweep(tmp_path) == [dead.name]
-    assert live.exists()
+    try:
+        assert sweep(tmp_path) == [dead.name]
+        assert live.exists()
+    finally:
+        os.close(lock)
 
 
 def test_packing_without_posix_fallocate(tmp_path: Path, key: str,

@@ -9,13 +9,14 @@ that file instead of packing: the node holds one copy.
 The processes agree through the file system alone, no collective, so staging may run on a
 background thread while another model's collectives run:
 
-- ``<name>.lock`` is created exclusively by the packer (its pid inside). It packs into
-  ``<name>.<pid>.partial`` and renames that to ``<name>`` once complete, so a process never
-  maps a half-written copy.
-- every user holds a shared ``flock`` on the file while it maps it. The names are removed
-  once the expected number of users has opened the file, or else by the last user to
-  close; the memory goes with the last mapping. A file nobody holds a lock on is left from
-  a dead run: the next packer removes it.
+- ``<name>.lock`` is created exclusively by the packer, which holds an exclusive ``flock``
+  on it while it lives (its pid inside, for messages; a lock nobody holds is a dead
+  packer's, taken over). It packs into ``<name>.<pid>.partial`` and renames that to
+  ``<name>`` once complete, so a process never maps a half-written copy.
+- every user holds a shared ``flock`` on the file while it maps it, and appends its pid to
+  the lock file. The names are removed once the expected number of processes has opened
+  the file, or else by the last user to close; the memory goes with the last mapping. A
+  file nobody holds a lock on is left from a dead run: the next packer removes it.
 - the file's name holds the job's key, the layout's fingerprint and a digest of a sample of
   every tensor's bytes, so equal models meet in one copy (two pipelines of one process
   too) and different ones of equal layout (the two experts) get their own; the mapping
@@ -133,16 +134,6 @@ def check_shared_room(nbytes: int, directory: str | Path | None = None) -> None:
         raise OffloadError(room_message(where, free, nbytes))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _read_pid(lock_path: Path) -> int | None:
     try:
         first = lock_path.read_bytes().split(b"\n", 1)[0]
@@ -151,13 +142,48 @@ def _read_pid(lock_path: Path) -> int | None:
         return None
 
 
-def _partial_pid(path: Path) -> int | None:
-    """The packer's pid in ``<name>.<pid>.partial``."""
-    if path.suffix != ".partial":
+def _take_over(lock_path: Path) -> int | None:
+    """Remove a lock whose packer is gone and return its pid; None while it lives.
+
+    A packer holds an exclusive ``flock`` on its lock file for as long as it lives and the
+    kernel drops it with the process: unlike a pid, which the system reuses (a restarted
+    container numbers its processes alike), this cannot outlive the packer. The lock is
+    removed under that flock and only if its name is still that file, so of several processes
+    taking over one dead packer's lock, one removes it and the others find the new one."""
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except OSError:
         return None
-    with contextlib.suppress(ValueError):
-        return int(path.stem.rsplit(".", 1)[-1])
-    return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        first = os.pread(fd, 32, 0).split(b"\n", 1)[0]
+        # empty: its packer created it a moment ago and writes its pid once it holds it
+        if not first or os.stat(lock_path).st_ino != os.fstat(fd).st_ino:
+            return None
+        pid = int(first)
+        os.unlink(lock_path)
+        return pid
+    except (OSError, ValueError):  # held by its packer, gone, or another user's
+        return None
+    finally:
+        os.close(fd)
+
+
+def _held(lock_path: Path) -> bool:
+    """A live process holds (or is taking) this lock."""
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # another user's: leave its files alone
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _unused(path: Path) -> bool:
@@ -185,13 +211,16 @@ def sweep(directory: Path) -> list[str]:
         return removed
     for path in names:
         if path.suffix == ".lock":
-            pid = _read_pid(path)
-            data = path.with_suffix("")
-            stale = pid is not None and not _alive(pid) and not data.exists()
+            if not path.with_suffix("").exists() and _take_over(path) is not None:
+                removed.append(path.name)
+            continue
+        if path.suffix == ".partial":
+            # its packer holds the lock while it lives (it locks the partial file itself
+            # only a moment after creating it)
+            lock = path.with_name(path.stem.rsplit(".", 1)[0] + ".lock")
+            stale = not _held(lock) and _unused(path)
         else:
-            # a live packer's partial file is unlocked for a moment after its creation
-            pid = _partial_pid(path)
-            stale = (pid is None or not _alive(pid)) and _unused(path)
+            stale = _unused(path)
         if stale:
             with contextlib.suppress(OSError):  # gone, or another user's
                 path.unlink()
@@ -277,18 +306,19 @@ class SharedStore:
             try:
                 self._lock_fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY,
                                         0o600)
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)  # held while this process lives
                 os.write(self._lock_fd, f"{os.getpid()}\n".encode())
                 return True
             except FileExistsError:
                 pass
+            if not self.path.exists():
+                dead = _take_over(self.lock_path)
+                if dead is not None:
+                    # its packer died before finishing: clear what it left and try again
+                    with contextlib.suppress(FileNotFoundError):
+                        self._partial(dead).unlink()
+                    continue
             pid = _read_pid(self.lock_path)
-            if pid is not None and not _alive(pid) and not self.path.exists():
-                # its packer died before finishing: clear what it left and try again
-                with contextlib.suppress(FileNotFoundError):
-                    self.lock_path.unlink()
-                with contextlib.suppress(FileNotFoundError):
-                    self._partial(pid).unlink()
-                continue
             if self.interrupt_check is not None:
                 self.interrupt_check()
             if time.monotonic() > deadline:
@@ -372,7 +402,9 @@ class SharedStore:
             self._forget_names()
 
     def _forget_names(self) -> None:
-        for path in (self.path, self.lock_path):
+        # the lock first: while the copy's name exists no process makes a new lock, so the
+        # lock removed is this copy's, never the next packer's
+        for path in (self.lock_path, self.path):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
