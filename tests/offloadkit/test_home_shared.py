@@ -380,3 +380,33 @@ def test_packing_without_posix_fallocate(tmp_path: Path, key: str,
     assert torch.equal(forward(model), expected)
     handle.remove()
     assert names(tmp_path) == []
+
+
+def test_a_cpu_process_never_page_locks_a_copy_a_cuda_process_packed(
+        tmp_path: Path, key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The readers follow the packer's page-lock decision only when they copy to CUDA: a
+    CPU process mapping a copy that a CUDA rank packed must not call into CUDA (on a
+    CPU-only build that is a warning per block set, with CUDA a context per process)."""
+    from offloadkit.engine import shared as shared_module
+    from offloadkit.ledger import Ledger
+
+    registered: list[int] = []
+    monkeypatch.setattr(shared_module, "_register", lambda view: registered.append(1) or True)
+    monkeypatch.setattr(shared_module, "_unregister", lambda view: None)
+    from offloadkit.engine.profile import layout_model
+
+    model = make_model()
+    names_ = [b.name for b in offloadkit.engine.profile_model(model, "blocks").blocks]
+    layouts = list(layout_model(model, [model.get_submodule(n) for n in names_]).blocks)
+    stores = []
+    for device in ("cuda", "cpu"):  # the packer's is a stand-in: no CUDA here, _register faked
+        stores.append(SharedStore(Ledger(), layouts, key=key, directory=tmp_path,
+                                  device=torch.device(device), pin_limit_bytes=1 << 40))
+        for layout in layouts:
+            stores[-1].add(layout)
+        stores[-1].finish()
+    assert [s.packer for s in stores] == [True, False]
+    assert registered == [1] and [s.registered for s in stores] == [True, False]
+    for store in reversed(stores):
+        store.close()
+    assert names(tmp_path) == []

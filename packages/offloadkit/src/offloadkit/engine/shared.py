@@ -269,7 +269,8 @@ class SharedStore:
         self._lock_fd: int | None = None
         self._fd: int | None = None
         self._view: torch.Tensor | None = None
-        self._pin = device.type == "cuda" and self.total <= (
+        self._cuda = device.type == "cuda"
+        self._pin = self._cuda and self.total <= (
             default_pin_limit(per_process=False) if pin_limit_bytes is None else pin_limit_bytes)
         self._published = False
         self._counted = False
@@ -360,7 +361,9 @@ class SharedStore:
                 f"home='shared': {self.path} (key {self.key!r}) holds other weights than this "
                 "model's; give each model its own shared_key."
             )
-        self._pin = header.get("pinned") == "1"
+        # the packer's cap decision (it counted the node's free RAM before the copy took
+        # it), but only for a process that copies to CUDA: a CPU process never registers
+        self._pin = self._cuda and header.get("pinned") == "1"
         self._map()
         self._count_user()
 
