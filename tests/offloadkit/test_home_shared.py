@@ -217,6 +217,23 @@ def test_a_full_shared_directory_fails_before_packing(tmp_path: Path, key: str) 
     assert all(torch.equal(model.state_dict()[n], v) for n, (v, *_) in before.items())
 
 
+def test_a_shared_directory_too_full_for_the_lock_leaves_no_lock(tmp_path: Path,
+                                                                 key: str) -> None:
+    """/dev/shm so full that even the packer's pid cannot be written: the room message,
+    and no pid-less lock that every other process would wait on until its timeout."""
+    model = make_model()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))
+    try:
+        with pytest.raises(OffloadError, match=r"shared copy needs .*shm-size.*home='host'"):
+            shared(model, key, tmp_path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    assert names(tmp_path) == []
+
+
 def test_a_forward_that_writes_a_block_buffer_is_refused(tmp_path: Path, key: str) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(8, 8),

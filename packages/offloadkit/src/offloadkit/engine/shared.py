@@ -307,11 +307,26 @@ class SharedStore:
             try:
                 self._lock_fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY,
                                         0o600)
-                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)  # held while this process lives
-                os.write(self._lock_fd, f"{os.getpid()}\n".encode())
-                return True
             except FileExistsError:
                 pass
+            except OSError as exc:
+                raise OffloadError(
+                    f"home='shared': cannot create {self.lock_path} ({exc.strerror}); pass "
+                    "shared_dir= a writable directory on a RAM file system, or use "
+                    "home='host'.") from exc
+            else:
+                try:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_EX)  # held while this process lives
+                    os.write(self._lock_fd, f"{os.getpid()}\n".encode())
+                except OSError as exc:  # a full /dev/shm: no lock without its pid is left
+                    os.close(self._lock_fd)
+                    self._lock_fd = None
+                    with contextlib.suppress(FileNotFoundError):
+                        self.lock_path.unlink()
+                    raise OffloadError(room_message(
+                        self.directory, free_bytes(self.directory),
+                        self.data_start + self.total, exc.strerror)) from exc
+                return True
             if not self.path.exists():
                 dead = _take_over(self.lock_path)
                 if dead is not None:
