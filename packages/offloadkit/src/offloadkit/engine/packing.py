@@ -81,7 +81,25 @@ class HostSource:
         dst.copy_(self.buffer, non_blocking=non_blocking)
 
 
-class HostStore:
+class BlocksInMemory:
+    """Read access to block buffers in host memory, private (HostStore) or mapped from a
+    file shared by the node's processes (SharedStore)."""
+
+    sources: dict[int, HostSource]
+
+    def source(self, index: int) -> HostSource:
+        return self.sources[index]
+
+    def read_block(self, index: int) -> torch.Tensor:
+        """The block's bytes as a host tensor (used to restore the model)."""
+        return self.sources[index].buffer
+
+    def read_entry(self, index: int, entry: TensorEntry, out: torch.Tensor) -> None:
+        """Copy one tensor of a block into ``out`` (state_dict while offloaded)."""
+        out.copy_(view_in(self.sources[index].buffer, entry))
+
+
+class HostStore(BlocksInMemory):
     """Packed block buffers in (pinned or pageable) host memory."""
 
     tier = "host"
@@ -113,17 +131,6 @@ class HostStore:
 
     def finish(self) -> None:
         """After the last block: nothing to flush in RAM."""
-
-    def source(self, index: int) -> HostSource:
-        return self.sources[index]
-
-    def read_block(self, index: int) -> torch.Tensor:
-        """The block's bytes as a host tensor (used to restore the model)."""
-        return self.sources[index].buffer
-
-    def read_entry(self, index: int, entry: TensorEntry, out: torch.Tensor) -> None:
-        """Copy one tensor of a block into ``out`` (state_dict while offloaded)."""
-        out.copy_(view_in(self.sources[index].buffer, entry))
 
     def write_entry(self, index: int, entry: TensorEntry, value: torch.Tensor) -> None:
         """Overwrite one tensor of a block (a buffer its forward updated in place)."""

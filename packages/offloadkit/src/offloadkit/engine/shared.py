@@ -47,9 +47,14 @@ except ImportError:  # Windows: no flock, no /dev/shm
     fcntl = None  # type: ignore[assignment]
 
 from offloadkit.engine.disk import _bytes_of, block_file_header
-from offloadkit.engine.layout import BlockLayout, TensorEntry, require_data, view_in
+from offloadkit.engine.layout import BlockLayout, TensorEntry, require_data
 from offloadkit.engine.modes import engine_mode
-from offloadkit.engine.packing import HostSource, default_pin_limit, fill_block_buffer
+from offloadkit.engine.packing import (
+    BlocksInMemory,
+    HostSource,
+    default_pin_limit,
+    fill_block_buffer,
+)
 from offloadkit.errors import OffloadError
 from offloadkit.ledger import Ledger
 from offloadkit.units import describe_bytes
@@ -228,7 +233,7 @@ def sweep(directory: Path) -> list[str]:
     return removed
 
 
-class SharedStore:
+class SharedStore(BlocksInMemory):
     """Packed block buffers in one node-wide shared-memory file (see the module docstring)."""
 
     tier = "shared"
@@ -445,15 +450,6 @@ class SharedStore:
         self._published = True
         if self.users is not None and self.users <= 1:
             self._forget_names()
-
-    def source(self, index: int) -> HostSource:
-        return self.sources[index]
-
-    def read_block(self, index: int) -> torch.Tensor:
-        return self.sources[index].buffer
-
-    def read_entry(self, index: int, entry: TensorEntry, out: torch.Tensor) -> None:
-        out.copy_(view_in(self.sources[index].buffer, entry))
 
     def write_entry(self, index: int, entry: TensorEntry, value: torch.Tensor) -> None:
         raise OffloadError(
