@@ -82,3 +82,15 @@ def test_home_defaults_to_shared_with_several_processes_per_node(argv, env, home
     add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["generate", "-o", "x.mp4", *argv])
     assert settings_from_args(args).home == home
+
+
+def test_home_defaults_to_host_where_the_shared_tier_cannot_work(monkeypatch):
+    """Windows (no fcntl): several processes per node still get a home that works."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setattr(shared_home, "fcntl", None)
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["generate", "-o", "x.mp4"])
+    assert settings_from_args(args).home == "host"
+

@@ -34,6 +34,7 @@ import hashlib
 import json
 import mmap
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -64,6 +65,11 @@ DEFAULT_DIR = "/dev/shm"
 DEFAULT_TIMEOUT_S = 600.0  # packing a 14B expert from a slow disk takes minutes
 POLL_S = 0.02
 SAMPLE_BYTES = 256  # per tensor, from its start, middle and end
+
+def supported() -> bool:
+    """This system has what the tier needs (file locks): POSIX, not Windows."""
+    return fcntl is not None
+
 
 def default_key() -> str | None:
     """The torchrun job this process belongs to (same on every rank and node of one job,
@@ -112,8 +118,7 @@ def block_digest(layout: BlockLayout, tensor_bytes: Callable[[TensorEntry], torc
 
 def free_bytes(directory: str | Path) -> int:
     """Bytes a new file in ``directory`` may still take."""
-    st = os.statvfs(directory)
-    return st.f_bavail * st.f_frsize
+    return shutil.disk_usage(directory).free  # f_bavail * f_frsize; also where no statvfs
 
 
 def default_dir() -> Path:

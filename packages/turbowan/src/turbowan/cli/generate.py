@@ -159,10 +159,12 @@ def cpu_threads(requested: int | None, demo: bool) -> Iterator[None]:
 
 def default_home() -> str:
     """One copy of the experts per node when torchrun runs several processes here (eight
-    private copies of two 14B experts would not fit most hosts), else host RAM."""
+    private copies of two 14B experts would not fit most hosts), else host RAM (and on
+    Windows, which has no file locks for the shared tier)."""
+    from offloadkit.engine.shared import supported
     from turbowan.distributed.context import LaunchEnv
 
-    return "shared" if LaunchEnv.read().local_world > 1 else "host"
+    return "shared" if LaunchEnv.read().local_world > 1 and supported() else "host"
 
 
 def settings_from_args(args: argparse.Namespace):
