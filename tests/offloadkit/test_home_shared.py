@@ -4,6 +4,7 @@ measures the node's memory for the copy (Pss over the processes)."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import resource
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -199,20 +201,27 @@ def test_packing_sweeps_copies_of_dead_runs(tmp_path: Path, key: str) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def file_size_limit(nbytes: int) -> Iterator[None]:
+    """A file system with ``nbytes`` of room, as far as this process's writes go."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+
+
 def test_a_full_shared_directory_fails_before_packing(tmp_path: Path, key: str) -> None:
     """posix_fallocate reserves every page first: a short /dev/shm is an error naming the
     fix, never a SIGBUS halfway through packing."""
     model = make_model()
     before = snapshot(model)
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
-    try:
-        with pytest.raises(OffloadError, match=r"shared copy needs .*shm-size.*home='host'"):
-            shared(model, key, tmp_path)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, old)
+    with file_size_limit(4096), pytest.raises(OffloadError,
+                                           match=r"shared copy needs .*shm-size.*home='host'"):
+        shared(model, key, tmp_path)
     assert names(tmp_path) == []  # no partial copy, no lock left for others to wait on
     assert all(torch.equal(model.state_dict()[n], v) for n, (v, *_) in before.items())
 
@@ -222,15 +231,9 @@ def test_a_shared_directory_too_full_for_the_lock_leaves_no_lock(tmp_path: Path,
     """/dev/shm so full that even the packer's pid cannot be written: the room message,
     and no pid-less lock that every other process would wait on until its timeout."""
     model = make_model()
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))
-    try:
-        with pytest.raises(OffloadError, match=r"shared copy needs .*shm-size.*home='host'"):
-            shared(model, key, tmp_path)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, old)
+    with file_size_limit(0), pytest.raises(OffloadError,
+                                           match=r"shared copy needs .*shm-size.*home='host'"):
+        shared(model, key, tmp_path)
     assert names(tmp_path) == []
 
 

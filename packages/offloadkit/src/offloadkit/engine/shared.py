@@ -179,34 +179,21 @@ def _take_over(lock_path: Path) -> int | None:
         os.close(fd)
 
 
-def _held(lock_path: Path) -> bool:
-    """A live process holds (or is taking) this lock."""
-    try:
-        fd = os.open(lock_path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True  # another user's: leave its files alone
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-
-
-def _unused(path: Path) -> bool:
-    """Nobody holds a lock on the file (every user holds a shared one while mapping it)."""
+def _held(path: Path, *, missing: bool) -> bool:
+    """Some process holds a flock on the file (every user holds a shared one on the copy
+    while it maps it, a packer an exclusive one on its lock while it lives). A file we may
+    not open is another user's: held. ``missing``: the answer when there is no file."""
     try:
         fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return missing
     except OSError:
-        return False
+        return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError:
         return False
+    except OSError:
+        return True
     finally:
         os.close(fd)
 
@@ -228,9 +215,9 @@ def sweep(directory: Path) -> list[str]:
             # its packer holds the lock while it lives (it locks the partial file itself
             # only a moment after creating it)
             lock = path.with_name(path.stem.rsplit(".", 1)[0] + ".lock")
-            stale = not _held(lock) and _unused(path)
+            stale = not _held(lock, missing=False) and not _held(path, missing=True)
         else:
-            stale = _unused(path)
+            stale = not _held(path, missing=True)
         if stale:
             with contextlib.suppress(OSError):  # gone, or another user's
                 path.unlink()
