@@ -14,7 +14,7 @@ from offloadkit.api import apply, is_offloaded, offloaded, stage
 from offloadkit.budget import Budget, parse_budget
 from offloadkit.distributed import agreed_budget
 from offloadkit.engine.profile import profile_model
-from offloadkit.engine.shared import check_shared_room
+from offloadkit.engine.shared import check_shared_room, shared_home_supported
 from offloadkit.errors import (
     AlreadyOffloadedError,
     BlockCoverageWarning,
@@ -75,6 +75,7 @@ __all__ = [
     "probe",
     "profile_model",
     "resolve_device",
+    "shared_home_supported",
     "stage",
 ]
 __version__ = "0.1.0"

@@ -66,8 +66,8 @@ DEFAULT_TIMEOUT_S = 600.0  # packing a 14B expert from a slow disk takes minutes
 POLL_S = 0.02
 SAMPLE_BYTES = 256  # per tensor, from its start, middle and end
 
-def supported() -> bool:
-    """This system has what the tier needs (file locks): POSIX, not Windows."""
+def shared_home_supported() -> bool:
+    """This system has what home="shared" needs (file locks): POSIX, not Windows."""
     return fcntl is not None
 
 

@@ -161,10 +161,10 @@ def default_home() -> str:
     """One copy of the experts per node when torchrun runs several processes here (eight
     private copies of two 14B experts would not fit most hosts), else host RAM (and on
     Windows, which has no file locks for the shared tier)."""
-    from offloadkit.engine.shared import supported
+    from offloadkit import shared_home_supported
     from turbowan.distributed.context import LaunchEnv
 
-    return "shared" if LaunchEnv.read().local_world > 1 and supported() else "host"
+    return "shared" if LaunchEnv.read().local_world > 1 and shared_home_supported() else "host"
 
 
 def settings_from_args(args: argparse.Namespace):
