@@ -259,7 +259,9 @@ def test_a_key_is_needed_outside_torchrun(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.setenv("MASTER_PORT", "29511")
     handle = offloadkit.apply(model, "layerwise", device="cpu", home="shared",
                               shared_dir=str(tmp_path))
-    assert store_of(handle).path.name.startswith(f"{PREFIX}job42--29511-")
+    # the job, its rendezvous and the launcher (the workers' parent): two jobs with
+    # torchrun's default id "none" on one port are still told apart
+    assert store_of(handle).path.name.startswith(f"{PREFIX}job42--29511-{os.getppid()}-")
     handle.remove()
 
 

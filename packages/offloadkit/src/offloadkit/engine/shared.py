@@ -72,12 +72,15 @@ def shared_home_supported() -> bool:
 
 
 def default_key() -> str | None:
-    """The torchrun job this process belongs to (same on every rank and node of one job,
-    different between jobs), or None outside torchrun."""
+    """The torchrun launcher this process was started by, or None outside torchrun: its job
+    id, rendezvous address and its own pid (the local workers' parent). The pid tells two
+    jobs apart even when both use torchrun's default job id "none" and one port (a re-run
+    after a crash); a copy is per machine, so the processes that share it are one launcher's."""
     run = os.environ.get("TORCHELASTIC_RUN_ID")
     if not run:
         return None
-    return f"{run}-{os.environ.get('MASTER_ADDR', '')}-{os.environ.get('MASTER_PORT', '')}"
+    return (f"{run}-{os.environ.get('MASTER_ADDR', '')}-{os.environ.get('MASTER_PORT', '')}"
+            f"-{os.getppid()}")
 
 
 def resolve_key(key: str | None) -> str:
@@ -271,8 +274,9 @@ class SharedStore(BlocksInMemory):
             default_pin_limit(per_process=False) if pin_limit_bytes is None else pin_limit_bytes)
         self._published = False
         self._counted = False
-        self.packer = self._open_or_claim()
-        try:
+        self.packer = False
+        try:  # an interrupt while waiting for another packer closes what was opened too
+            self.packer = self._open_or_claim()
             if self.packer:
                 self._create()
             else:
