@@ -333,3 +333,29 @@ def test_peer_names_expand_and_options_parse():
         "manual": {"resident": [0, 4], "resident_file": "x.json"},
         "chunkwise": {"chunk_size": 2}}
     assert cli.parse_options(["manual.resident=3,"]) == {"manual": {"resident": [3]}}
+
+
+def test_threads_apply_to_the_run_and_are_given_back(tmp_path, monkeypatch):
+    """`--threads` sets torch's CPU threads for the sweep; a caller running the bench
+    in-process (a notebook, this suite) gets its own count back."""
+    from turbowan.bench import machine
+
+    seen = []
+    real = machine.measure_copy_bandwidth
+
+    def spy(*args, **kwargs):  # called during the sweep, after --threads took effect
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(machine, "measure_copy_bandwidth", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert cli.main(["--preset", "tiny", "--attention", "original", "--tokens", "16",
+                         "--strategies", "layerwise@100%", "--steps", "1", "--warmup", "0",
+                         "--no-resident-between", "--peers", "", "--threads", "1",
+                         "--json", str(tmp_path / "s.json")]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1]

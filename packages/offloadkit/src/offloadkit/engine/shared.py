@@ -64,7 +64,7 @@ PREFIX = "offloadkit-shared-"
 DEFAULT_DIR = "/dev/shm"
 DEFAULT_TIMEOUT_S = 600.0  # packing a 14B expert from a slow disk takes minutes
 POLL_S = 0.02
-SAMPLE_BYTES = 256  # per tensor, from its start, middle and end
+SAMPLE_PIECES, SAMPLE_BYTES = 32, 64  # per tensor: 2 KiB from all over it
 
 def shared_home_supported() -> bool:
     """This system has what home="shared" needs (file locks): POSIX, not Windows."""
@@ -102,13 +102,14 @@ def layout_fingerprint(layouts: list[BlockLayout]) -> str:
 
 
 def _sample(data: torch.Tensor) -> bytes:
-    """A few hundred bytes from the start, middle and end of a flat uint8 tensor."""
+    """SAMPLE_PIECES pieces of SAMPLE_BYTES spread evenly over a flat uint8 tensor, first
+    and last included (the whole tensor when it is that small)."""
     n = data.numel()
-    if n <= 3 * SAMPLE_BYTES:
+    if n <= SAMPLE_PIECES * SAMPLE_BYTES:
         return data.numpy().tobytes()
-    mid = n // 2
-    parts = (data[:SAMPLE_BYTES], data[mid:mid + SAMPLE_BYTES], data[-SAMPLE_BYTES:])
-    return b"".join(p.numpy().tobytes() for p in parts)
+    step = (n - SAMPLE_BYTES) / (SAMPLE_PIECES - 1)
+    starts = [round(i * step) for i in range(SAMPLE_PIECES)]
+    return b"".join(data[a:a + SAMPLE_BYTES].numpy().tobytes() for a in starts)
 
 
 def block_digest(layout: BlockLayout, tensor_bytes: Callable[[TensorEntry], torch.Tensor]

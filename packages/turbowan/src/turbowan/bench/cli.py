@@ -429,8 +429,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    import torch
+
     from turbowan.interrupts import signals_as_interrupt
 
+    threads = torch.get_num_threads()  # --threads is for this run, not for the caller
     with signals_as_interrupt() as stop:  # SIGTERM/SIGHUP end it like Ctrl-C
         try:
             code = run_plan(args, argv) if args.plan else run_sweep(args, argv)
@@ -442,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
                     if args.json and Path(args.json).is_file() else "")
             print(f"turbowan-bench: interrupted{kept}", file=sys.stderr)
             code = 130
+        finally:
+            torch.set_num_threads(threads)
     return stop.exit_code(code)
 
 
