@@ -55,6 +55,7 @@ from offloadkit.engine.packing import (
     HostSource,
     default_pin_limit,
     fill_block_buffer,
+    local_processes,
 )
 from offloadkit.errors import OffloadError
 from offloadkit.ledger import Ledger
@@ -65,6 +66,7 @@ DEFAULT_DIR = "/dev/shm"
 DEFAULT_TIMEOUT_S = 600.0  # packing a 14B expert from a slow disk takes minutes
 POLL_S = 0.02
 SAMPLE_PIECES, SAMPLE_BYTES = 32, 64  # per tensor: 2 KiB from all over it
+
 
 def shared_home_supported() -> bool:
     """This system has what home="shared" needs (file locks): POSIX, not Windows."""
@@ -135,14 +137,20 @@ def room_message(directory: Path, free: int, need: int, why: str = "") -> str:
             "--shm-size), pass shared_dir= on a larger RAM file system, or use home='host'.")
 
 
-def check_shared_room(nbytes: int, directory: str | Path | None = None) -> None:
-    """Raise :class:`OffloadError` (naming the fix) when ``directory`` (default
-    ``/dev/shm``) has no room for ``nbytes`` of shared copies: a pipeline asks this before
-    it loads anything, rather than failing when its second model is packed."""
+def shared_dir(directory: str | Path | None) -> Path:
+    """``directory`` (default ``/dev/shm``), refused with the fix when it is not one."""
     where = Path(directory) if directory is not None else default_dir()
     if not where.is_dir():
         raise OffloadError(f"shared_dir {str(where)!r} is not a directory; pass an existing "
                            "directory on a RAM file system (/dev/shm)")
+    return where
+
+
+def check_shared_room(nbytes: int, directory: str | Path | None = None) -> None:
+    """Raise :class:`OffloadError` (naming the fix) when ``directory`` (default
+    ``/dev/shm``) has no room for ``nbytes`` of shared copies: a pipeline asks this before
+    it loads anything, rather than failing when its second model is packed."""
+    where = shared_dir(directory)
     free = free_bytes(where)
     if free < nbytes:
         raise OffloadError(room_message(where, free, nbytes))
@@ -245,14 +253,11 @@ class SharedStore(BlocksInMemory):
         self.ledger = ledger
         self.layouts = {b.index: b for b in layouts}
         self.interrupt_check = interrupt_check
-        self.directory = Path(directory) if directory is not None else default_dir()
-        if not self.directory.is_dir():
-            raise OffloadError(f"shared_dir {str(self.directory)!r} is not a directory; "
-                               "pass an existing directory on a RAM file system (/dev/shm)")
+        self.directory = shared_dir(directory)
         self.key = resolve_key(key)
-        if users is None:
-            users = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or None
-        self.users = users
+        if users is None and os.environ.get("LOCAL_WORLD_SIZE"):
+            users = local_processes()
+        self.users = users  # None: not known, the names go with the last user
         self.timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s)
         self.fingerprint = layout_fingerprint(layouts)
         # a sample of this process's own weights names the copy: equal models meet in one
@@ -263,7 +268,7 @@ class SharedStore(BlocksInMemory):
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.key)[:80]
         self.path = self.directory / f"{PREFIX}{safe}-{self.fingerprint[:16]}-{content}"
         self.lock_path = self.path.with_name(self.path.name + ".lock")
-        self.header, self.offsets, self.data_start, self.total = block_file_header(
+        _, self.offsets, self.data_start, self.total = block_file_header(
             layouts, {"fingerprint": self.fingerprint, "pinned": "0", "digests": self.digests})
         self.sources: dict[int, HostSource] = {}
         self.registered = False
