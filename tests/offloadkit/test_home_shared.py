@@ -52,7 +52,7 @@ def store_of(handle: offloadkit.OffloadHandle) -> SharedStore:
 
 
 def block_bytes(model: torch.nn.Module) -> int:
-    return sum(b.nbytes for b in offloadkit.engine.profile_model(model, "blocks").blocks)
+    return offloadkit.profile_model(model, "blocks").block_bytes
 
 
 def test_two_equal_models_map_one_copy(tmp_path: Path, key: str) -> None:

@@ -27,7 +27,7 @@ EXPERTS = 2  # high- and low-noise, both kept on every node
 
 def host_bytes_per_node(profile: ModelProfile, processes: int, *, shared: bool) -> int:
     """Host RAM for both experts' weights on a node running ``processes`` ranks."""
-    blocks = sum(b.nbytes for b in profile.blocks)
+    blocks = profile.block_bytes
     if not shared:
         return processes * EXPERTS * profile.total_bytes
     return EXPERTS * blocks + processes * EXPERTS * (profile.total_bytes - blocks)

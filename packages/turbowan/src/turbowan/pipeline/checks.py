@@ -114,7 +114,7 @@ def check_shared_room(models: dict[str, Any], collector: Problems | None = None)
     rather than failing at the switch with half the sampling done."""
     import offloadkit
 
-    need = sum(sum(b.nbytes for b in offloadkit.profile_model(placed.model, placed.blocks).blocks)
+    need = sum(offloadkit.profile_model(placed.model, placed.blocks).block_bytes
                for role, placed in models.items() if role in ("high", "low"))
     with collecting(collector) as c:
         try:
