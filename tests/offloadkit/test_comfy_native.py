@@ -102,6 +102,20 @@ def test_stage_packs_on_the_staging_thread_and_comfyui_places_it_later(comfy_for
     assert entries(comfy) == []
 
 
+def test_handle_state_dict_reads_the_real_weights(comfy_for):
+    """handle.state_dict() under comfy_native: the weights, not the stand-ins (it raised
+    AttributeError after the shim's rewrite)."""
+    model = make_model()
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    total, _, block = sizes(model)
+    comfy_for(mode="normal", vram_bytes=total // 2, reserve_bytes=block // 4)
+    handle = offloadkit.apply(model, "comfy_native", device="cpu", budget="1GiB",
+                              activation_reserve=block // 4)
+    got = handle.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    handle.remove()
+
+
 def test_outside_comfyui_stage_refuses_before_packing(monkeypatch):
     monkeypatch.setitem(sys.modules, "comfy", None)
     monkeypatch.setitem(sys.modules, "comfy.model_management", None)

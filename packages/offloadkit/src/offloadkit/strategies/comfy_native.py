@@ -232,7 +232,7 @@ class ComfyPlacement(Placement):
         return self.engine.replan()
 
     def state_dict(self) -> dict[str, Any]:
-        return self._container.inner.state_dict()
+        return self.engine.state_dict()
 
     def remove(self, *, restore: bool = True) -> None:
         self._hook.remove()
