@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-__all__ = ["SentencePieceSpec", "hf_tokenizer_from_spiece", "parse_spiece"]
+__all__ = ["SentencePieceSpec", "hf_tokenizer_from_spec", "hf_tokenizer_from_spiece", "parse_spiece"]
 
 _CONTROL, _USER_DEFINED = 3, 4
 
@@ -99,6 +99,11 @@ def parse_spiece(data: bytes) -> SentencePieceSpec:
 
 
 def hf_tokenizer_from_spiece(data: bytes):
+    """:func:`hf_tokenizer_from_spec` of the serialized model ``data``."""
+    return hf_tokenizer_from_spec(parse_spiece(data))
+
+
+def hf_tokenizer_from_spec(spec: SentencePieceSpec):
     """The ``tokenizers.Tokenizer`` Hugging Face's T5 conversion makes of this model.
 
     Facts of that conversion: Unigram over every piece with its score and no byte fallback;
@@ -109,7 +114,6 @@ def hf_tokenizer_from_spiece(data: bytes):
     from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
     from tokenizers.models import Unigram
 
-    spec = parse_spiece(data)
     if spec.model_type != 1:
         raise ValueError(f"model type {spec.model_type} is not a Unigram model (umT5's is)")
     vocab = [(piece, score) for piece, score, _ in spec.pieces]

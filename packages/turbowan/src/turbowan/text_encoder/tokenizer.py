@@ -14,11 +14,14 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from turbowan.text_encoder.tokenizer_file import check_sentencepiece_bytes, check_tokenizer_file
+
+if TYPE_CHECKING:
+    from turbowan.text_encoder.spm_convert import SentencePieceSpec
 
 __all__ = [
     "EOS_ID",
@@ -84,14 +87,14 @@ class _SentencePieceBackend:
     upstream does, not ``<0xNN>`` byte pieces.
     """
 
-    def __init__(self, model_proto: bytes) -> None:
+    def __init__(self, model_proto: bytes, spec: SentencePieceSpec) -> None:
         import sentencepiece
 
-        from turbowan.text_encoder.spm_convert import hf_tokenizer_from_spiece
+        from turbowan.text_encoder.spm_convert import hf_tokenizer_from_spec
 
         self._sp = sentencepiece.SentencePieceProcessor()
         self._sp.LoadFromSerializedProto(model_proto)
-        self._hf = hf_tokenizer_from_spiece(model_proto)
+        self._hf = hf_tokenizer_from_spec(spec)  # ``spec``: model_proto, parsed once
 
     def piece_ids(self, text: str) -> list[int]:
         return list(self._hf.encode(text, add_special_tokens=False).ids)
@@ -212,8 +215,8 @@ def _sentencepiece_or_error(data: bytes, source: str) -> _SentencePieceBackend:
     try:
         from turbowan.text_encoder.spm_convert import parse_spiece
 
-        parse_spiece(data)  # well-formed protobuf before SentencePiece's own parser sees it
-        return _SentencePieceBackend(data)
+        spec = parse_spiece(data)  # well-formed protobuf before SentencePiece's parser sees it
+        return _SentencePieceBackend(data, spec)
     except Exception as exc:
         raise ValueError(
             f"{source}: not a SentencePiece model ({exc}). Pass the umT5 `spiece.model` or a "
