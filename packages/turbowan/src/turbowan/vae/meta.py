@@ -19,11 +19,7 @@ def build_meta(config: VAEConfig, *, dtype: torch.dtype | None = None) -> WanVAE
     ``load_vae`` leaves the model (the budget check profiles it so)."""
     with torch.device("meta"):
         model = WanVAE(config)
-    if dtype is not None:
-        for tensor in [*model.parameters(), *model.buffers()]:
-            if tensor.is_floating_point():
-                tensor.data = tensor.data.to(dtype)
-    return model
+    return model if dtype is None else model.to(dtype)  # floating tensors only
 
 
 def build_manifest_model(preset: str, **options: Any) -> torch.nn.Module:

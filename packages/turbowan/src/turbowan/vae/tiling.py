@@ -11,7 +11,7 @@ wider overlaps and larger tiles make it closer.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -135,6 +135,8 @@ def decode_tiles_stream(
     """Decode ``z`` (after ``conv2``) tile by tile, yielding blended float32 frame chunks."""
     _, _, frames, height, width = z.shape
     tiles, weight_sum = tile_layout(height, width, tile=tile, overlap=overlap)
+    # the blend weights go to the device once, not once per tile and frame
+    tiles = [replace(t, weight=t.weight.to(z.device)) for t in tiles]
     weight_sum = weight_sum.to(z.device)
     caches = [CausalCache() for _ in tiles]
     for f in range(frames):
