@@ -101,34 +101,24 @@ def with_meta_loras(models: dict[str, Any], checked: Mapping[str, list[tuple[Lor
 
 def meta_experts(headers: Mapping[str, Mapping[str, Any]]) -> dict[str, nn.Module]:
     """role -> the expert on ``meta``, configured from its checkpoint header (no weights)."""
-    import torch
-
-    from turbowan.dit.config import config_from_state_dict
-    from turbowan.dit.keys import normalize_dit_keys
-    from turbowan.dit.model import WanDiT
+    from turbowan.dit.meta import build_meta
+    from turbowan.pipeline.model_files import header_config
 
     out = {}
     for role in ROLES:
         if role in headers:
-            layout = config_from_state_dict(normalize_dit_keys(headers[role])[0])
-            with torch.device("meta"):
-                out[role] = WanDiT(layout.config, quant=layout.quant, attention="original")
+            layout = header_config("dit", dict(headers[role]), role).config
+            out[role] = build_meta(layout.config, quant=layout.quant)
     return out
 
 
 def demo_meta_experts() -> dict[str, nn.Module]:
     """The demo's two experts on ``meta``, from the preset its checkpoints are written from."""
-    import torch
-
-    from turbowan.dit.model import WanDiT
+    from turbowan.dit.meta import build_meta
     from turbowan.pipeline import demo
 
-    out = {}
-    for role in ROLES:
-        with torch.device("meta"):
-            out[role] = WanDiT(demo.demo_dit_config(), quant=demo.DEMO_DIT_QUANT,
-                               attention="original")
-    return out
+    return {role: build_meta(demo.demo_dit_config(), quant=demo.DEMO_DIT_QUANT)
+            for role in ROLES}
 
 
 def attach_for_expert(model: nn.Module, loras: Iterable[LoraSpec], role: str) -> list[LoraMatch]:
