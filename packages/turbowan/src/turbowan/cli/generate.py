@@ -192,10 +192,11 @@ def run(args: argparse.Namespace) -> int:
     from turbowan.distributed import cli as dist_cli
     from turbowan.pipeline.i2v import DecodeFailedError, DecodeInterrupted, I2VPipeline
     from turbowan.pipeline.preflight import PreflightError
+    from turbowan.pipeline.settings import ROLES
     from turbowan.resource_errors import describe_resource_error
     from turbowan.sampler.rcm import MAX_STEPS
 
-    demo = all(getattr(args, role) is None for role in ("high", "low", "vae", "text_encoder"))
+    demo = all(getattr(args, role) is None for role in ROLES)
     problems = dist_cli.check(args, demo, gpus=args.gpus)  # before anything is read
     leader = dist_cli.LaunchEnv.read().rank == 0  # until the groups form
     if problems:

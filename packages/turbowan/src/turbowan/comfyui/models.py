@@ -129,17 +129,17 @@ def check_dit(path: Path, *, attention: str, sla_topk: float, strategy: str, bud
 def check_vae(path: Path, *, strategy: str = "adaptive", budget: str = "auto",
               device: torch.device | None = None, strategy_options: str = "") -> TurboWanVAE:
     """Header check of the VAE and of its own placement settings; loads no weights."""
-    from turbowan.vae.config import config_from_state_dict as vae_config
-    from turbowan.vae.loading import strip_prefix
+    from turbowan.pipeline.model_files import header_config
 
     device = device if device is not None else torch.device("cpu")
     try:
         preflight.check_placement(strategy, budget, device)
         options = _strategy_with(strategy, strategy_options)
         description, specs = preflight.inspect_model_file("vae", path)
-        placed = placed_vae(vae_config(strip_prefix(specs)), dtype=_run_dtype(device))
+        placed = placed_vae(header_config("vae", specs, str(path)).config,
+                            dtype=_run_dtype(device))
         check_fits(path, placed, strategy=strategy, budget=budget, device=device, options=options)
-    except (ValueError, TypeError, preflight.PreflightError) as exc:
+    except (ValueError, TypeError) as exc:  # PreflightError is a ValueError
         raise ValueError(_node_message("TurboWanVAELoader", exc)) from None
     return TurboWanVAE(path=path, nbytes=_tensor_bytes(specs), description=description,
                        strategy=strategy, budget=str(budget),

@@ -170,8 +170,8 @@ def check_run(settings: RunSettings, *, complete: bool = True,
             c.add(f"{s.steps} steps reach the low-noise expert (t < {s.boundary}); pass --low, or "
                   "use --steps 2 (the high expert only)")
         check_output(s.output, fps=s.fps, quality=s.quality, collector=c)
-        check_output_not_input(s.output, {"--image": image, "--high": s.high, "--low": s.low,
-                                          "--vae": s.vae, "--text-encoder": s.text_encoder,
+        check_output_not_input(s.output, {"--image": image,
+                                          **{FLAG[role]: getattr(s, role) for role in ROLES},
                                           "--tokenizer": s.tokenizer}, c)
         if s.save_latents and s.output is None:
             c.add("save_latents=True needs output= (the latents go next to the video)")

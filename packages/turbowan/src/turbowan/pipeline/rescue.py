@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from turbowan.pipeline.latents_io import latents_path_for, save_latents
+from turbowan.pipeline.results import save_latents_file
 from turbowan.resource_errors import describe_resource_error
 
 __all__ = ["failure_text", "rescue_latents"]
@@ -23,7 +23,7 @@ def rescue_latents(output: Path, latents: torch.Tensor, settings: dict[str, Any]
     """(path of the saved latents or None, how to finish); never raises."""
     if saved is None:
         try:
-            saved = save_latents(latents_path_for(output), latents, settings)
+            saved = save_latents_file(output, latents, settings)
         except BaseException as exc:  # noqa: BLE001 - reported in the message, never re-raised
             why = describe_resource_error(exc, "saving the latents") or (
                 f"saving the latents failed ({type(exc).__name__}: {exc})")
