@@ -12,8 +12,12 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
-from offloadkit import HOME_TIERS
+from turbowan.cli.parallel_flags import add_arguments as add_distributed_arguments
 from turbowan.dit.config import ATTENTION_CHOICES
+
+#: offloadkit.HOME_TIERS, written out so the parser does not import offloadkit (and torch);
+#: a test keeps the two equal
+HOME_TIERS = ("pinned", "host", "disk", "shared")
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -104,8 +108,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     place.add_argument("--threads", type=int,
                        help="CPU threads for torch (default: torch's choice; demo: 1, because "
                        "its tiny tensors gain nothing from more and busy cores make them slower)")
-    from turbowan.distributed.cli import add_arguments as add_distributed_arguments
-
     add_distributed_arguments(p)
 
 

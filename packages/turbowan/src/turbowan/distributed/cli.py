@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
+from turbowan.cli.parallel_flags import add_arguments
 from turbowan.distributed.context import (
-    DEFAULT_TIMEOUT_S,
     LaunchEnv,
     ParallelContext,
     device_for,
@@ -48,23 +48,6 @@ def lost_peer_message(exc: BaseException) -> str:
     return (f"error on rank {env.rank}: lost contact with another process of the run "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); a rank "
             "died or stopped answering (see its own error above), so this one stops too")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group(
-        "several processes (torch.distributed; start with torchrun or --gpus)")
-    g.add_argument("--sp", type=int,
-                   help="sequence-parallel size: processes that share one video (must divide "
-                   "the 40 heads: 1, 2, 4, 5, 8, 10, 20, 40); default: all of them")
-    g.add_argument("--gpus", type=int,
-                   help="start N processes on this machine through torchrun's launcher "
-                   "(like torchrun --standalone --nproc-per-node N -m turbowan generate ...)")
-    g.add_argument("--vae-parallel", dest="vae_parallel", action="store_true",
-                   help="decode on every process of the group, a share of the VAE tiles each "
-                   "(--vae-tile/--vae-overlap; the same video as one process decoding tiled)")
-    g.add_argument("--dist-timeout", dest="dist_timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                   help="seconds a process waits for the others before the run stops with an "
-                   "error (a rank that died or hangs)")
 
 
 def _device_count(device_type: str) -> int:

@@ -19,10 +19,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from turbowan.cli.parallel_flags import DEFAULT_TIMEOUT_S
 from turbowan.distributed.ulysses import SequenceParallel
-
-#: how long a collective waits for a missing rank before failing (gloo and NCCL)
-DEFAULT_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
