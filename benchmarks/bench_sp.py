@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -49,11 +50,10 @@ def _grid(args: argparse.Namespace) -> tuple[int, int, int]:
 
 def _model(args: argparse.Namespace, device: torch.device):
     from turbowan.dit.config import get_preset
-    from turbowan.dit.model import WanDiT
+    from turbowan.dit.meta import build_meta
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    with torch.device("meta"):
-        model = WanDiT(get_preset(args.preset), quant=args.quant, attention=args.attention,
+    model = build_meta(get_preset(args.preset), quant=args.quant, attention=args.attention,
                        sla_topk=0.1, dtype=dtype)
     model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -75,11 +75,6 @@ def _inputs(args, model, device):
             torch.randn(1, 20, t, 2 * h, 2 * w, generator=g).to(device))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _host_memory() -> dict:
     import psutil
 
@@ -89,6 +84,7 @@ def _host_memory() -> dict:
 
 def measure(args: argparse.Namespace, device: torch.device, sp=None, home: str = "host",
             key: str = "") -> dict:
+    from turbowan.bench.machine import synchronize
     from turbowan.distributed import enable_sequence_parallel, head_to_seq, seq_to_head
 
     handle = None
@@ -108,12 +104,12 @@ def measure(args: argparse.Namespace, device: torch.device, sp=None, home: str =
     def forward():
         with torch.no_grad():
             model(*inputs)
-        _sync(device)
+        synchronize(str(device))
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = min_time(forward, rounds=args.rounds, warmup=1)
-    out = {"forward_s": seconds, "tokens": _grid(args)[0] * _grid(args)[1] * _grid(args)[2]}
+    out = {"forward_s": seconds, "tokens": math.prod(_grid(args))}
     if device.type == "cuda":
         out["peak_device_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if handle is not None:
@@ -129,7 +125,7 @@ def measure(args: argparse.Namespace, device: torch.device, sp=None, home: str =
         def trades():
             heads = [seq_to_head(q, sizes, sp) for _ in range(3)]
             head_to_seq(heads[0], sizes, sp)
-            _sync(device)
+            synchronize(str(device))
 
         out["a2a_ms_per_block"] = 1000 * min_time(trades, rounds=args.rounds, warmup=1)
     if handle is not None:

@@ -8,7 +8,6 @@ meaningful against a baseline measured under the same conditions.
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -212,7 +211,9 @@ class Sweep:
         start = time.perf_counter()
         options = dict(s.strategy_options.get(strategy, {}))
         if home == "shared":  # this process alone maps the copy: its name goes at once
-            options.update(shared_key=f"turbowan-bench-{os.getpid()}", shared_users=1)
+            from turbowan.distributed.pipeline import shared_home_options
+
+            options.update(shared_home_options(None))
         handle = offloadkit.apply(model, strategy=strategy, device=s.device, budget=budget_bytes,
                                   home=home, **options)  # fmt: skip
         try:

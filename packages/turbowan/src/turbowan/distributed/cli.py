@@ -54,12 +54,6 @@ def _device_count(device_type: str) -> int:
     return torch.cuda.device_count() if device_type == "cuda" else 0
 
 
-def _planned_device_type(device: str | None) -> str:
-    if device is not None:
-        return torch.device(device).type
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def heads_of(args: argparse.Namespace, demo: bool) -> int | None:
     """Attention heads of the DiT this run would load, from its header (None: unreadable,
     which the pipeline's own checks report)."""
@@ -78,7 +72,7 @@ def heads_of(args: argparse.Namespace, demo: bool) -> int | None:
 def check(args: argparse.Namespace, demo: bool, *, gpus: int | None = None) -> list[str]:
     """Problems of this launch (empty when none); reads only the DiT header."""
     env = LaunchEnv.read()
-    device_type = _planned_device_type(args.device)
+    device_type = device_for(env, args.device).type
     if not env.launched and gpus is None and args.sp in (None, 1):
         return []
     heads = heads_of(args, demo)

@@ -46,4 +46,4 @@ def launch_problems(*, sp: int | None, gpus: int | None, env: LaunchEnv, num_hea
 
 
 def _largest_divisor(world: int, heads: int) -> int:
-    return max(n for n in range(1, world + 1) if world % n == 0 and heads % n == 0)
+    return max(n for n in valid_sp_sizes(heads) if world % n == 0)
