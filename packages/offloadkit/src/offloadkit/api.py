@@ -123,16 +123,25 @@ def offloaded(model: torch.nn.Module, strategy: str | Strategy = "adaptive", **k
         handle.remove()
 
 
-def _refuse_second_apply(model: torch.nn.Module) -> None:
+def _live_mark(model: torch.nn.Module) -> str | None:
+    """The name of the first module of ``model`` (``""``: itself) a live handle or staged
+    model holds, or None."""
     for name, module in model.named_modules():
         handle = module.__dict__.get(MARKER)
         if handle is not None and not handle.removed:
-            where = f"submodule {name!r} of this model" if name else "this model"
-            raise AlreadyOffloadedError(
-                f"{where} is already under offload (offloadkit.apply() or stage() was called "
-                "on it or on a model containing it). Call remove() on that handle (discard() "
-                "on a staged model) before applying again, or keep using it."
-            )
+            return name
+    return None
+
+
+def _refuse_second_apply(model: torch.nn.Module) -> None:
+    name = _live_mark(model)
+    if name is not None:
+        where = f"submodule {name!r} of this model" if name else "this model"
+        raise AlreadyOffloadedError(
+            f"{where} is already under offload (offloadkit.apply() or stage() was called "
+            "on it or on a model containing it). Call remove() on that handle (discard() "
+            "on a staged model) before applying again, or keep using it."
+        )
 
 
 def _mark(modules: list[torch.nn.Module], handle: OffloadHandle) -> None:
@@ -152,8 +161,4 @@ def is_offloaded(model: torch.nn.Module) -> bool:
     """True while ``model``, a part of it, or a model containing it is staged or placed by
     offloadkit. Code that adds or removes tensors (a LoRA, say) must wait until the handle
     is removed: the engine packs a model's tensors once, when it is staged."""
-    for module in model.modules():
-        handle = module.__dict__.get(MARKER)
-        if handle is not None and not handle.removed:
-            return True
-    return False
+    return _live_mark(model) is not None

@@ -23,17 +23,16 @@ import torch
 
 from offloadkit.errors import BudgetError
 from offloadkit.probe import probe
-from offloadkit.units import describe_bytes, format_bytes
+from offloadkit.units import GIB, describe_bytes, format_bytes
 
 __all__ = ["AUTO_RESERVE_FRACTION", "AUTO_RESERVE_MIN_BYTES", "Budget", "auto_reserve_bytes",
            "format_bytes", "parse_budget"]
 
-GiB = 1024**3
 
 #: "auto" keeps this share of the device's total memory free for activations ...
 AUTO_RESERVE_FRACTION = 0.10
 #: ... but never less than this many bytes.
-AUTO_RESERVE_MIN_BYTES = 1 * GiB
+AUTO_RESERVE_MIN_BYTES = 1 * GIB
 
 _UNITS = {
     "b": 1,
@@ -81,7 +80,7 @@ class Budget:
         if isinstance(value, Budget):
             return value
         text = _text_of(value)
-        if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        if _is_auto(value):
             total = probe(device).total_bytes if total_bytes is None else int(total_bytes)
             reserve = auto_reserve_bytes(total)
             return cls(max(0, total - reserve), auto=True, device=str(device),
@@ -110,9 +109,14 @@ def parse_budget(budget: Budget | int | float | str | None,
     now less the reserve). The device is only probed for ``"80%"`` and ``"auto"``."""
     if isinstance(budget, Budget):
         return budget.resolve()
-    if budget is None or (isinstance(budget, str) and budget.strip().lower() == "auto"):
+    if _is_auto(budget):
         return _auto_budget(device)
     return _fixed_bytes(budget, device, None)
+
+
+def _is_auto(value: object) -> bool:
+    """``None`` or ``"auto"`` (any case, any surrounding space)."""
+    return value is None or (isinstance(value, str) and value.strip().lower() == "auto")
 
 
 def _text_of(value: object) -> str:

@@ -32,10 +32,14 @@ def agreed_budget(budget: int | str | None, device: str | torch.device, group: A
     """``budget`` resolved on this rank's ``device``, then the minimum over ``group``'s
     ranks, so every rank plans the same placement. Collective: every rank of the group
     calls it (from the thread that runs the group's other collectives)."""
-    mine = torch.tensor([parse_budget(budget, device)], dtype=torch.int64,
-                        device=_wire_device(group))
-    dist.all_reduce(mine, op=dist.ReduceOp.MIN, group=group)
-    return int(mine.item())
+    return _group_min(parse_budget(budget, device), group)
+
+
+def _group_min(value: int, group: Any) -> int:
+    """The smallest of every rank's ``value`` (collective)."""
+    wire = torch.tensor([value], dtype=torch.int64, device=_wire_device(group))
+    dist.all_reduce(wire, op=dist.ReduceOp.MIN, group=group)
+    return int(wire.item())
 
 
 def _first_rank(group: Any) -> bool:
@@ -53,8 +57,7 @@ def coordinated_replan(engine: Any, group: Any) -> Any:
     slower link, another tenant on the GPU) within the smallest of the ranks' budgets, so
     the plan fits on each; the proposal is broadcast and every rank adopts it. Returns the
     plan put in force on this rank, or None when nothing changed (the same on every rank)."""
-    budget = torch.tensor([engine.budget_bytes], dtype=torch.int64, device=_wire_device(group))
-    dist.all_reduce(budget, op=dist.ReduceOp.MIN, group=group)
-    message = [engine._propose_replan(int(budget.item())) if _first_rank(group) else None]
+    budget = _group_min(engine.budget_bytes, group)
+    message = [engine._propose_replan(budget) if _first_rank(group) else None]
     dist.broadcast_object_list(message, group_src=0, group=group)
     return engine._adopt(message[0])

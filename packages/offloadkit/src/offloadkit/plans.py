@@ -105,11 +105,7 @@ class Plan:
             num_groups = -(-len(streamed) // group_size)
             prefetch_depth = max(0, min(prefetch_depth, num_groups - 1))
             num_slots = prefetch_depth + 1
-        peak = (
-            profile.non_block_bytes
-            + profile.bytes_of(resident_set)
-            + num_slots * profile.max_group_bytes(streamed, group_size)
-        )
+        peak = _peak(profile, resident_set, streamed, group_size, num_slots)
         return Plan(
             resident=tuple(resident_set),
             streamed=streamed,
@@ -128,8 +124,7 @@ class Plan:
         """Device bytes this plan really needs: non-block weights, resident blocks and the
         slots (what :meth:`build` predicts; recomputed to check a hand-made plan)."""
         slots = self.num_slots if self.streamed else 0
-        return (profile.non_block_bytes + profile.bytes_of(self.resident)
-                + slots * profile.max_group_bytes(self.streamed, self.group_size))
+        return _peak(profile, self.resident, self.streamed, self.group_size, slots)
 
     def validate(self, profile: ModelProfile) -> None:
         """Raise ValueError naming the rule a plan breaks: every block placed exactly once,
@@ -161,3 +156,10 @@ class Plan:
                                  f"({self.prefetch_depth + 1}) when blocks stream")
         if self.home not in HOME_TIERS:
             raise ValueError(f"home tier {self.home!r} is not one of {HOME_TIERS}")
+
+
+def _peak(profile: ModelProfile, resident: Iterable[int], streamed: tuple[int, ...],
+          group_size: int, num_slots: int) -> int:
+    """Device bytes of a placement: non-block weights, resident blocks, the slots."""
+    return (profile.non_block_bytes + profile.bytes_of(resident)
+            + num_slots * profile.max_group_bytes(streamed, group_size))

@@ -431,11 +431,17 @@ class Engine(Placement):
                 guards.refuse_foreign(self._named_modules, "offloadkit forward")
             if torch.is_grad_enabled():
                 self._refuse_training(index, args, kwargs)
-            self._before(index)
-            return (self.transport.compute_begin(index), writeback.snapshot(self.blocks[index]), 0)
+            return self._begin(index, attempts=0)
         except BaseException:
             self._lock.release()
             raise
+
+    def _begin(self, index: int, *, attempts: int) -> tuple:
+        """Bring the block's weights and start its run: the token ``_leave``/``_failed``
+        take (compute timing, what forward may write, tries so far)."""
+        self._before(index)
+        return (self.transport.compute_begin(index), writeback.snapshot(self.blocks[index]),
+                attempts)
 
     def _leave(self, index: int, token: tuple) -> None:
         try:
@@ -454,9 +460,7 @@ class Engine(Placement):
                     or attempts >= MAX_OOM_RETRIES:
                 raise exc
             self._recover(index, exc)
-            self._before(index)
-            snap = writeback.snapshot(self.blocks[index])
-            return (self.transport.compute_begin(index), snap, attempts + 1)
+            return self._begin(index, attempts=attempts + 1)
         except BaseException:
             self._lock.release()
             raise
